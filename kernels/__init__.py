@@ -1,0 +1,12 @@
+"""Device operations of neurolang: one operation per file, each with a plain-PyTorch twin."""
+from kernels.column_norms import masked_column_sumsq_torch, weight_column_norms
+from kernels.qk_impact import AttentionSpec, HeadNorm, qk_impact_reference, qk_impact_torch
+
+__all__ = [
+    "AttentionSpec",
+    "HeadNorm",
+    "masked_column_sumsq_torch",
+    "qk_impact_reference",
+    "qk_impact_torch",
+    "weight_column_norms",
+]

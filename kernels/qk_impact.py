@@ -1,0 +1,263 @@
+"""Exact Q/K neuron impacts (SPEC §2): what zeroing one pre-RoPE channel of q_proj / k_proj does.
+
+Zeroing channel c of head h's raw query q (bias included) changes its post-RoPE query by the
+rotary column R_i[:, c] = cos_i[c]·e_c + σ_c·sin_i[p]·e_p (p the rotation partner, σ = ±1), and,
+with a per-head RMS norm, rescales the head vector of each token i by r_i = rms(q_i)/rms(q_i⊖c).
+The scaled pre-soft-cap logits of query i and key j therefore become
+
+    x'_ij = r_i · (x_ij − Δ_ij),   Δ_ij = s·q̂_i[c]·(cos_i[c]·k_j[c] + σ_c·sin_i[p]·k_j[p])
+
+(q̂ the normed pre-RoPE query, k post-RoPE): two rank-1 terms. For a key channel the roles of
+rows and columns swap and the change reaches every query head of the KV group.
+
+Impacts are computed from the logit change δ_ij = ℓ'_ij − ℓ_ij without ever forming A − A' by
+subtraction: with w_ij = A_ij·expm1(δ_ij) (shifted by a row maximum against overflow),
+W_i = Σ_j w_ij and Z_i = 1 + W_i,
+
+    (A' − A)_ij = (w_ij − A_ij·W_i) / Z_i,      ((A' − A)V)_i = (Σ_j w_ij V_j − W_i·O_i) / Z_i,
+
+which keeps full relative precision even when a neuron moves the attention very little.
+Soft-capping is handled the same way: cap·tanh(a) − cap·tanh(b) = cap·tanh(a−b)·(1 − tanh a·tanh b).
+
+Two metrics: `output`, ‖(A − A')V‖_F (the paper's, the default), and `probs`, ‖A − A'‖²_F (what
+the authors' released code computes). Both are summed over the query heads a neuron reaches.
+"""
+from dataclasses import dataclass
+
+import torch
+
+METRICS = ("output", "probs")
+
+
+@dataclass(frozen=True)
+class HeadNorm:
+    """A per-head RMS norm (Qwen3, Gemma3 `q_norm`/`k_norm`): x · rsqrt(mean(x²) + eps) · scale."""
+
+    scale: torch.Tensor  # [head_dim], the effective multiplier (Gemma's 1 + weight)
+    eps: float
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Everything about one attention layer that the impacts depend on, beyond its activations."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    scaling: float
+    softcap: float | None = None
+    sliding_window: int | None = None
+    q_norm: HeadNorm | None = None
+    k_norm: HeadNorm | None = None
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _heads(x: torch.Tensor, n: int, d: int, acc: torch.dtype) -> torch.Tensor:
+    b, t, _ = x.shape
+    return x.to(acc).view(b, t, n, d).transpose(1, 2)  # [B, n, T, D]
+
+
+def _normalise(x: torch.Tensor, norm: HeadNorm | None):
+    """Normed heads and, per (token, channel), r and r − 1 of zeroing that channel (or None)."""
+    if norm is None:
+        return x, None, None
+    d = x.shape[-1]
+    sq = x.square()
+    sumsq = sq.sum(-1, keepdim=True)
+    xn = x * torch.rsqrt(sumsq / d + norm.eps) * norm.scale.to(x.dtype)
+    rest = (sumsq - sq).clamp_min(0) / d + norm.eps
+    r_sq_minus_1 = (sq / d) / rest
+    r = torch.sqrt(1 + r_sq_minus_1)
+    return xn, r, r_sq_minus_1 / (r + 1)
+
+
+def _allowed(token_mask: torch.Tensor, rows: slice, t: int, window: int | None) -> torch.Tensor:
+    """[B, I, T] keys each query row may attend to: causal, real keys, inside the window."""
+    i = torch.arange(t, device=token_mask.device)[rows, None]
+    j = torch.arange(t, device=token_mask.device)[None, :]
+    ok = j <= i
+    if window is not None:
+        ok = ok & (i - j < window)
+    # The diagonal keeps padded query rows finite; their contributions are dropped anyway.
+    return (ok[None] & token_mask[:, None, :]) | (i == j)[None]
+
+
+def _capped(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+
+def _perturbed_sq(x, logp, out, v, dx, valid_rows, softcap, metric):
+    """Σ over valid rows of ‖ΔO_i‖² (or ‖ΔA_i‖²) for a chunk of channels.
+
+    x, logp: [B, 1, I, T] base logits (pre-cap) and log-probs (−inf where masked);
+    out: [B, 1, I, D] base output; v: [B, 1, T, D]; dx: [B, C, I, T] change of x. Returns [B, C].
+    """
+    if softcap is not None:
+        dl = softcap * torch.tanh(dx / softcap) * (1 - torch.tanh(x / softcap) * torch.tanh((x + dx) / softcap))
+    else:
+        dl = dx
+    masked = torch.isinf(logp)
+    dl = dl.masked_fill(masked, 0.0)
+    mu = (logp + dl).amax(-1, keepdim=True).clamp_min(0)
+    base = torch.exp(logp - mu)
+    large = dl > 20
+    w = torch.where(large, torch.exp(logp + dl - mu) - base, base * torch.expm1(dl.clamp_max(20)))
+    w_sum = w.sum(-1, keepdim=True)
+    z = torch.exp(-mu) + w_sum
+    if metric == "output":
+        delta = (w @ v - w_sum * out) / z
+    else:
+        delta = (w - logp.exp() * w_sum) / z
+    per_row = delta.square().sum(-1)
+    return torch.where(valid_rows[:, None, :], per_row, 0.0).sum(-1)
+
+
+def _chunks(b: int, t: int, d: int, budget: int) -> tuple[int, int]:
+    channels = d if b * d * t <= budget else max(1, budget // (b * t))
+    rows = max(1, min(t, budget // (b * channels * t)))
+    return channels, rows
+
+
+def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
+                    chunk_elements: int = 1 << 22):
+    """Exact impacts of every Q and K neuron of one layer, per sentence.
+
+    q: [B, T, n_heads·D], k, v: [B, T, n_kv_heads·D], the raw projection outputs (biases
+    included, before q/k norm and RoPE); cos, sin: [B or 1, T, D]; token_mask: [B, T] bool.
+    Returns (q_impact [B, n_heads·D], k_impact [B, n_kv_heads·D]) in float32 (float64 stays);
+    `output` gives ‖(A − A')V‖_F, `probs` gives ‖A − A'‖²_F.
+
+    Memory: beyond float32 copies of q, k, v, cos, sin (O(B·heads·T·D)), the working set is a
+    few (about eight) float32 tensors of at most `chunk_elements` elements each (B × channels ×
+    query rows × T, chunked over channels and query rows), so peak extra memory is about
+    32·chunk_elements bytes (128 MiB at the default) whatever T and the head count are.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown Q/K metric {metric!r}; choose one of {', '.join(METRICS)}")
+    acc = _accumulation_dtype(q)
+    b, t, _ = q.shape
+    d, hk, group = spec.head_dim, spec.n_kv_heads, spec.group_size
+    s = spec.scaling
+    token_mask = token_mask.bool()
+    cos = cos.to(acc).expand(b, t, d)
+    sin = sin.to(acc).expand(b, t, d)
+    qn, rq, rq_m1 = _normalise(_heads(q, spec.n_heads, d, acc), spec.q_norm)
+    kn, rk, rk_m1 = _normalise(_heads(k, hk, d, acc), spec.k_norm)
+    vv = _heads(v, hk, d, acc)
+    qr = qn * cos[:, None] + _rotate_half(qn) * sin[:, None]
+    kr = kn * cos[:, None] + _rotate_half(kn) * sin[:, None]
+    q_sq = torch.zeros(b, spec.n_heads, d, dtype=acc, device=q.device)
+    k_sq = torch.zeros(b, hk, d, dtype=acc, device=q.device)
+    n_chan, n_rows = _chunks(b, t, d, chunk_elements)
+    for g in range(hk):
+        vg = vv[:, g, None]  # [B, 1, T, D]
+        for h in range(g * group, (g + 1) * group):
+            for i0 in range(0, t, n_rows):
+                rows = slice(i0, min(t, i0 + n_rows))
+                x = s * qr[:, h, rows] @ kr[:, g].transpose(-1, -2)  # [B, I, T]
+                logp = torch.log_softmax(
+                    _capped(x, spec.softcap).masked_fill(~_allowed(token_mask, rows, t, spec.sliding_window), float("-inf")),
+                    dim=-1,
+                )
+                out = logp.exp() @ vv[:, g]
+                x, logp, out = x[:, None], logp[:, None], out[:, None]
+                valid = token_mask[:, rows]
+                for c0 in range(0, d, n_chan):
+                    ch = torch.arange(c0, min(d, c0 + n_chan), device=q.device)
+                    partner = (ch + d // 2) % d
+                    sign = torch.where(ch < d // 2, 1.0, -1.0).to(acc)
+                    # Query channels of head h: perturbation per query row.
+                    qh = qn[:, h, rows][..., ch].transpose(1, 2)[..., None]  # [B, C, I, 1]
+                    alpha = s * qh * cos[:, rows][..., ch].transpose(1, 2)[..., None]
+                    beta = s * qh * (sign * sin[:, rows][..., partner]).transpose(1, 2)[..., None]
+                    delta = alpha * kr[:, g][..., ch].transpose(1, 2)[:, :, None] + beta * kr[:, g][..., partner].transpose(1, 2)[:, :, None]
+                    if rq is None:
+                        dx = -delta
+                    else:
+                        r = rq[:, h, rows][..., ch].transpose(1, 2)[..., None]
+                        r_m1 = rq_m1[:, h, rows][..., ch].transpose(1, 2)[..., None]
+                        dx = r_m1 * x - r * delta
+                    q_sq[:, h, ch] += _perturbed_sq(x, logp, out, vg, dx, valid, spec.softcap, metric)
+                    # Key channels of KV head g: perturbation per key column, seen by query head h.
+                    kh = kn[:, g][..., ch].transpose(1, 2)[:, :, None]  # [B, C, 1, T]
+                    alpha = s * kh * cos[..., ch].transpose(1, 2)[:, :, None]
+                    beta = s * kh * (sign * sin[..., partner]).transpose(1, 2)[:, :, None]
+                    delta = qr[:, h, rows][..., ch].transpose(1, 2)[..., None] * alpha + qr[:, h, rows][..., partner].transpose(1, 2)[..., None] * beta
+                    if rk is None:
+                        dx = -delta
+                    else:
+                        r = rk[:, g][..., ch].transpose(1, 2)[:, :, None]
+                        r_m1 = rk_m1[:, g][..., ch].transpose(1, 2)[:, :, None]
+                        dx = r_m1 * x - r * delta
+                    k_sq[:, g, ch] += _perturbed_sq(x, logp, out, vg, dx, valid, spec.softcap, metric)
+    return _finish(q_sq, metric), _finish(k_sq, metric)
+
+
+def _finish(sq: torch.Tensor, metric: str) -> torch.Tensor:
+    """`output` is a norm; `probs` is, as the released code has it, a squared norm."""
+    return (sq.sqrt() if metric == "output" else sq).reshape(sq.shape[0], -1)
+
+
+def qk_impact_reference(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output"):
+    """The straightforward Appendix-A form: for every channel at once, literally zero it in the raw
+    projection, redo norm, RoPE, scores, soft-cap, masks and softmax, and compare (A − A')V.
+
+    Broadcasts over channels ([D, T, T] per head and sentence): memory O(D·T²). Computed in the
+    input dtype (pass float64 for a high-precision reference). Same shapes as `qk_impact_torch`.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown Q/K metric {metric!r}; choose one of {', '.join(METRICS)}")
+    b, t, _ = q.shape
+    d, hk, group = spec.head_dim, spec.n_kv_heads, spec.group_size
+    dt = q.dtype
+    zero_each = (1 - torch.eye(d, dtype=dt, device=q.device))[:, None, :]  # [D(channel), 1, D]
+    q_imp = torch.zeros(b, spec.n_heads, d, dtype=dt, device=q.device)
+    k_imp = torch.zeros(b, hk, d, dtype=dt, device=q.device)
+
+    def prep(x, norm, c, s_):
+        if norm is not None:
+            x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm.eps) * norm.scale.to(dt)
+        return x * c + _rotate_half(x) * s_
+
+    def attend(qx, kx, vx, allowed):
+        scores = _capped(spec.scaling * qx @ kx.transpose(-1, -2), spec.softcap)
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        return probs, probs @ vx
+
+    def distance(p0, o0, p1, o1):
+        if metric == "output":
+            return (o0 - o1).square().sum((-1, -2))
+        return (p0 - p1).square().sum((-1, -2))
+
+    for bi in range(b):
+        pos = torch.nonzero(token_mask[bi]).flatten()
+        c, s_ = cos.expand(b, t, d)[bi, pos].to(dt), sin.expand(b, t, d)[bi, pos].to(dt)
+        allowed = pos[None, :] <= pos[:, None]
+        if spec.sliding_window is not None:
+            allowed &= pos[:, None] - pos[None, :] < spec.sliding_window
+        qh = q[bi, pos].to(dt).view(len(pos), spec.n_heads, d).transpose(0, 1)
+        kh = k[bi, pos].to(dt).view(len(pos), hk, d).transpose(0, 1)
+        vh = v[bi, pos].to(dt).view(len(pos), hk, d).transpose(0, 1)
+        for g in range(hk):
+            kg = prep(kh[g], spec.k_norm, c, s_)
+            kz = prep(kh[g] * zero_each, spec.k_norm, c, s_)  # [D, T, D]
+            for h in range(g * group, (g + 1) * group):
+                qx = prep(qh[h], spec.q_norm, c, s_)
+                p0, o0 = attend(qx, kg, vh[g], allowed)
+                p1, o1 = attend(prep(qh[h] * zero_each, spec.q_norm, c, s_), kg, vh[g], allowed)
+                q_imp[bi, h] = distance(p0, o0, p1, o1)
+                p1, o1 = attend(qx, kz, vh[g], allowed)
+                k_imp[bi, g] += distance(p0, o0, p1, o1)
+    return _finish(q_imp, metric), _finish(k_imp, metric)

@@ -1,0 +1,89 @@
+"""Exact per-sentence impacts of every neuron (SPEC §2), computed layer by layer during one
+forward pass of the unmodified model: each layer's activations are turned into impacts as soon
+as its hooks fire and are then released, so memory never holds more than one layer's internals.
+"""
+import torch
+
+from kernels import masked_column_sumsq_torch, qk_impact_torch, weight_column_norms
+from kernels.qk_impact import METRICS
+from neurolang.adapters import GROUPS, Captured, Layer, ModelAdapter
+from neurolang.errors import NeurolangError
+
+BACKENDS = ("torch",)
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the last requested layer is done: later layers need not run."""
+
+
+def attention_impacts(layer: Layer, cap: Captured, token_mask: torch.Tensor, metric: str = "output",
+                      chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> dict[str, torch.Tensor]:
+    """Q, K, V and O impacts of one layer from what its hooks captured: {group: [B, width]}."""
+    spec = layer.spec
+    q, k = qk_impact_torch(cap.q, cap.k, cap.v, cap.cos, cap.sin, token_mask, spec, metric, chunk_elements)
+    out_sumsq = masked_column_sumsq_torch(cap.attn_out, token_mask)  # [B, n_heads·D]
+    b = out_sumsq.shape[0]
+    per_kv = out_sumsq.view(b, spec.n_kv_heads, spec.group_size, spec.head_dim).sum(2)
+    return {
+        "q": q,
+        "k": k,
+        "v": per_kv.sqrt().reshape(b, -1),
+        "o": out_sumsq.sqrt() * weight_column_norms(layer.o_proj.weight.detach()),
+    }
+
+
+def ffn_impacts(layer: Layer, cap: Captured, token_mask: torch.Tensor) -> torch.Tensor:
+    """FFN impacts of one layer: ‖H[:, k]‖₂ · ‖W_down[:, k]‖₂ per sentence, [B, intermediate]."""
+    h = masked_column_sumsq_torch(cap.ffn_hidden, token_mask).sqrt()
+    return h * weight_column_norms(layer.down_proj.weight.detach())
+
+
+def check_right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Token mask as bool; padding must be on the right so positions match an unpadded run."""
+    mask = attention_mask.bool()
+    if (mask[:, 1:] & ~mask[:, :-1]).any():
+        raise NeurolangError("batches must be right-padded (tokenizer.padding_side = 'right')")
+    if not mask[:, 0].all():
+        raise NeurolangError("every sentence in a batch needs at least one token")
+    return mask
+
+
+def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    layers=None, metric: str = "output", backend: str = "torch",
+                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, on_layer=None):
+    """Impacts of all neurons of the given layers for a right-padded batch of sentences.
+
+    Returns {layer: {group: float32 tensor [B, width]}}; with `on_layer(layer_index, impacts)`
+    given, each layer's impacts go there instead and nothing is kept. Padding tokens are excluded,
+    so a padded batch gives the same numbers as its sentences one at a time.
+    """
+    if metric not in METRICS:
+        raise NeurolangError(f"unknown Q/K metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if backend not in BACKENDS:
+        raise NeurolangError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    layers = sorted(set(range(adapter.n_layers) if layers is None else layers))
+    token_mask = check_right_padded(attention_mask)
+    results: dict[int, dict[str, torch.Tensor]] = {}
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_attention(layer, cap):
+        pending[layer.index] = attention_impacts(layer, cap, token_mask, metric, chunk_elements)
+
+    def on_ffn(layer, cap):
+        impacts = pending.pop(layer.index)
+        impacts["ffn"] = ffn_impacts(layer, cap, token_mask)
+        impacts = {g: impacts[g] for g in GROUPS}
+        if on_layer is None:
+            results[layer.index] = impacts
+        else:
+            on_layer(layer.index, impacts)
+        if layer.index == layers[-1]:
+            raise _StopForward
+
+    with torch.inference_mode(), adapter.hooks(layers, on_attention, on_ffn):
+        try:
+            adapter.decoder(input_ids=input_ids, attention_mask=attention_mask.long(), use_cache=False)
+        except _StopForward:
+            pass
+    return results

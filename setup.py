@@ -1,0 +1,24 @@
+from setuptools import setup
+
+setup(
+    name="neurolang",
+    version="0.1.0",
+    description="Find, classify, score and train the language-related neurons of large language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["kernels", "neurolang"],
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=5.0,<6",
+        "numpy",
+        "safetensors",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark"],
+        "gguf": ["gguf>=0.10", "accelerate"],
+    },
+    entry_points={"console_scripts": ["neurolang = neurolang.cli:main"]},
+)
