@@ -10,13 +10,13 @@ The scaled pre-soft-cap logits of query i and key j therefore become
 (q̂ the normed pre-RoPE query, k post-RoPE): two rank-1 terms. For a key channel the roles of
 rows and columns swap and the change reaches every query head of the KV group.
 
-Impacts are computed from the logit change δ_ij = ℓ'_ij − ℓ_ij without ever forming A − A' by
-subtraction: with w_ij = A_ij·expm1(δ_ij) (shifted by a row maximum against overflow),
-W_i = Σ_j w_ij and Z_i = 1 + W_i,
+Impacts are computed from the logit change δ_ij = ℓ'_ij − ℓ_ij without forming A − A' by
+subtracting two softmaxes: with e_ij = expm1(δ_ij) and W_i = Σ_j A_ij·e_ij,
 
-    (A' − A)_ij = (w_ij − A_ij·W_i) / Z_i,      ((A' − A)V)_i = (Σ_j w_ij V_j − W_i·O_i) / Z_i,
+    (A' − A)_ij = A_ij·(e_ij − W_i) / (1 + W_i),
 
-which keeps full relative precision even when a neuron moves the attention very little.
+which keeps full relative precision even when a neuron moves the attention very little (rows
+that change a lot fall back to a direct, max-shifted softmax, see `_probability_change`).
 Soft-capping is handled the same way: cap·tanh(a) − cap·tanh(b) = cap·tanh(a−b)·(1 − tanh a·tanh b).
 
 Two metrics: `output`, ‖(A − A')V‖_F (the paper's, the default), and `probs`, ‖A − A'‖²_F (what
@@ -98,28 +98,36 @@ def _capped(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return x if softcap is None else softcap * torch.tanh(x / softcap)
 
 
-def _perturbed_sq(x, logp, out, v, dx, valid_rows, softcap, metric):
-    """Σ over valid rows of ‖ΔO_i‖² (or ‖ΔA_i‖²) for a chunk of channels.
+def _probability_change(logp: torch.Tensor, dl: torch.Tensor) -> torch.Tensor:
+    """A' − A for rows of log-probabilities `logp` (−inf where masked) whose logits move by `dl`.
+
+    A row that moves gently (|W| ≤ ½ and no logit up by more than 20) uses the expm1 form, exact
+    to rounding however small the change; any other row recomputes its softmax, shifted by its own
+    maximum, which is accurate when the change is large (no 1 + W ≈ 0 cancellation, no overflow).
+    """
+    p = logp.exp()
+    e = torch.expm1(dl.clamp_max(20))
+    w_sum = (p * e).sum(-1, keepdim=True)
+    gentle = (w_sum.abs() <= 0.5) & (dl.amax(-1, keepdim=True) <= 20)
+    small = p * (e - w_sum) / (1 + w_sum)
+    shifted = logp + dl
+    q = torch.exp(shifted - shifted.amax(-1, keepdim=True))
+    return torch.where(gentle, small, q / q.sum(-1, keepdim=True) - p)
+
+
+def _perturbed_sq(x, logp, v, dx, valid_rows, softcap, metric):
+    """Σ over valid rows of ‖ΔA_i V‖² (or ‖ΔA_i‖²) for a chunk of channels.
 
     x, logp: [B, 1, I, T] base logits (pre-cap) and log-probs (−inf where masked);
-    out: [B, 1, I, D] base output; v: [B, 1, T, D]; dx: [B, C, I, T] change of x. Returns [B, C].
+    v: [B, 1, T, D]; dx: [B, C, I, T] change of x. Returns [B, C].
     """
     if softcap is not None:
         dl = softcap * torch.tanh(dx / softcap) * (1 - torch.tanh(x / softcap) * torch.tanh((x + dx) / softcap))
     else:
         dl = dx
-    masked = torch.isinf(logp)
-    dl = dl.masked_fill(masked, 0.0)
-    mu = (logp + dl).amax(-1, keepdim=True).clamp_min(0)
-    base = torch.exp(logp - mu)
-    large = dl > 20
-    w = torch.where(large, torch.exp(logp + dl - mu) - base, base * torch.expm1(dl.clamp_max(20)))
-    w_sum = w.sum(-1, keepdim=True)
-    z = torch.exp(-mu) + w_sum
+    delta = _probability_change(logp, dl.masked_fill(torch.isinf(logp), 0.0))
     if metric == "output":
-        delta = (w @ v - w_sum * out) / z
-    else:
-        delta = (w - logp.exp() * w_sum) / z
+        delta = delta @ v
     per_row = delta.square().sum(-1)
     return torch.where(valid_rows[:, None, :], per_row, 0.0).sum(-1)
 
@@ -171,8 +179,7 @@ def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: 
                     _capped(x, spec.softcap).masked_fill(~_allowed(token_mask, rows, t, spec.sliding_window), float("-inf")),
                     dim=-1,
                 )
-                out = logp.exp() @ vv[:, g]
-                x, logp, out = x[:, None], logp[:, None], out[:, None]
+                x, logp = x[:, None], logp[:, None]
                 valid = token_mask[:, rows]
                 for c0 in range(0, d, n_chan):
                     ch = torch.arange(c0, min(d, c0 + n_chan), device=q.device)
@@ -189,7 +196,7 @@ def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: 
                         r = rq[:, h, rows][..., ch].transpose(1, 2)[..., None]
                         r_m1 = rq_m1[:, h, rows][..., ch].transpose(1, 2)[..., None]
                         dx = r_m1 * x - r * delta
-                    q_sq[:, h, ch] += _perturbed_sq(x, logp, out, vg, dx, valid, spec.softcap, metric)
+                    q_sq[:, h, ch] += _perturbed_sq(x, logp, vg, dx, valid, spec.softcap, metric)
                     # Key channels of KV head g: perturbation per key column, seen by query head h.
                     kh = kn[:, g][..., ch].transpose(1, 2)[:, :, None]  # [B, C, 1, T]
                     alpha = s * kh * cos[..., ch].transpose(1, 2)[:, :, None]
@@ -201,7 +208,7 @@ def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: 
                         r = rk[:, g][..., ch].transpose(1, 2)[:, :, None]
                         r_m1 = rk_m1[:, g][..., ch].transpose(1, 2)[:, :, None]
                         dx = r_m1 * x - r * delta
-                    k_sq[:, g, ch] += _perturbed_sq(x, logp, out, vg, dx, valid, spec.softcap, metric)
+                    k_sq[:, g, ch] += _perturbed_sq(x, logp, vg, dx, valid, spec.softcap, metric)
     return _finish(q_sq, metric), _finish(k_sq, metric)
 
 

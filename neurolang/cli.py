@@ -11,7 +11,7 @@ DEFAULT_MODEL = "tiny:llama"
 
 def _layers(text: str):
     if text == "all":
-        return None
+        return "all"
     try:
         return sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Zero sampled neurons of the model one at a time, re-run their sub-layer "
                                    "and compare the change with the fast path; exit 1 above tolerance.")
     _model_options(v)
-    v.add_argument("--layers", type=_layers, default="default",
+    v.add_argument("--layers", type=_layers,
                    help="comma-separated layer numbers or 'all' (default: first, middle and last)")
     v.add_argument("--neurons-per-group", type=_neurons, default=16, metavar="N",
                    help="neurons sampled per group and layer, or 'all' (default 16)")
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--qk-metric", default="output", choices=("output", "probs"),
                    help="Q/K impact: output change (the paper's) or probability change (released code's)")
     v.add_argument("--text", metavar="FILE", help="sentences to use, one per line (default: built-in sample)")
-    v.add_argument("--max-length", type=int, default=64, help="longest sentence in tokens (default 64)")
+    v.add_argument("--max-length", type=int, default=256, help="longest sentence in tokens (default 256)")
     v.add_argument("--tolerance", type=float, help="worst relative error allowed (default by dtype: 1e-4 in float32)")
     v.add_argument("--seed", type=int, default=0)
     return parser
@@ -65,7 +65,7 @@ def cmd_verify(args) -> int:
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     adapter = ModelAdapter(model)
-    layers = None if args.layers == "default" else (list(range(adapter.n_layers)) if args.layers is None else args.layers)
+    layers = list(range(adapter.n_layers)) if args.layers == "all" else args.layers
     print(f"verifying {args.model} ({adapter.family}, {adapter.n_layers} layers, {adapter.neuron_count():,} neurons) "
           f"on {len(sentences)} sentences", file=sys.stderr, flush=True)
     report = verify(adapter, tokenizer, sentences, layers=layers, neurons_per_group=args.neurons_per_group,

@@ -171,7 +171,7 @@ class VerifyReport:
         return all(g.worst_error <= self.tolerance for g in self.groups.values())
 
     def table(self) -> str:
-        lines = [f"{'group':<6}{'neurons':>9}{'worst rel. error':>19}  at (sentence, layer, neuron)  verdict"]
+        lines = [f"{'group':<6}{'checks':>9}{'worst rel. error':>19}  at (sentence, layer, neuron)  verdict"]
         for g in self.groups.values():
             verdict = "ok" if g.worst_error <= self.tolerance else "FAIL"
             lines.append(f"{g.group:<6}{g.checked:>9}{g.worst_error:>19.2e}  {str(g.worst_at):<29} {verdict}")
@@ -189,7 +189,7 @@ def default_layers(n_layers: int) -> list[int]:
 
 def verify(adapter: ModelAdapter, tokenizer, sentences, layers=None, neurons_per_group: int | None = 16,
            metric: str = "output", backend: str = "torch", tolerance: float | None = None,
-           seed: int = 0, max_length: int = 64) -> VerifyReport:
+           seed: int = 0, max_length: int = 256) -> VerifyReport:
     """Compare the fast path on a padded batch with the oracle on each sentence alone.
 
     Samples `neurons_per_group` neurons per group (None: all) with `seed`. The relative error

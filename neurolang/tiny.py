@@ -20,7 +20,7 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON, num_attention_heads=6, num_key_value_heads=2, head_dim=12),
     "mistral": lambda: MistralConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
                                      sliding_window=5),
-    "qwen2": lambda: Qwen2Config(**_COMMON, num_attention_heads=6, num_key_value_heads=2, head_dim=10),
+    "qwen2": lambda: Qwen2Config(**_COMMON, num_attention_heads=4, num_key_value_heads=4, head_dim=10),
     "qwen3": lambda: Qwen3Config(**_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
                                  attention_bias=True),
     "gemma": lambda: GemmaConfig(**_COMMON, num_attention_heads=3, num_key_value_heads=1, head_dim=12),

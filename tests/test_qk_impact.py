@@ -1,0 +1,96 @@
+"""The Q/K impact twin against the literal zero-and-recompute reference in float64."""
+import pytest
+import torch
+
+from kernels.qk_impact import METRICS, AttentionSpec, HeadNorm, qk_impact_reference, qk_impact_torch
+
+CASES = [
+    # n_heads, n_kv_heads, head_dim, T, softcap, window, q/k norm, biased (unused: raw q is given)
+    (6, 2, 12, 9, None, None, False),   # GQA group 3, non-power-of-two head_dim
+    (4, 1, 10, 7, 5.0, 4, True),        # group 4, soft-cap, window shorter than T, q/k norm
+    (3, 3, 8, 1, None, None, True),     # group 1, T = 1
+    (4, 2, 6, 13, 3.0, 3, False),       # odd T, small window
+]
+
+
+def rope(t, d, dtype):
+    pos = torch.arange(t, dtype=dtype)
+    inv = 1 / (10000 ** (torch.arange(0, d, 2, dtype=dtype) / d))
+    emb = torch.cat([pos[:, None] * inv, pos[:, None] * inv], -1)
+    return emb.cos()[None], emb.sin()[None]
+
+
+def inputs(hq, hk, d, t, seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    b = 3
+    q = torch.randn(b, t, hq * d, generator=gen, dtype=dtype)
+    k = torch.randn(b, t, hk * d, generator=gen, dtype=dtype)
+    v = torch.randn(b, t, hk * d, generator=gen, dtype=dtype)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, max(1, t - 2):] = False
+    mask[2, max(1, t - 5):] = False
+    return q, k, v, mask
+
+
+def spec_for(hq, hk, d, softcap, window, norm, seed):
+    gen = torch.Generator().manual_seed(seed + 1)
+    hn = HeadNorm(torch.rand(d, generator=gen, dtype=torch.float64) + 0.5, 1e-6) if norm else None
+    return AttentionSpec(hq, hk, d, d ** -0.5, softcap, window, hn, hn)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_twin_matches_float64_reference(case, metric):
+    hq, hk, d, t, softcap, window, norm = case
+    seed = hash(case) % 1000
+    q, k, v, mask = inputs(hq, hk, d, t, seed)
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, softcap, window, norm, seed)
+    ref_q, ref_k = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
+    twin_q, twin_k = qk_impact_torch(q, k, v, cos, sin, mask, spec, metric)
+    torch.testing.assert_close(twin_q, ref_q, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(twin_k, ref_k, rtol=1e-10, atol=1e-14)
+    # float32 inputs, chunked down to a handful of elements, against the float64 reference.
+    f32 = [x.float() for x in (q, k, v, cos, sin)]
+    small_q, small_k = qk_impact_torch(*f32, mask, spec, metric, chunk_elements=37)
+    assert small_q.dtype == torch.float32
+    torch.testing.assert_close(small_q.double(), ref_q, rtol=1e-5, atol=1e-7 * float(ref_q.max()))
+    torch.testing.assert_close(small_k.double(), ref_k, rtol=1e-5, atol=1e-7 * float(ref_k.max()))
+
+
+def test_padding_does_not_change_impacts():
+    hq, hk, d, t = 4, 2, 10, 11
+    q, k, v, _ = inputs(hq, hk, d, t, 5)
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, 4.0, 5, True, 5)
+    mask = torch.ones(3, t, dtype=torch.bool)
+    mask[0, 6:] = False
+    batch_q, batch_k = qk_impact_torch(q, k, v, cos, sin, mask, spec)
+    alone_q, alone_k = qk_impact_torch(q[:1, :6], k[:1, :6], v[:1, :6], cos[:, :6], sin[:, :6],
+                                       mask[:1, :6], spec)
+    torch.testing.assert_close(batch_q[:1], alone_q, rtol=1e-12, atol=0)
+    torch.testing.assert_close(batch_k[:1], alone_k, rtol=1e-12, atol=0)
+
+
+def test_one_token_has_no_qk_impact():
+    q, k, v, mask = inputs(2, 1, 4, 1, 0)
+    cos, sin = rope(1, 4, torch.float64)
+    spec = spec_for(2, 1, 4, None, None, False, 0)
+    for metric in METRICS:
+        iq, ik = qk_impact_torch(q, k, v, cos, sin, mask, spec, metric)
+        assert iq.abs().max() == 0 and ik.abs().max() == 0
+
+
+def test_large_logit_changes_stay_finite():
+    """A channel that dominates the logits: the overflow-safe branch must match the reference."""
+    hq, hk, d, t = 2, 1, 4, 6
+    q, k, v, mask = inputs(hq, hk, d, t, 3)
+    q[..., 0] *= 60
+    k[..., 0] *= 60
+    cos, sin = torch.ones(1, t, d, dtype=torch.float64), torch.zeros(1, t, d, dtype=torch.float64)
+    spec = spec_for(hq, hk, d, None, None, False, 3)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec)
+    twin = qk_impact_torch(q, k, v, cos, sin, mask, spec)
+    for a, b in zip(twin, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
