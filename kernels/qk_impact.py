@@ -22,6 +22,8 @@ Soft-capping is handled the same way: cap·tanh(a) − cap·tanh(b) = cap·tanh(
 Two metrics: `output`, ‖(A − A')V‖_F (the paper's, the default), and `probs`, ‖A − A'‖²_F (what
 the authors' released code computes). Both are summed over the query heads a neuron reaches.
 """
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -110,26 +112,58 @@ def _probability_change(logp: torch.Tensor, dl: torch.Tensor) -> torch.Tensor:
     w_sum = (p * e).sum(-1, keepdim=True)
     gentle = (w_sum.abs() <= 0.5) & (dl.amax(-1, keepdim=True) <= 20)
     small = p * (e - w_sum) / (1 + w_sum)
+    if not torch.compiler.is_compiling() and bool(gentle.all()):
+        return small
     shifted = logp + dl
     q = torch.exp(shifted - shifted.amax(-1, keepdim=True))
     return torch.where(gentle, small, q / q.sum(-1, keepdim=True) - p)
 
 
-def _perturbed_sq(x, logp, v, dx, valid_rows, softcap, metric):
-    """Σ over valid rows of ‖ΔA_i V‖² (or ‖ΔA_i‖²) for a chunk of channels.
+def _chunk_sq(x, logp, v, valid_rows, row_c, row_p, col_c, col_p, r, r_m1, softcap: float | None, metric: str):
+    """Σ over valid rows of ‖ΔA_i V‖² (or ‖ΔA_i‖²) for a chunk of channels: [B, C].
 
-    x, logp: [B, 1, I, T] base logits (pre-cap) and log-probs (−inf where masked);
-    v: [B, 1, T, D]; dx: [B, C, I, T] change of x. Returns [B, C].
+    x, logp: [B, 1, I, T] base logits (pre-cap) and log-probs (−inf where masked); v: [B, 1, T, D].
+    The scaled logit change before normalisation is Δ = row_c·col_c + row_p·col_p (a channel and
+    its rotary partner, [B, C, I, 1] times [B, C, 1, T]); with a head norm, x' = r·(x − Δ), r per
+    row (query channels) or per column (key channels).
     """
+    delta = row_c * col_c + row_p * col_p
+    dx = -delta if r is None else r_m1 * x - r * delta
     if softcap is not None:
         dl = softcap * torch.tanh(dx / softcap) * (1 - torch.tanh(x / softcap) * torch.tanh((x + dx) / softcap))
     else:
         dl = dx
-    delta = _probability_change(logp, dl.masked_fill(torch.isinf(logp), 0.0))
+    change = _probability_change(logp, dl.masked_fill(torch.isinf(logp), 0.0))
     if metric == "output":
-        delta = delta @ v
-    per_row = delta.square().sum(-1)
+        change = change @ v
+    per_row = change.square().sum(-1)
     return torch.where(valid_rows[:, None, :], per_row, 0.0).sum(-1)
+
+
+_compiled_chunk = None
+
+
+def _chunk_function():
+    """The fused (torch.compile) chunk on the CPU unless NEUROLANG_COMPILE=0; else eager."""
+    global _compiled_chunk
+    if os.environ.get("NEUROLANG_COMPILE", "1") == "0":
+        return _chunk_sq
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_sq, dynamic=True)
+    return _compiled_chunk
+
+
+def _run_chunk(*args):
+    args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)  # stable strides: fewer recompiles
+    fn = _chunk_function()
+    if fn is _chunk_sq:
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as err:  # a machine without a working compiler: stay correct, say so once
+        warnings.warn(f"torch.compile failed ({type(err).__name__}); using the eager Q/K twin", stacklevel=2)
+        os.environ["NEUROLANG_COMPILE"] = "0"
+        return _chunk_sq(*args)
 
 
 def _chunks(b: int, t: int, d: int, budget: int) -> tuple[int, int]:
@@ -185,30 +219,30 @@ def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: 
                     ch = torch.arange(c0, min(d, c0 + n_chan), device=q.device)
                     partner = (ch + d // 2) % d
                     sign = torch.where(ch < d // 2, 1.0, -1.0).to(acc)
-                    # Query channels of head h: perturbation per query row.
-                    qh = qn[:, h, rows][..., ch].transpose(1, 2)[..., None]  # [B, C, I, 1]
-                    alpha = s * qh * cos[:, rows][..., ch].transpose(1, 2)[..., None]
-                    beta = s * qh * (sign * sin[:, rows][..., partner]).transpose(1, 2)[..., None]
-                    delta = alpha * kr[:, g][..., ch].transpose(1, 2)[:, :, None] + beta * kr[:, g][..., partner].transpose(1, 2)[:, :, None]
-                    if rq is None:
-                        dx = -delta
-                    else:
+                    # Query channels of head h: the change of q̂_i[c] along its rotary column.
+                    qh = s * qn[:, h, rows][..., ch].transpose(1, 2)[..., None]  # [B, C, I, 1]
+                    row_c = qh * cos[:, rows][..., ch].transpose(1, 2)[..., None]
+                    row_p = qh * (sign * sin[:, rows][..., partner]).transpose(1, 2)[..., None]
+                    col_c = kr[:, g][..., ch].transpose(1, 2)[:, :, None]  # [B, C, 1, T]
+                    col_p = kr[:, g][..., partner].transpose(1, 2)[:, :, None]
+                    r = r_m1 = None
+                    if rq is not None:
                         r = rq[:, h, rows][..., ch].transpose(1, 2)[..., None]
                         r_m1 = rq_m1[:, h, rows][..., ch].transpose(1, 2)[..., None]
-                        dx = r_m1 * x - r * delta
-                    q_sq[:, h, ch] += _perturbed_sq(x, logp, vg, dx, valid, spec.softcap, metric)
-                    # Key channels of KV head g: perturbation per key column, seen by query head h.
-                    kh = kn[:, g][..., ch].transpose(1, 2)[:, :, None]  # [B, C, 1, T]
-                    alpha = s * kh * cos[..., ch].transpose(1, 2)[:, :, None]
-                    beta = s * kh * (sign * sin[..., partner]).transpose(1, 2)[:, :, None]
-                    delta = qr[:, h, rows][..., ch].transpose(1, 2)[..., None] * alpha + qr[:, h, rows][..., partner].transpose(1, 2)[..., None] * beta
-                    if rk is None:
-                        dx = -delta
-                    else:
+                    q_sq[:, h, ch] += _run_chunk(x, logp, vg, valid, row_c, row_p, col_c, col_p, r, r_m1,
+                                                 spec.softcap, metric)
+                    # Key channels of KV head g: the same with rows and columns swapped.
+                    kh = s * kn[:, g][..., ch].transpose(1, 2)[:, :, None]  # [B, C, 1, T]
+                    col_c = kh * cos[..., ch].transpose(1, 2)[:, :, None]
+                    col_p = kh * (sign * sin[..., partner]).transpose(1, 2)[:, :, None]
+                    row_c = qr[:, h, rows][..., ch].transpose(1, 2)[..., None]  # [B, C, I, 1]
+                    row_p = qr[:, h, rows][..., partner].transpose(1, 2)[..., None]
+                    r = r_m1 = None
+                    if rk is not None:
                         r = rk[:, g][..., ch].transpose(1, 2)[:, :, None]
                         r_m1 = rk_m1[:, g][..., ch].transpose(1, 2)[:, :, None]
-                        dx = r_m1 * x - r * delta
-                    k_sq[:, g, ch] += _perturbed_sq(x, logp, vg, dx, valid, spec.softcap, metric)
+                    k_sq[:, g, ch] += _run_chunk(x, logp, vg, valid, row_c, row_p, col_c, col_p, r, r_m1,
+                                                 spec.softcap, metric)
     return _finish(q_sq, metric), _finish(k_sq, metric)
 
 
