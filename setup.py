@@ -9,12 +9,14 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["kernels", "neurolang"],
+    package_data={"neurolang": ["data/corpus/*.txt", "data/corpus/LICENSE.md"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "transformers>=5.0,<6",
         "numpy",
         "safetensors",
+        "datasets",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark"],

@@ -4,6 +4,7 @@ import os
 import sys
 import time
 
+from neurolang.corpus import PAPER_LANGS
 from neurolang.errors import NeurolangError
 
 DEFAULT_MODEL = "tiny:llama"
@@ -52,7 +53,67 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-length", type=int, default=256, help="longest sentence in tokens (default 256)")
     v.add_argument("--tolerance", type=float, help="worst relative error allowed (default by dtype: 1e-4 in float32)")
     v.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("detect", help="detect the language-related neurons of a model",
+                       description="Count, per language, the sentences in which each neuron is among the top "
+                                   "ρ of its layer and group; N_ℓ = neurons activated in at least τ of them.")
+    _model_options(d)
+    d.add_argument("--corpus", default="builtin",
+                   help="'builtin' (default) or a directory of <lang>.txt, <lang>.jsonl or <lang>/ (datasets)")
+    d.add_argument("--langs", type=_langs, default=",".join(PAPER_LANGS), help="comma-separated (default: %(default)s)")
+    d.add_argument("--out", required=True, help="output directory (neurons.safetensors, detect.json)")
+    d.add_argument("--ratio", type=float, default=0.01, help="top fraction ρ activated per sentence (default 0.01)")
+    d.add_argument("--sigma", type=float, help="fixed impact threshold σ instead of a top fraction")
+    d.add_argument("--tau", type=float, default=1.0, help="fraction of sentences a neuron must be activated in (default 1.0)")
+    d.add_argument("--max-sentences", type=int, default=200, help="detection sentences per language (default 200)")
+    d.add_argument("--eval-sentences", type=int, default=40, help="held-out sentences per language (default 40)")
+    d.add_argument("--max-length", type=int, default=128, help="tokens kept per sentence (default 128)")
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--text-field", default="text", help="field of JSON Lines / dataset records (default text)")
+    d.add_argument("--backend", default="torch", help="torch (default)")
+    d.add_argument("--qk-metric", default="output", choices=("output", "probs"))
+    c = sub.add_parser("classify", help="shared / exclusive / unique neurons and their statistics",
+                       description="Read DIR/neurons.safetensors, write DIR/classes.safetensors and DIR/stats.json.")
+    c.add_argument("dir", help="a directory written by `neurolang detect`")
     return parser
+
+
+def _langs(text: str):
+    langs = [part.strip() for part in text.split(",") if part.strip()]
+    if not langs or len(set(langs)) != len(langs):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated language codes, got {text!r}")
+    return langs
+
+
+def cmd_detect(args) -> int:
+    from neurolang.classify import classify, format_table
+    from neurolang.detect import detect
+    from neurolang.models import load_model
+
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    sets = detect(model, tokenizer, args.corpus, args.langs, ratio=args.ratio, sigma=args.sigma, tau=args.tau,
+                  max_sentences=args.max_sentences, eval_sentences=args.eval_sentences, max_length=args.max_length,
+                  batch_size=args.batch_size, seed=args.seed, metric=args.qk_metric, backend=args.backend,
+                  text_field=args.text_field, model_name=args.model, progress=sys.stderr.isatty())
+    sets.save(args.out)
+    for lang, info in sets.info["per_language"].items():
+        cut = f", {info['truncated']} truncated to {args.max_length} tokens" if info["truncated"] else ""
+        print(f"{lang}: {info['sentences']} sentences, {info['tokens']} tokens, {info['seconds']:.1f}s "
+              f"({info['tokens_per_second']:.0f} tok/s, impacts {info['impact_seconds']:.1f}s){cut}")
+    print(format_table(classify(sets).stats))
+    print(f"wrote {args.out}/neurons.safetensors and detect.json in {sets.info['seconds']:.1f}s")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    from neurolang.classify import classify, format_table
+    from neurolang.detect import NeuronSets
+
+    result = classify(NeuronSets.load(args.dir))
+    result.save(args.dir)
+    print(format_table(result.stats))
+    print(f"wrote {args.dir}/classes.safetensors and stats.json")
+    return 0
 
 
 def cmd_verify(args) -> int:
@@ -78,7 +139,7 @@ def cmd_verify(args) -> int:
     return 0 if report.passed else 1
 
 
-COMMANDS = {"verify": cmd_verify}
+COMMANDS = {"verify": cmd_verify, "detect": cmd_detect, "classify": cmd_classify}
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,8 @@
 forward pass of the unmodified model: each layer's activations are turned into impacts as soon
 as its hooks fire and are then released, so memory never holds more than one layer's internals.
 """
+import time
+
 import torch
 
 from kernels import masked_column_sumsq_torch, qk_impact_torch, weight_column_norms
@@ -51,12 +53,13 @@ def check_right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     layers=None, metric: str = "output", backend: str = "torch",
-                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, on_layer=None):
+                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, on_layer=None, timings=None):
     """Impacts of all neurons of the given layers for a right-padded batch of sentences.
 
     Returns {layer: {group: float32 tensor [B, width]}}; with `on_layer(layer_index, impacts)`
     given, each layer's impacts go there instead and nothing is kept. Padding tokens are excluded,
-    so a padded batch gives the same numbers as its sentences one at a time.
+    so a padded batch gives the same numbers as its sentences one at a time. With a `timings`
+    dict, the seconds spent computing impacts (and in `on_layer`) are added to its "impacts_s".
     """
     if metric not in METRICS:
         raise NeurolangError(f"unknown Q/K metric {metric!r}; choose one of {', '.join(METRICS)}")
@@ -68,9 +71,13 @@ def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_ma
     pending: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_attention(layer, cap):
+        start = time.perf_counter()
         pending[layer.index] = attention_impacts(layer, cap, token_mask, metric, chunk_elements)
+        if timings is not None:
+            timings["impacts_s"] = timings.get("impacts_s", 0.0) + time.perf_counter() - start
 
     def on_ffn(layer, cap):
+        start = time.perf_counter()
         impacts = pending.pop(layer.index)
         impacts["ffn"] = ffn_impacts(layer, cap, token_mask)
         impacts = {g: impacts[g] for g in GROUPS}
@@ -78,6 +85,8 @@ def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_ma
             results[layer.index] = impacts
         else:
             on_layer(layer.index, impacts)
+        if timings is not None:
+            timings["impacts_s"] = timings.get("impacts_s", 0.0) + time.perf_counter() - start
         if layer.index == layers[-1]:
             raise _StopForward
 

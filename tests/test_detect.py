@@ -1,0 +1,213 @@
+"""Detection and classification against brute-force recomputation on tiny random models."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kernels import select_count_torch, top_k_size
+from neurolang.adapters import GROUPS, ModelAdapter
+from neurolang.classify import Classification, classify
+from neurolang.cli import main
+from neurolang.corpus import BUILTIN_DIR, PAPER_LANGS, encode, load_corpus, pad_batch, split_indices
+from neurolang.detect import NeuronSets, detect
+from neurolang.errors import NeurolangError
+from neurolang.impact import compute_impacts
+from neurolang.tiny import byte_tokenizer, tiny_model
+
+LANGS = ["en", "fr", "sw"]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for lang in LANGS:
+        lines = (BUILTIN_DIR / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[:14]
+        (root / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    return tiny_model("gemma2"), byte_tokenizer()
+
+
+def run_detect(model_and_tokenizer, corpus_dir, **kwargs):
+    model, tokenizer = model_and_tokenizer
+    options = dict(langs=LANGS, ratio=0.05, max_sentences=8, eval_sentences=4, max_length=40, batch_size=3,
+                   progress=False)
+    options.update(kwargs)
+    return detect(model, tokenizer, str(corpus_dir), **options)
+
+
+def test_select_count_matches_a_loop():
+    gen = torch.Generator().manual_seed(0)
+    impacts = torch.randn(5, 23, generator=gen)
+    impacts[2, [3, 7, 9]] = 10.0  # a three-way tie at the top
+    k = 2
+    expected = torch.zeros(23, dtype=torch.int32)
+    for row in impacts.tolist():
+        for j in sorted(range(23), key=lambda j: (-row[j], j))[:k]:  # ties: lower index first
+            expected[j] += 1
+    assert torch.equal(select_count_torch(impacts, k=k), expected)
+    assert torch.equal(select_count_torch(impacts, sigma=0.5), (impacts > 0.5).sum(0, dtype=torch.int32))
+    assert top_k_size(0.01, 50) == 1 and top_k_size(0.01, 14336) == 143
+
+
+def test_sets_equal_brute_force(model_and_tokenizer, corpus_dir):
+    model, tokenizer = model_and_tokenizer
+    sets = run_detect(model_and_tokenizer, corpus_dir, tau=0.5)
+    adapter = ModelAdapter(model)
+    texts = load_corpus(str(corpus_dir), LANGS)
+    for lang in LANGS:
+        lines = sets.info["per_language"][lang]["detection_lines"]
+        seqs, _ = encode(tokenizer, [texts[lang][i] for i in lines], 40)
+        activated = []  # per sentence: {(layer, group, neuron)}
+        for seq in seqs:
+            ids, mask = pad_batch([seq], tokenizer.pad_token_id)
+            impacts = compute_impacts(adapter, ids, mask)
+            chosen = set()
+            for layer, groups in impacts.items():
+                for group, values in groups.items():
+                    row = values[0].tolist()
+                    k = top_k_size(0.05, len(row))
+                    chosen |= {(layer, group, j) for j in sorted(range(len(row)), key=lambda j: (-row[j], j))[:k]}
+            activated.append(chosen)
+        for group in GROUPS:
+            counts = sets.counts[lang][group]
+            for layer in range(counts.shape[0]):
+                for j in range(counts.shape[1]):
+                    n = sum((layer, group, j) in a for a in activated)
+                    assert int(counts[layer, j]) == n
+                    assert bool(sets.members[lang][group][layer, j]) == (n >= 4)  # τ = 0.5 of 8 sentences
+
+
+def test_tau_one_is_the_intersection(model_and_tokenizer, corpus_dir):
+    sets = run_detect(model_and_tokenizer, corpus_dir, tau=1.0)
+    for lang in LANGS:
+        for group in GROUPS:
+            assert torch.equal(sets.members[lang][group], sets.counts[lang][group] == 8)
+
+
+def test_batch_size_and_rerun_invariance(model_and_tokenizer, corpus_dir):
+    a = run_detect(model_and_tokenizer, corpus_dir, batch_size=1, tau=0.5)
+    b = run_detect(model_and_tokenizer, corpus_dir, batch_size=5, tau=0.5)
+    c = run_detect(model_and_tokenizer, corpus_dir, batch_size=5, tau=0.5)
+    for key, value in a.tensors().items():
+        assert torch.equal(value, b.tensors()[key]), key
+        assert torch.equal(value, c.tensors()[key]), key
+
+
+def test_classify_counts_add_up(model_and_tokenizer, corpus_dir):
+    sets = run_detect(model_and_tokenizer, corpus_dir, tau=0.5)
+    result = classify(sets)
+    stats = result.stats
+    for lang in LANGS:
+        for g in GROUPS:
+            member, shared = sets.members[lang][g], result.shared[g]
+            excl, uniq = result.exclusive[lang][g], result.unique[lang][g]
+            assert torch.equal(member, shared | excl) and not (shared & excl).any()  # a partition of N_l
+            assert not (uniq & ~excl).any()  # unique ⊆ exclusive
+            others = torch.stack([sets.members[o][g] for o in LANGS if o != lang]).any(0)
+            assert torch.equal(uniq, member & ~others)
+        sizes = stats["sizes"]
+        assert sizes["language"][lang]["total"] == sizes["shared"]["total"] + sizes["exclusive"][lang]["total"]
+        assert stats["fractions"][lang]["unique"] == sizes["unique"][lang]["total"] / stats["neuron_count"]
+    mean_excl = sum(stats["sizes"]["exclusive"][lang]["total"] for lang in LANGS) / len(LANGS)
+    assert stats["shared_ratio"] == pytest.approx(stats["sizes"]["shared"]["total"] / mean_excl)
+    shares = stats["components"]["exclusive"]
+    assert shares is None or sum(shares.values()) == pytest.approx(1.0)
+    assert stats["neuron_count"] == ModelAdapter(model_and_tokenizer[0]).neuron_count()
+
+
+def test_classify_by_hand():
+    """Two languages, one layer, known masks: every number of stats.json by hand."""
+    def masks(ffn, q):
+        m = {g: torch.zeros(1, 2, dtype=torch.bool) for g in GROUPS}
+        m["ffn"] = torch.tensor([ffn]); m["q"] = torch.tensor([q])
+        return m
+
+    members = {"en": masks([True, True], [True, False]), "fr": masks([True, False], [False, True])}
+    counts = {lang: {g: m.int() for g, m in ms.items()} for lang, ms in members.items()}
+    sets = NeuronSets(["en", "fr"], counts, members, {"neuron_count": 10})
+    stats = classify(sets).stats
+    assert stats["sizes"]["shared"]["total"] == 1  # ffn 0
+    assert stats["sizes"]["exclusive"]["en"]["total"] == 2 and stats["sizes"]["exclusive"]["fr"]["total"] == 1
+    assert stats["shared_ratio"] == pytest.approx(1 / 1.5)
+    assert stats["fractions"]["en"]["language"] == pytest.approx(0.3)
+    assert stats["components"]["shared"] == {"QK": 0.0, "VO": 0.0, "FFN": 1.0}
+    assert stats["components"]["exclusive"]["QK"] == pytest.approx((0.5 + 1.0) / 2)
+    assert stats["layers"]["per_layer"]["shared"] == [pytest.approx(1 / 10)]
+
+
+def test_empty_exclusive_is_reported_not_divided():
+    m = {g: torch.ones(1, 2, dtype=torch.bool) for g in GROUPS}
+    sets = NeuronSets(["en", "fr"], {l: {g: t.int() for g, t in m.items()} for l in "en fr".split()},
+                      {"en": m, "fr": m}, {"neuron_count": 10})
+    stats = classify(sets).stats
+    assert stats["shared_ratio"] is None and "no language has exclusive neurons" in stats["shared_ratio_undefined"]
+
+
+def test_splits_are_seeded_and_disjoint():
+    a = split_indices(240, 200, 40, seed=3)
+    assert a == split_indices(240, 200, 40, seed=3) and a != split_indices(240, 200, 40, seed=4)
+    assert len(a.detection) == 200 and len(a.evaluation) == 40
+    assert not set(a.detection) & set(a.evaluation)
+    with pytest.raises(NeurolangError, match="fewer than --eval-sentences"):
+        split_indices(10, 5, 10, seed=0)
+
+
+def test_corpus_formats(tmp_path):
+    (tmp_path / "en.jsonl").write_text('{"body": "One line."}\n{"body": "Two lines."}\n', encoding="utf-8")
+    assert load_corpus(str(tmp_path), ["en"], text_field="body") == {"en": ["One line.", "Two lines."]}
+    with pytest.raises(NeurolangError, match="has no field 'text'"):
+        load_corpus(str(tmp_path), ["en"])
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": ["Habari.", "Asante sana."]}).save_to_disk(str(tmp_path / "sw"))
+    assert load_corpus(str(tmp_path), ["sw"]) == {"sw": ["Habari.", "Asante sana."]}
+    with pytest.raises(NeurolangError, match="has no de.txt"):
+        load_corpus(str(tmp_path), ["de"])
+
+
+def test_truncation_is_counted(model_and_tokenizer, corpus_dir):
+    sets = run_detect(model_and_tokenizer, corpus_dir, max_length=12)
+    assert all(info["truncated"] > 0 for info in sets.info["per_language"].values())
+    assert max(t.shape[0] for t in sets.counts["en"].values()) == 3
+
+
+def test_builtin_corpus_is_parallel_and_large_enough():
+    lengths = {}
+    for lang in PAPER_LANGS:
+        lines = (BUILTIN_DIR / f"{lang}.txt").read_text(encoding="utf-8").split("\n")
+        assert lines[-1] == "" and all(line.strip() for line in lines[:-1]), lang
+        lengths[lang] = len(lines) - 1
+    assert min(lengths.values()) >= 200 and len(set(lengths.values())) == 1
+    assert (BUILTIN_DIR / "LICENSE.md").is_file()
+
+
+def test_detect_and_classify_commands(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["detect", "--model", "tiny:qwen2", "--langs", "en,zh,th", "--max-sentences", "6",
+            "--eval-sentences", "4", "--max-length", "64", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "tok/s" in printed and "shared neuron ratio" in printed
+    tensors = load_file(out / "neurons.safetensors")
+    assert tensors["counts.th.ffn"].dtype == torch.int32 and tensors["lang.th.ffn"].dtype == torch.bool
+    assert tensors["counts.en.k"].shape == (3, 40)  # KV-head space: 4 heads × 10
+    info = json.loads((out / "detect.json").read_text())
+    assert info["options"]["ratio"] == 0.01 and len(info["per_language"]["zh"]["detection_lines"]) == 6
+    assert main(["classify", str(out)]) == 0
+    result = Classification.load(out)
+    assert set(result.stats["fractions"]) == {"en", "zh", "th"}
+    assert "exclusive.th.q" in load_file(out / "classes.safetensors")
+
+
+def test_detect_errors(tmp_path, capsys):
+    assert main(["classify", str(tmp_path)]) == 2
+    assert "has no neurons.safetensors" in capsys.readouterr().err
+    assert main(["detect", "--corpus", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "has no en.txt" in capsys.readouterr().err
+    assert main(["detect", "--ratio", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "--ratio must be in (0, 1]" in capsys.readouterr().err
