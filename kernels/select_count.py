@@ -12,6 +12,19 @@ def top_k_size(ratio: float, width: int) -> int:
     return max(1, int(ratio * width))
 
 
+def top_k_order(impacts: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [B, k] of each row's k largest impacts, largest first; ties go to the lower index
+    (a stable sort, unlike `torch.topk`), so selections are reproducible and a smaller k is a prefix."""
+    return torch.sort(impacts, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def count_selected(order: torch.Tensor, width: int) -> torch.Tensor:
+    """How often each of `width` neurons appears in the rows of `order` [B, k]: int32 [width]."""
+    counts = torch.zeros(width, dtype=torch.int32, device=order.device)
+    ones = torch.ones(order.numel(), dtype=torch.int32, device=order.device)
+    return counts.index_add_(0, order.reshape(-1), ones)
+
+
 def select_count_torch(impacts: torch.Tensor, k: int | None = None, sigma: float | None = None) -> torch.Tensor:
     """Activation counts [W] (int32) of one (layer, group) over a batch of impacts [B, W].
 
@@ -22,7 +35,4 @@ def select_count_torch(impacts: torch.Tensor, k: int | None = None, sigma: float
         raise ValueError("give exactly one of k and sigma")
     if sigma is not None:
         return (impacts > sigma).sum(0, dtype=torch.int32)
-    # A stable descending sort makes ties deterministic (lower index first), unlike topk.
-    order = torch.sort(impacts, dim=1, descending=True, stable=True).indices[:, :k]
-    counts = torch.zeros(impacts.shape[1], dtype=torch.int32, device=impacts.device)
-    return counts.index_add_(0, order.reshape(-1), torch.ones(order.numel(), dtype=torch.int32, device=impacts.device))
+    return count_selected(top_k_order(impacts, k), impacts.shape[1])

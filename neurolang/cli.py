@@ -6,6 +6,7 @@ import time
 
 from neurolang.corpus import PAPER_LANGS
 from neurolang.errors import NeurolangError
+from neurolang.score import HIGH_BOUNDARY, LOW_BOUNDARY
 
 DEFAULT_MODEL = "tiny:llama"
 
@@ -75,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="shared / exclusive / unique neurons and their statistics",
                        description="Read DIR/neurons.safetensors, write DIR/classes.safetensors and DIR/stats.json.")
     c.add_argument("dir", help="a directory written by `neurolang detect`")
+    s = sub.add_parser("score", help="perplexity with neuron sets deactivated: ΔPPL, Imp, LAS and stage",
+                       description="Deactivate shared, exclusive and random neurons in turn and measure perplexity "
+                                   "on the held-out split; write DIR/scores.json.")
+    s.add_argument("dir", help="a directory written by `neurolang detect`")
+    s.add_argument("--model", help="the detected model (default: the one named in DIR/detect.json)")
+    s.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0, help="seed of the random controls (default 0)")
+    s.add_argument("--low", type=float, default=LOW_BOUNDARY,
+                   help="LAS below this is the low stage (default log 2: shared neurons matter less than exclusive)")
+    s.add_argument("--high", type=float, default=HIGH_BOUNDARY,
+                   help="LAS from this on is the high stage (default log 11: Imp of 10)")
+    s.add_argument("--validate-threshold", action="store_true",
+                   help="Appendix B: lower ρ until a random control moves no language's PPL by more than --tolerance")
+    s.add_argument("--tolerance", type=float, default=0.05, help="relative PPL rise allowed (default 0.05)")
+    s.add_argument("--shrink", type=float, default=0.5, help="factor applied to ρ at each step (default 0.5)")
     return parser
 
 
@@ -116,6 +134,28 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from neurolang.detect import NeuronSets
+    from neurolang.models import load_model
+    from neurolang.score import format_scores, score
+
+    if not 0 < args.shrink < 1:
+        raise NeurolangError(f"--shrink must be in (0, 1), got {args.shrink}")
+    model_name = args.model or NeuronSets.load(args.dir).info.get("model")
+    if not model_name:
+        raise NeurolangError(f"{args.dir}/detect.json names no model: pass --model")
+    model, tokenizer = load_model(model_name, args.dtype, args.device)
+    scores = score(model, tokenizer, args.dir, batch_size=args.batch_size, seed=args.seed, low=args.low,
+                   high=args.high, validate=args.validate_threshold, tolerance=args.tolerance, shrink=args.shrink)
+    for step in scores["threshold_validation"] or []:
+        rises = ", ".join(f"{lang} {100 * r:+.1f}%" for lang, r in step["random_ppl_rise"].items())
+        print(f"threshold ρ = {step['ratio']:.4g}: random-control PPL rise {rises}"
+              + (" ok" if step["passed"] else " too high") + (f" ({step['note']})" if "note" in step else ""))
+    print(format_scores(scores))
+    print(f"wrote {args.dir}/scores.json in {scores['seconds']:.1f}s")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from neurolang.adapters import ModelAdapter
     from neurolang.corpus import SAMPLE_SENTENCES, read_lines
@@ -139,7 +179,7 @@ def cmd_verify(args) -> int:
     return 0 if report.passed else 1
 
 
-COMMANDS = {"verify": cmd_verify, "detect": cmd_detect, "classify": cmd_classify}
+COMMANDS = {"verify": cmd_verify, "detect": cmd_detect, "classify": cmd_classify, "score": cmd_score}
 
 
 def main(argv=None) -> int:

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels import select_count_torch, top_k_size
+from kernels import count_selected, select_count_torch, top_k_order, top_k_size
 from neurolang.adapters import GROUPS, ModelAdapter
 from neurolang.corpus import encode, load_corpus, pad_batch, split_indices
 from neurolang.errors import NeurolangError
 from neurolang.impact import compute_impacts
 
 NEURONS_FILE = "neurons.safetensors"
+RANKS_FILE = "ranks.safetensors"
 DETECT_FILE = "detect.json"
 
 
@@ -35,6 +36,9 @@ class NeuronSets:
     counts: dict[str, dict[str, torch.Tensor]]
     members: dict[str, dict[str, torch.Tensor]]
     info: dict = field(default_factory=dict)
+    # In top-k mode, ranks[lang][group] is int32 [n_sentences, n_layers, k]: each sentence's
+    # activated neurons, most impactful first. A smaller ρ selects a prefix (threshold validation).
+    ranks: dict[str, dict[str, torch.Tensor]] | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -48,6 +52,9 @@ class NeuronSets:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_save_tensors(self.tensors(), out_dir / NEURONS_FILE)
+        if self.ranks is not None:
+            ranks = {f"ranks.{lang}.{g}": self.ranks[lang][g].cpu().contiguous() for lang in self.langs for g in GROUPS}
+            atomic_save_tensors(ranks, out_dir / RANKS_FILE)
         atomic_write_text(json.dumps(self.info, indent=2, ensure_ascii=False) + "\n", out_dir / DETECT_FILE)
 
     @classmethod
@@ -61,7 +68,31 @@ class NeuronSets:
         langs = info["langs"]
         counts = {lang: {g: tensors[f"counts.{lang}.{g}"] for g in GROUPS} for lang in langs}
         members = {lang: {g: tensors[f"lang.{lang}.{g}"] for g in GROUPS} for lang in langs}
-        return cls(langs, counts, members, info)
+        ranks = None
+        if (out_dir / RANKS_FILE).is_file():
+            saved = load_file(out_dir / RANKS_FILE)
+            ranks = {lang: {g: saved[f"ranks.{lang}.{g}"] for g in GROUPS} for lang in langs}
+        return cls(langs, counts, members, info, ranks)
+
+    def reselect(self, ratio: float) -> "NeuronSets":
+        """The sets a smaller top fraction ρ would have given, from the recorded ranks."""
+        if self.ranks is None:
+            raise NeurolangError("no ranks recorded (threshold mode --sigma, or an older run): re-run detect")
+        tau = self.info["options"]["tau"]
+        widths = self.info["widths"]
+        counts, members = {}, {}
+        for lang in self.langs:
+            counts[lang], members[lang] = {}, {}
+            for g in GROUPS:
+                ranks = self.ranks[lang][g]
+                k = min(top_k_size(ratio, widths[g]), ranks.shape[2])
+                n_sentences, n_layers = ranks.shape[0], ranks.shape[1]
+                c = torch.stack([count_selected(ranks[:, layer, :k].long(), widths[g]) for layer in range(n_layers)])
+                counts[lang][g] = c
+                members[lang][g] = membership(c, n_sentences, tau)
+        info = json.loads(json.dumps(self.info))
+        info["options"]["ratio"] = ratio
+        return NeuronSets(self.langs, counts, members, info, self.ranks)
 
 
 def atomic_save_tensors(tensors: dict, path: Path) -> None:
@@ -77,11 +108,12 @@ def atomic_write_text(text: str, path: Path) -> None:
 
 
 def model_fingerprint(model) -> str:
-    """A short hash of the weights' names, shapes and a sample of values: tells two models apart."""
+    """A short hash of the weights' names, shapes and a sample of values (rounded to bfloat16, so
+    that a float32 and a bfloat16 load of one checkpoint agree): tells two models apart."""
     digest = hashlib.sha256()
     for name, p in model.state_dict().items():
         flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        sample = flat[:: max(1, flat.numel() // 64)][:64].to(torch.bfloat16).float().cpu()
         digest.update(f"{name}{tuple(p.shape)}".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -95,25 +127,34 @@ def membership(counts: torch.Tensor, n_sentences: int, tau: float) -> torch.Tens
 def count_activations(adapter: ModelAdapter, seqs, pad_id: int, *, ratio=0.01, sigma=None, batch_size=8,
                       metric="output", backend="torch", device=None, progress=None):
     """Activation counts {group: int32 [n_layers, width]} over token sequences, in length-sorted
-    batches; also returns the time spent in impact computation and selection."""
+    batches; also the ranks (top-k mode, else None) and the seconds spent on impacts and selection."""
     widths = adapter.widths()
     device = device or next(adapter.model.parameters()).device
     counts = {g: torch.zeros(adapter.n_layers, w, dtype=torch.int32, device=device) for g, w in widths.items()}
     ks = {g: None if sigma is not None else top_k_size(ratio, w) for g, w in widths.items()}
+    ranks = None if sigma is not None else {
+        g: torch.zeros(len(seqs), adapter.n_layers, k, dtype=torch.int32, device=device) for g, k in ks.items()}
     timings = {"impacts_s": 0.0}
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+    rows = None
 
     def on_layer(layer, impacts):
         for group, values in impacts.items():
-            counts[group][layer] += select_count_torch(values, ks[group], sigma)
+            if sigma is not None:
+                counts[group][layer] += select_count_torch(values, sigma=sigma)
+            else:
+                chosen = top_k_order(values, ks[group])
+                counts[group][layer] += count_selected(chosen, values.shape[1])
+                ranks[group][rows, layer] = chosen.int()
 
     for start in range(0, len(order), batch_size):
+        rows = torch.tensor(order[start:start + batch_size], device=device)
         batch = [seqs[i] for i in order[start:start + batch_size]]
         ids, mask = pad_batch(batch, pad_id, device)
         compute_impacts(adapter, ids, mask, metric=metric, backend=backend, on_layer=on_layer, timings=timings)
         if progress is not None:
             progress(sum(len(s) for s in batch))
-    return counts, timings["impacts_s"]
+    return counts, ranks, timings["impacts_s"]
 
 
 class _Progress:
@@ -144,14 +185,14 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
         raise NeurolangError("--batch-size, --max-length and --max-sentences must be positive")
     adapter = ModelAdapter(model)
     texts = load_corpus(corpus, list(langs), text_field)
-    counts, members, per_lang = {}, {}, {}
+    counts, members, ranks, per_lang = {}, {}, {}, {}
     start = time.perf_counter()
     for lang in langs:
         split = split_indices(len(texts[lang]), max_sentences, eval_sentences, seed)
         seqs, truncated = encode(tokenizer, [texts[lang][i] for i in split.detection], max_length)
         bar = _Progress(lang, sum(map(len, seqs)), progress)
         lang_start = time.perf_counter()
-        counts[lang], impact_s = count_activations(adapter, seqs, tokenizer.pad_token_id, ratio=ratio, sigma=sigma,
+        counts[lang], ranks[lang], impact_s = count_activations(adapter, seqs, tokenizer.pad_token_id, ratio=ratio, sigma=sigma,
                                                    batch_size=batch_size, metric=metric, backend=backend,
                                                    progress=bar)
         bar.close()
@@ -177,4 +218,4 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
         "per_language": per_lang, "version": __version__,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    return NeuronSets(list(langs), counts, members, info)
+    return NeuronSets(list(langs), counts, members, info, None if sigma is not None else ranks)

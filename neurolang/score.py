@@ -1,0 +1,199 @@
+"""Functional importance of the neuron sets (SPEC §4, Eq. 5–6, Fig. 4, Appendix B).
+
+PPL_ℓ = exp(total NLL / total predicted tokens) on ℓ's held-out evaluation split;
+ΔPPL = PPL with a set deactivated − base PPL;
+Imp_ℓ = (ΔPPL_ℓ(shared) / |shared|) / (ΔPPL_ℓ(exclusive_ℓ) / |exclusive_ℓ|);
+LAS = log(1 + mean_ℓ Imp_ℓ) (Imp = 1 ⇔ LAS = log 2).
+"""
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from neurolang.ablate import deactivated, random_control, set_size
+from neurolang.adapters import ModelAdapter
+from neurolang.classify import classify
+from neurolang.corpus import encode, load_corpus, pad_batch
+from neurolang.detect import NeuronSets, atomic_write_text, model_fingerprint
+from neurolang.errors import NeurolangError
+
+SCORES_FILE = "scores.json"
+LOW_BOUNDARY = math.log(2)  # below: shared neurons matter less per neuron than exclusive ones
+HIGH_BOUNDARY = math.log(11)  # from here: shared neurons matter ten times as much per neuron
+STRATEGIES = {"low": "all", "medium": "shared", "high": "exclusive"}
+
+
+def perplexity(model, seqs, pad_id: int, batch_size: int = 8) -> float:
+    """Token-weighted perplexity of token sequences: exp(Σ NLL / Σ predicted tokens), with a
+    float32 log-softmax and float64 sums, in length-sorted padded batches (padding changes nothing)."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            ids, mask = pad_batch([seqs[i] for i in order[start:start + batch_size]], pad_id, device)
+            logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits[:, :-1]
+            targets = ids[:, 1:]
+            token_nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+            valid = mask[:, 1:]
+            nll += float(token_nll[valid].double().sum())
+            count += int(valid.sum())
+    if count == 0:
+        raise NeurolangError("the evaluation split has no predicted tokens (every sentence is one token long)")
+    return math.exp(nll / count)
+
+
+def importance(d_shared: float, n_shared: int, d_exclusive: float, n_exclusive: int):
+    """(Imp_ℓ, None) or (None, reason) when Eq. 5 is undefined."""
+    if n_shared == 0:
+        return None, "no shared neurons"
+    if n_exclusive == 0:
+        return None, "no exclusive neurons for this language"
+    if d_exclusive <= 0:
+        return None, f"deactivating the exclusive neurons did not raise PPL (ΔPPL = {d_exclusive:.4g})"
+    return (d_shared / n_shared) / (d_exclusive / n_exclusive), None
+
+
+def language_agnostic_score(imps: dict):
+    """(LAS, None) over the defined Imp_ℓ, or (None, reason)."""
+    defined = [v for v in imps.values() if v is not None]
+    if not defined:
+        return None, "Imp is undefined for every language"
+    mean = sum(defined) / len(defined)
+    if mean <= -1:
+        return None, f"mean Imp = {mean:.4g} ≤ −1"
+    return math.log1p(mean), None
+
+
+def stage_of(las, low: float = LOW_BOUNDARY, high: float = HIGH_BOUNDARY):
+    if las is None:
+        return None
+    return "low" if las < low else "medium" if las < high else "high"
+
+
+def _evaluation_texts(info: dict, tokenizer):
+    options = info["options"]
+    texts = load_corpus(options["corpus"], info["langs"], options["text_field"])
+    seqs = {}
+    for lang in info["langs"]:
+        lines = info["per_language"][lang]["evaluation_lines"]
+        if not lines:
+            raise NeurolangError(f"{lang} has no evaluation sentences: re-run detect with --eval-sentences > 0")
+        seqs[lang], _ = encode(tokenizer, [texts[lang][i] for i in lines], options["max_length"])
+    return seqs
+
+
+def validate_threshold(sets: NeuronSets, ppl_with, base: dict, tolerance: float, shrink: float, seed: int,
+                       max_steps: int = 10):
+    """Appendix B: while deactivating a random control of the size of some N_ℓ raises ℓ's PPL by
+    more than `tolerance`, multiply ρ by `shrink` and re-select from the recorded ranks."""
+    steps = []
+    for _ in range(max_steps):
+        ratio = sets.info["options"]["ratio"]
+        rises = {}
+        for i, lang in enumerate(sets.langs):
+            control = random_control(sets.members[lang], "uniform", seed + i)
+            rises[lang] = ppl_with(control, [lang])[lang] / base[lang] - 1 if set_size(control) else 0.0
+        worst = max(rises, key=rises.get)
+        steps.append({"ratio": ratio, "sizes": {l: set_size(sets.members[l]) for l in sets.langs},
+                      "random_ppl_rise": rises, "passed": rises[worst] <= tolerance})
+        if rises[worst] <= tolerance:
+            return sets, steps
+        smaller = sets.reselect(ratio * shrink)
+        if all(smaller.counts[l][g].sum() == sets.counts[l][g].sum() for l in sets.langs for g in smaller.counts[l]):
+            steps[-1]["note"] = "ρ cannot go lower (k = 1 in every group)"
+            return sets, steps
+        sets = smaller
+    steps[-1]["note"] = f"stopped after {max_steps} steps"
+    return sets, steps
+
+
+def score(model, tokenizer, run_dir, *, batch_size: int = 8, seed: int = 0, low: float = LOW_BOUNDARY,
+          high: float = HIGH_BOUNDARY, validate: bool = False, tolerance: float = 0.05, shrink: float = 0.5) -> dict:
+    """Base PPL, ΔPPL for shared / exclusive_ℓ / random controls, Imp_ℓ, LAS and stage; saved to
+    RUN/scores.json. With `validate`, the threshold is validated first (and the run's neuron
+    files are rewritten at the validated ρ)."""
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    sets = NeuronSets.load(run_dir)
+    if sets.info.get("fingerprint") and model_fingerprint(model) != sets.info["fingerprint"]:
+        raise NeurolangError(f"this model is not the one {run_dir} was detected with ({sets.info.get('model')})")
+    adapter = ModelAdapter(model)
+    seqs = _evaluation_texts(sets.info, tokenizer)
+    langs = sets.langs
+    pad = tokenizer.pad_token_id
+
+    def ppl_with(masks, on_langs):
+        with deactivated(adapter, masks):
+            return {lang: perplexity(model, seqs[lang], pad, batch_size) for lang in on_langs}
+
+    base = {lang: perplexity(model, seqs[lang], pad, batch_size) for lang in langs}
+    steps = None
+    if validate:
+        sets, steps = validate_threshold(sets, ppl_with, base, tolerance, shrink, seed)
+        sets.info["threshold_validation"] = steps
+        sets.save(run_dir)
+    classes = classify(sets)
+    classes.save(run_dir)
+    n_shared = set_size(classes.shared)
+    results = {"shared": {"size": n_shared, "ppl": ppl_with(classes.shared, langs) if n_shared else dict(base)}}
+    for kind in ("uniform", "matched"):
+        control = random_control(classes.shared, kind, seed)
+        results[f"random_{kind}.shared"] = {"size": n_shared, "ppl": ppl_with(control, langs) if n_shared else dict(base)}
+    for i, lang in enumerate(langs):
+        excl = classes.exclusive[lang]
+        n = set_size(excl)
+        results[f"exclusive.{lang}"] = {"size": n, "ppl": ppl_with(excl, langs) if n else dict(base)}
+        for kind in ("uniform", "matched"):
+            control = random_control(excl, kind, seed + 1 + i)
+            results[f"random_{kind}.exclusive.{lang}"] = {"size": n, "ppl": ppl_with(control, [lang]) if n else {lang: base[lang]}}
+    for entry in results.values():
+        entry["delta_ppl"] = {lang: entry["ppl"][lang] - base[lang] for lang in entry["ppl"]}
+    imps, reasons = {}, {}
+    for lang in langs:
+        imps[lang], reason = importance(results["shared"]["delta_ppl"][lang], n_shared,
+                                        results[f"exclusive.{lang}"]["delta_ppl"][lang], results[f"exclusive.{lang}"]["size"])
+        if reason:
+            reasons[lang] = reason
+    las, las_reason = language_agnostic_score(imps)
+    stage = stage_of(las, low, high)
+    scores = {
+        "model": sets.info.get("model"), "langs": langs, "base_ppl": base, "sets": results,
+        "imp": imps, "imp_undefined": reasons, "las": las, "las_undefined": las_reason,
+        "stage": stage, "strategy": STRATEGIES.get(stage), "stage_boundaries": {"low": low, "high": high},
+        "ratio": sets.info["options"]["ratio"], "threshold_validation": steps,
+        "evaluation_sentences": {lang: len(seqs[lang]) for lang in langs},
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    atomic_write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n", run_dir / SCORES_FILE)
+    return scores
+
+
+def _num(x, digits=3):
+    return "undef" if x is None else f"{x:.{digits}g}"
+
+
+def format_scores(scores: dict) -> str:
+    """A table shaped like Figure 4 (ΔPPL by language for random / shared / exclusive), Imp and LAS."""
+    sets = scores["sets"]
+    lines = [f"{'lang':<6}{'base PPL':>10}{'Δ rand-u':>10}{'Δ rand-m':>10}{'Δ shared':>10}{'Δ excl':>10}"
+             f"{'Δ rand-ex':>10}{'Imp':>9}"]
+    for lang in scores["langs"]:
+        lines.append(
+            f"{lang:<6}{_num(scores['base_ppl'][lang], 4):>10}"
+            f"{_num(sets['random_uniform.shared']['delta_ppl'][lang]):>10}"
+            f"{_num(sets['random_matched.shared']['delta_ppl'][lang]):>10}"
+            f"{_num(sets['shared']['delta_ppl'][lang]):>10}"
+            f"{_num(sets[f'exclusive.{lang}']['delta_ppl'][lang]):>10}"
+            f"{_num(sets[f'random_uniform.exclusive.{lang}']['delta_ppl'][lang]):>10}"
+            f"{_num(scores['imp'][lang]):>9}")
+    lines.append(f"|shared| = {sets['shared']['size']}; random controls have the same sizes "
+                 "(rand-u: uniform over all neurons, rand-m: matched per layer and group)")
+    for lang, reason in scores["imp_undefined"].items():
+        lines.append(f"Imp_{lang} undefined: {reason}")
+    las = "undefined (" + scores["las_undefined"] + ")" if scores["las"] is None else f"{scores['las']:.4f}"
+    lines.append(f"Language Agnostic Score = {las} (log 2 = {math.log(2):.4f}); stage: {scores['stage']}"
+                 + (f" -> train {scores['strategy']} neurons" if scores["strategy"] else ""))
+    return "\n".join(lines)

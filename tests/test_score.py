@@ -1,0 +1,178 @@
+"""Deactivation, perplexity, random controls, Imp / LAS and threshold validation."""
+import json
+import math
+
+import pytest
+import torch
+
+from neurolang.ablate import deactivated, empty_masks, random_control, set_size, union
+from neurolang.adapters import GROUPS, ModelAdapter
+from neurolang.cli import main
+from neurolang.corpus import BUILTIN_DIR, encode
+from neurolang.detect import NeuronSets, detect
+from neurolang.score import importance, language_agnostic_score, perplexity, stage_of
+from neurolang.tiny import byte_tokenizer, tiny_model
+
+SENTENCES = ["The cat sleeps.", "Le chat dort sur le toit chaud.", "Paka amelala."]
+
+
+def some_masks(adapter, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {g: torch.rand(adapter.n_layers, w, generator=gen) < 0.2 for g, w in adapter.widths().items()}
+
+
+def zero_in_place(adapter, masks):
+    """Literally zero every parameter the masked neurons own (SPEC §1), biases included."""
+    with torch.no_grad():
+        for layer in adapter.layers:
+            i = layer.index
+            for g, lins in (("ffn", (layer.gate_proj, layer.up_proj)), ("q", (layer.q_proj,)),
+                            ("k", (layer.k_proj,)), ("v", (layer.v_proj,))):
+                rows = masks[g][i]
+                for lin in lins:
+                    lin.weight[rows] = 0
+                    if lin.bias is not None:
+                        lin.bias[rows] = 0
+            layer.o_proj.weight[:, masks["o"][i]] = 0
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "llama"])
+def test_masking_equals_zeroing_parameters(family):
+    tokenizer = byte_tokenizer()
+    ids = tokenizer(SENTENCES[:1], return_tensors="pt").input_ids
+    model = tiny_model(family)
+    adapter = ModelAdapter(model)
+    masks = some_masks(adapter)
+    with torch.no_grad():
+        base = model(ids).logits
+        with deactivated(adapter, masks):
+            masked = model(ids).logits
+        assert torch.equal(model(ids).logits, base)  # undone on exit
+        zeroed_model = tiny_model(family)
+        zero_in_place(ModelAdapter(zeroed_model), masks)
+        zeroed = zeroed_model(ids).logits
+    assert not torch.allclose(masked, base)
+    torch.testing.assert_close(masked, zeroed, rtol=1e-5, atol=1e-5)
+
+
+def test_deactivation_composes():
+    tokenizer = byte_tokenizer()
+    ids = tokenizer(SENTENCES[:1], return_tensors="pt").input_ids
+    model = tiny_model("mistral")
+    adapter = ModelAdapter(model)
+    a, b = some_masks(adapter, 1), some_masks(adapter, 2)
+    with torch.no_grad(), deactivated(adapter, a), deactivated(adapter, b):
+        nested = model(ids).logits
+    with torch.no_grad(), deactivated(adapter, union(a, b)):
+        together = model(ids).logits
+    torch.testing.assert_close(nested, together, rtol=1e-6, atol=1e-6)
+
+
+def test_perplexity_by_hand_and_batch_invariant():
+    tokenizer = byte_tokenizer()
+    model = tiny_model("gemma2")
+    seqs, _ = encode(tokenizer, SENTENCES, 64)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for seq in seqs:
+            logits = model(torch.tensor([seq])).logits[0].double()
+            for t in range(len(seq) - 1):
+                nll -= float(torch.log_softmax(logits[t], -1)[seq[t + 1]])
+                count += 1
+    expected = math.exp(nll / count)
+    for batch_size in (1, 2, 3):
+        assert perplexity(model, seqs, tokenizer.pad_token_id, batch_size) == pytest.approx(expected, rel=1e-5)
+
+
+def test_random_controls():
+    adapter = ModelAdapter(tiny_model("llama"))
+    masks = some_masks(adapter, 3)
+    for kind in ("matched", "uniform"):
+        control = random_control(masks, kind, seed=7)
+        assert set_size(control) == set_size(masks)
+        again = random_control(masks, kind, seed=7)
+        assert all(torch.equal(control[g], again[g]) for g in GROUPS)
+        other = random_control(masks, kind, seed=8)
+        assert not all(torch.equal(control[g], other[g]) for g in GROUPS)
+    matched = random_control(masks, "matched", seed=7)
+    for g in GROUPS:
+        assert torch.equal(matched[g].sum(1), masks[g].sum(1))
+    assert set_size(random_control(empty_masks(adapter), "uniform", 0)) == 0
+
+
+def test_imp_las_and_stage_by_hand():
+    imp, reason = importance(d_shared=30.0, n_shared=10, d_exclusive=12.0, n_exclusive=40)
+    assert reason is None and imp == pytest.approx((30 / 10) / (12 / 40))  # 10
+    las, _ = language_agnostic_score({"en": 10.0, "fr": 2.0, "sw": None})
+    assert las == pytest.approx(math.log(1 + 6.0))
+    assert language_agnostic_score({"en": 1.0})[0] == pytest.approx(math.log(2))
+    assert stage_of(math.log(2) - 1e-9) == "low" and stage_of(math.log(2)) == "medium"
+    assert stage_of(math.log(11)) == "high" and stage_of(None) is None
+
+
+def test_imp_degenerate_cases():
+    assert importance(1.0, 0, 1.0, 5) == (None, "no shared neurons")
+    assert importance(1.0, 5, 1.0, 0) == (None, "no exclusive neurons for this language")
+    value, reason = importance(1.0, 5, -0.5, 5)
+    assert value is None and "did not raise PPL" in reason
+    las, reason = language_agnostic_score({"en": None, "fr": None})
+    assert las is None and reason == "Imp is undefined for every language"
+    assert language_agnostic_score({"en": -3.0})[0] is None
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for lang in ("en", "fr"):
+        lines = (BUILTIN_DIR / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[:16]
+        (root / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def test_reselect_equals_detecting_with_the_smaller_ratio(corpus):
+    model, tokenizer = tiny_model("qwen3"), byte_tokenizer()
+    options = dict(langs=["en", "fr"], max_sentences=10, eval_sentences=4, max_length=40, tau=0.5, progress=False)
+    wide = detect(model, tokenizer, str(corpus), ratio=0.2, **options)
+    narrow = detect(model, tokenizer, str(corpus), ratio=0.05, **options)
+    reselected = wide.reselect(0.05)
+    for key, value in narrow.tensors().items():
+        assert torch.equal(value, reselected.tensors()[key]), key
+
+
+def test_score_command(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["detect", "--model", "tiny:gemma", "--corpus", str(corpus), "--langs", "en,fr", "--ratio", "0.2",
+                 "--tau", "0.5", "--max-sentences", "10", "--eval-sentences", "5", "--out", str(out)]) == 0
+    assert main(["score", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Language Agnostic Score" in printed
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["evaluation_sentences"] == {"en": 5, "fr": 5}
+    for name, entry in scores["sets"].items():
+        for lang, delta in entry["delta_ppl"].items():
+            assert delta == pytest.approx(entry["ppl"][lang] - scores["base_ppl"][lang])
+    n_shared = scores["sets"]["shared"]["size"]
+    assert scores["sets"]["random_uniform.shared"]["size"] == n_shared
+    for lang in ("en", "fr"):
+        imp = scores["imp"][lang]
+        if imp is not None:
+            d_s = scores["sets"]["shared"]["delta_ppl"][lang]
+            excl = scores["sets"][f"exclusive.{lang}"]
+            assert imp == pytest.approx((d_s / n_shared) / (excl["delta_ppl"][lang] / excl["size"]))
+        else:
+            assert lang in scores["imp_undefined"]
+
+
+def test_threshold_validation_lowers_the_ratio(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["detect", "--model", "tiny:llama", "--corpus", str(corpus), "--langs", "en,fr", "--ratio", "0.4",
+                 "--tau", "0.3", "--max-sentences", "10", "--eval-sentences", "5", "--out", str(out)]) == 0
+    # A tolerance no random control can meet: ρ halves until k = 1 everywhere.
+    assert main(["score", str(out), "--validate-threshold", "--tolerance", "-1"]) == 0
+    steps = json.loads((out / "scores.json").read_text())["threshold_validation"]
+    ratios = [step["ratio"] for step in steps]
+    assert ratios[0] == 0.4 and all(b == pytest.approx(a / 2) for a, b in zip(ratios, ratios[1:]))
+    assert len(steps) > 2 and "cannot go lower" in steps[-1]["note"]
+    info = NeuronSets.load(out).info
+    assert info["options"]["ratio"] == ratios[-1] and info["threshold_validation"] == steps
+    assert "too high" in capsys.readouterr().out
