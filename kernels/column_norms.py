@@ -23,3 +23,41 @@ def weight_column_norms(weight: torch.Tensor) -> torch.Tensor:
     """‖W[:, c]‖₂ for a `nn.Linear` weight of shape [out, in], in float32 (float64 stays)."""
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     return torch.linalg.vector_norm(weight.to(acc), dim=0)
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the torch twin stays available
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _column_sumsq_kernel(X, TOKENS, OUT, T, C, stride_b, stride_t,
+                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        b = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            ts = t0 + tl.arange(0, BLOCK_T)
+            keep = tl.load(TOKENS + b * T + ts, mask=ts < T, other=0) != 0
+            x = tl.load(X + b * stride_b + ts[:, None] * stride_t + cols[None, :],
+                        mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(x * x, axis=0)
+        tl.store(OUT + b * C + cols, acc, mask=col_ok)
+
+
+def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel of `masked_column_sumsq_torch`: one pass over x, float32 accumulation."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    b, t, c = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(b, c, dtype=torch.float32, device=x.device)
+    tokens = token_mask.to(torch.int32).contiguous()
+    block_c = min(256, triton.next_power_of_2(c))
+    _column_sumsq_kernel[(b, triton.cdiv(c, block_c))](x, tokens, out, t, c, x.stride(0), x.stride(1),
+                                                       BLOCK_T=32, BLOCK_C=block_c)
+    return out

@@ -302,3 +302,260 @@ def qk_impact_reference(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metr
                 p1, o1 = attend(qx, kz, vh[g], allowed)
                 k_imp[bi, g] += distance(p0, o0, p1, o1)
     return _finish(q_imp, metric), _finish(k_imp, metric)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel: one program per (sentence·head, query tile, channel), looping over key tiles.
+# It never materialises channels × T × T: per program the state is a few [BLOCK_M, BLOCK_D] tiles.
+# ----------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the torch twin stays available
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _expm1(x):
+        # Kahan's accurate expm1: (u − 1)·x / log(u), exact to rounding where exp(x) − 1 is not.
+        u = tl.exp(x)
+        um1 = u - 1.0
+        safe = tl.where(um1 == 0.0, 1.0, tl.log(u))
+        return tl.where(um1 == 0.0, x, tl.where(tl.abs(x) > 0.5, um1, um1 * x / safe))
+
+    @triton.jit
+    def _tanh(y):
+        e = _expm1(-2.0 * tl.abs(y))
+        t = -e / (2.0 + e)
+        return tl.where(y < 0, -t, t)
+
+    @triton.jit
+    def _qk_kernel(
+        QN, QR, KN, KR, V, COS, SIN, R, RM1, LSE, OUT, TOKENS, PARTIAL,
+        T, D, n_heads, group, scaling, softcap, window,
+        IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        m_tile = tl.program_id(1)
+        c = tl.program_id(2)
+        b = bh // n_heads
+        h = bh % n_heads
+        g = h // group
+        n_kv = n_heads // group
+        half = D // 2
+        p = (c + half) % D
+        sign = tl.where(c < half, 1.0, -1.0)
+        rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < T
+        dim_ok = dims < D
+        q_base = (b * n_heads + h) * T * D
+        k_base = (b * n_kv + g) * T * D
+        cs_base = b * T * D
+        tile = rows[:, None] * D + dims[None, :]
+        tile_ok = row_ok[:, None] & dim_ok[None, :]
+        qr = tl.load(QR + q_base + tile, mask=tile_ok, other=0.0)
+        lse = tl.load(LSE + (b * n_heads + h) * T + rows, mask=row_ok, other=0.0)
+        out = tl.load(OUT + q_base + tile, mask=tile_ok, other=0.0)
+        row_valid = tl.load(TOKENS + b * T + rows, mask=row_ok, other=0) != 0
+        if IS_KEY:
+            q_c = tl.load(QR + q_base + rows * D + c, mask=row_ok, other=0.0)
+            q_p = tl.load(QR + q_base + rows * D + p, mask=row_ok, other=0.0)
+        else:
+            qn_c = tl.load(QN + q_base + rows * D + c, mask=row_ok, other=0.0)
+            a_row = scaling * qn_c * tl.load(COS + cs_base + rows * D + c, mask=row_ok, other=0.0)
+            b_row = scaling * qn_c * sign * tl.load(SIN + cs_base + rows * D + p, mask=row_ok, other=0.0)
+            if HAS_NORM:
+                r_row = tl.load(R + q_base + rows * D + c, mask=row_ok, other=1.0)
+                rm1_row = tl.load(RM1 + q_base + rows * D + c, mask=row_ok, other=0.0)
+        w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        d_max = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+        u_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_new = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+        l_new = tl.zeros([BLOCK_M], dtype=tl.float32)
+        a_new = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for n0 in range(0, T, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < T
+            ktile = cols[:, None] * D + dims[None, :]
+            kt_ok = col_ok[:, None] & dim_ok[None, :]
+            kr = tl.load(KR + k_base + ktile, mask=kt_ok, other=0.0)
+            vt = tl.load(V + k_base + ktile, mask=kt_ok, other=0.0)
+            x = scaling * tl.dot(qr, tl.trans(kr), input_precision="ieee")
+            key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
+            allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
+            if HAS_WINDOW:
+                allowed = allowed & (rows[:, None] - cols[None, :] < window)
+            allowed = (allowed | (cols[None, :] == rows[:, None])) & col_ok[None, :] & row_ok[:, None]
+            if HAS_CAP:
+                logit = softcap * _tanh(x / softcap)
+            else:
+                logit = x
+            logp = tl.where(allowed, logit - lse[:, None], -float("inf"))
+            if IS_KEY:
+                kn_c = tl.load(KN + k_base + cols * D + c, mask=col_ok, other=0.0)
+                alpha = scaling * kn_c * tl.load(COS + cs_base + cols * D + c, mask=col_ok, other=0.0)
+                beta = scaling * kn_c * sign * tl.load(SIN + cs_base + cols * D + p, mask=col_ok, other=0.0)
+                delta = q_c[:, None] * alpha[None, :] + q_p[:, None] * beta[None, :]
+                if HAS_NORM:
+                    r = tl.load(R + k_base + cols * D + c, mask=col_ok, other=1.0)[None, :]
+                    rm1 = tl.load(RM1 + k_base + cols * D + c, mask=col_ok, other=0.0)[None, :]
+            else:
+                kc = tl.load(KR + k_base + cols * D + c, mask=col_ok, other=0.0)
+                kp = tl.load(KR + k_base + cols * D + p, mask=col_ok, other=0.0)
+                delta = a_row[:, None] * kc[None, :] + b_row[:, None] * kp[None, :]
+                if HAS_NORM:
+                    r = r_row[:, None]
+                    rm1 = rm1_row[:, None]
+            if HAS_NORM:
+                dx = rm1 * x - r * delta
+            else:
+                dx = -delta
+            if HAS_CAP:
+                dl = softcap * _tanh(dx / softcap) * (1.0 - _tanh(x / softcap) * _tanh((x + dx) / softcap))
+            else:
+                dl = dx
+            dl = tl.where(allowed, dl, 0.0)
+            prob = tl.exp(logp)
+            e = _expm1(tl.minimum(dl, 20.0))
+            pe = prob * e
+            w_sum += tl.sum(pe, axis=1)
+            d_max = tl.maximum(d_max, tl.max(tl.where(allowed, dl, -float("inf")), axis=1))
+            z = logp + dl
+            m_next = tl.maximum(m_new, tl.max(z, axis=1))
+            m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
+            shift = tl.exp(m_new - m_safe)
+            pz = tl.exp(z - m_safe[:, None])
+            l_new = l_new * shift + tl.sum(pz, axis=1)
+            if not PROBS:
+                u_acc += tl.dot(pe, vt, input_precision="ieee")
+                a_new = a_new * shift[:, None] + tl.dot(pz, vt, input_precision="ieee")
+            m_new = m_next
+        gentle = (tl.abs(w_sum) <= 0.5) & (d_max <= 20.0)
+        m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows past T: keep them finite
+        l_new = tl.where(l_new == 0.0, 1.0, l_new)
+        if PROBS:
+            # Second pass: Σ_j (A'_ij − A_ij)², now that W (or the new softmax's max and sum) is known.
+            per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for n0 in range(0, T, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_ok = cols < T
+                ktile = cols[:, None] * D + dims[None, :]
+                kr = tl.load(KR + k_base + ktile, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+                x = scaling * tl.dot(qr, tl.trans(kr), input_precision="ieee")
+                key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
+                allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
+                if HAS_WINDOW:
+                    allowed = allowed & (rows[:, None] - cols[None, :] < window)
+                allowed = (allowed | (cols[None, :] == rows[:, None])) & col_ok[None, :] & row_ok[:, None]
+                if HAS_CAP:
+                    logit = softcap * _tanh(x / softcap)
+                else:
+                    logit = x
+                logp = tl.where(allowed, logit - lse[:, None], -float("inf"))
+                if IS_KEY:
+                    kn_c = tl.load(KN + k_base + cols * D + c, mask=col_ok, other=0.0)
+                    alpha = scaling * kn_c * tl.load(COS + cs_base + cols * D + c, mask=col_ok, other=0.0)
+                    beta = scaling * kn_c * sign * tl.load(SIN + cs_base + cols * D + p, mask=col_ok, other=0.0)
+                    delta = q_c[:, None] * alpha[None, :] + q_p[:, None] * beta[None, :]
+                    if HAS_NORM:
+                        r = tl.load(R + k_base + cols * D + c, mask=col_ok, other=1.0)[None, :]
+                        rm1 = tl.load(RM1 + k_base + cols * D + c, mask=col_ok, other=0.0)[None, :]
+                else:
+                    kc = tl.load(KR + k_base + cols * D + c, mask=col_ok, other=0.0)
+                    kp = tl.load(KR + k_base + cols * D + p, mask=col_ok, other=0.0)
+                    delta = a_row[:, None] * kc[None, :] + b_row[:, None] * kp[None, :]
+                    if HAS_NORM:
+                        r = r_row[:, None]
+                        rm1 = rm1_row[:, None]
+                if HAS_NORM:
+                    dx = rm1 * x - r * delta
+                else:
+                    dx = -delta
+                if HAS_CAP:
+                    dl = softcap * _tanh(dx / softcap) * (1.0 - _tanh(x / softcap) * _tanh((x + dx) / softcap))
+                else:
+                    dl = dx
+                dl = tl.where(allowed, dl, 0.0)
+                prob = tl.exp(logp)
+                small = prob * (_expm1(tl.minimum(dl, 20.0)) - w_sum[:, None]) / (1.0 + w_sum[:, None])
+                large = tl.exp(logp + dl - m_new[:, None]) / l_new[:, None] - prob
+                change = tl.where(gentle[:, None], small, large)
+                per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=1)
+        else:
+            small = (u_acc - w_sum[:, None] * out) / (1.0 + w_sum[:, None])
+            large = a_new / l_new[:, None] - out
+            change = tl.where(gentle[:, None], small, large)
+            per_row = tl.sum(tl.where(dim_ok[None, :], change * change, 0.0), axis=1)
+        total = tl.sum(tl.where(row_valid & row_ok, per_row, 0.0), axis=0)
+        n_tiles = tl.num_programs(1)
+        tl.store(PARTIAL + (bh * n_tiles + m_tile) * D + c, total)
+
+
+def _base_stats(qr, kr, vv, token_mask, spec, acc):
+    """Log-sum-exp [B, H, T] and output [B, H, T, D] of the unperturbed attention, chunked by rows."""
+    b, hq, t, d = qr.shape
+    lse = torch.empty(b, hq, t, dtype=acc, device=qr.device)
+    out = torch.empty(b, hq, t, d, dtype=acc, device=qr.device)
+    rows_per_chunk = max(1, (1 << 22) // max(1, b * t))
+    for h in range(hq):
+        g = h // spec.group_size
+        for i0 in range(0, t, rows_per_chunk):
+            rows = slice(i0, min(t, i0 + rows_per_chunk))
+            x = spec.scaling * qr[:, h, rows] @ kr[:, g].transpose(-1, -2)
+            logits = _capped(x, spec.softcap).masked_fill(~_allowed(token_mask, rows, t, spec.sliding_window),
+                                                          float("-inf"))
+            lse[:, h, rows] = torch.logsumexp(logits, -1)
+            out[:, h, rows] = torch.softmax(logits, -1) @ vv[:, g]
+    return lse, out
+
+
+def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
+                     block_m: int = 16, block_n: int = 16):
+    """The Triton kernel of `qk_impact_torch` (same arguments and results), in float32.
+
+    Extra memory: float32 copies of q, k, v, cos, sin, the q/k-norm factors, the base output and
+    log-sum-exp (all O(B·heads·T·D)) and per-tile partial sums; never channels × T × T.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if metric not in METRICS:
+        raise ValueError(f"unknown Q/K metric {metric!r}; choose one of {', '.join(METRICS)}")
+    acc = torch.float32
+    b, t, _ = q.shape
+    d, hq, hk = spec.head_dim, spec.n_heads, spec.n_kv_heads
+    token_mask = token_mask.bool()
+    cos = cos.to(acc).expand(b, t, d).contiguous()
+    sin = sin.to(acc).expand(b, t, d).contiguous()
+    qn, rq, rq_m1 = _normalise(_heads(q, hq, d, acc), spec.q_norm)
+    kn, rk, rk_m1 = _normalise(_heads(k, hk, d, acc), spec.k_norm)
+    vv = _heads(v, hk, d, acc).contiguous()
+    qr = (qn * cos[:, None] + _rotate_half(qn) * sin[:, None]).contiguous()
+    kr = (kn * cos[:, None] + _rotate_half(kn) * sin[:, None]).contiguous()
+    qn, kn = qn.contiguous(), kn.contiguous()
+    lse, out = _base_stats(qr, kr, vv, token_mask, spec, acc)
+    tokens = token_mask.to(torch.int32).contiguous()
+    n_tiles = triton.cdiv(t, block_m)
+    block_d = max(16, triton.next_power_of_2(d))
+    has_norm_q, has_norm_k = rq is not None, rk is not None
+    results = []
+    for is_key, r, r_m1, has_norm in ((False, rq, rq_m1, has_norm_q), (True, rk, rk_m1, has_norm_k)):
+        partial = torch.empty(b * hq, n_tiles, d, dtype=acc, device=q.device)
+        dummy = qn  # never read when the norm is absent
+        _qk_kernel[(b * hq, n_tiles, d)](
+            qn, qr, kn, kr, vv, cos, sin,
+            r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
+            lse, out, tokens, partial,
+            t, d, hq, spec.group_size, float(spec.scaling), float(spec.softcap or 1.0),
+            int(spec.sliding_window or 0),
+            IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
+            HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs",
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        )
+        per_head = partial.sum(1).view(b, hq, d)
+        if is_key:
+            per_head = per_head.view(b, hk, spec.group_size, d).sum(2)
+        results.append(_finish(per_head, metric))
+    return results[0], results[1]

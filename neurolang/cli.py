@@ -9,6 +9,8 @@ from neurolang.errors import NeurolangError
 from neurolang.score import HIGH_BOUNDARY, LOW_BOUNDARY
 
 DEFAULT_MODEL = "tiny:llama"
+BACKEND_HELP = ("auto (default: Triton kernels for CUDA tensors, PyTorch on the CPU), torch, or triton "
+                "(on the CPU only with TRITON_INTERPRET=1)")
 
 
 def _layers(text: str):
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated layer numbers or 'all' (default: first, middle and last)")
     v.add_argument("--neurons-per-group", type=_neurons, default=16, metavar="N",
                    help="neurons sampled per group and layer, or 'all' (default 16)")
-    v.add_argument("--backend", default="torch", help="torch (default)")
+    v.add_argument("--backend", default="auto", help=BACKEND_HELP)
     v.add_argument("--qk-metric", default="output", choices=("output", "probs"),
                    help="Q/K impact: output change (the paper's) or probability change (released code's)")
     v.add_argument("--text", metavar="FILE", help="sentences to use, one per line (default: built-in sample)")
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--text-field", default="text", help="field of JSON Lines / dataset records (default text)")
-    d.add_argument("--backend", default="torch", help="torch (default)")
+    d.add_argument("--backend", default="auto", help=BACKEND_HELP)
     d.add_argument("--qk-metric", default="output", choices=("output", "probs"))
     c = sub.add_parser("classify", help="shared / exclusive / unique neurons and their statistics",
                        description="Read DIR/neurons.safetensors, write DIR/classes.safetensors and DIR/stats.json.")

@@ -125,7 +125,7 @@ def membership(counts: torch.Tensor, n_sentences: int, tau: float) -> torch.Tens
 
 
 def count_activations(adapter: ModelAdapter, seqs, pad_id: int, *, ratio=0.01, sigma=None, batch_size=8,
-                      metric="output", backend="torch", device=None, progress=None):
+                      metric="output", backend="auto", device=None, progress=None):
     """Activation counts {group: int32 [n_layers, width]} over token sequences, in length-sorted
     batches; also the ranks (top-k mode, else None) and the seconds spent on impacts and selection."""
     widths = adapter.widths()
@@ -175,7 +175,7 @@ class _Progress:
 
 def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "de", "sw"), *, ratio=0.01,
            sigma=None, tau=1.0, max_sentences=200, eval_sentences=40, max_length=128, batch_size=8, seed=0,
-           metric="output", backend="torch", text_field="text", model_name=None, progress=True) -> NeuronSets:
+           metric="output", backend="auto", text_field="text", model_name=None, progress=True) -> NeuronSets:
     """Detect N_ℓ for each language of a corpus (see `neurolang detect --help` for the options)."""
     if sigma is None and not 0 < ratio <= 1:
         raise NeurolangError(f"--ratio must be in (0, 1], got {ratio}")

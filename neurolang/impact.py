@@ -6,12 +6,12 @@ import time
 
 import torch
 
-from kernels import masked_column_sumsq_torch, qk_impact_torch, weight_column_norms
+from kernels import (masked_column_sumsq_torch, masked_column_sumsq_triton, qk_impact_torch,
+                     qk_impact_triton, resolve_backend, weight_column_norms)
 from kernels.qk_impact import METRICS
 from neurolang.adapters import GROUPS, Captured, Layer, ModelAdapter
 from neurolang.errors import NeurolangError
 
-BACKENDS = ("torch",)
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -20,11 +20,15 @@ class _StopForward(Exception):
 
 
 def attention_impacts(layer: Layer, cap: Captured, token_mask: torch.Tensor, metric: str = "output",
-                      chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> dict[str, torch.Tensor]:
+                      chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, backend: str = "torch") -> dict[str, torch.Tensor]:
     """Q, K, V and O impacts of one layer from what its hooks captured: {group: [B, width]}."""
     spec = layer.spec
-    q, k = qk_impact_torch(cap.q, cap.k, cap.v, cap.cos, cap.sin, token_mask, spec, metric, chunk_elements)
-    out_sumsq = masked_column_sumsq_torch(cap.attn_out, token_mask)  # [B, n_heads·D]
+    if backend == "triton":
+        q, k = qk_impact_triton(cap.q, cap.k, cap.v, cap.cos, cap.sin, token_mask, spec, metric)
+        out_sumsq = masked_column_sumsq_triton(cap.attn_out, token_mask)
+    else:
+        q, k = qk_impact_torch(cap.q, cap.k, cap.v, cap.cos, cap.sin, token_mask, spec, metric, chunk_elements)
+        out_sumsq = masked_column_sumsq_torch(cap.attn_out, token_mask)  # [B, n_heads·D]
     b = out_sumsq.shape[0]
     per_kv = out_sumsq.view(b, spec.n_kv_heads, spec.group_size, spec.head_dim).sum(2)
     return {
@@ -35,9 +39,10 @@ def attention_impacts(layer: Layer, cap: Captured, token_mask: torch.Tensor, met
     }
 
 
-def ffn_impacts(layer: Layer, cap: Captured, token_mask: torch.Tensor) -> torch.Tensor:
+def ffn_impacts(layer: Layer, cap: Captured, token_mask: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """FFN impacts of one layer: ‖H[:, k]‖₂ · ‖W_down[:, k]‖₂ per sentence, [B, intermediate]."""
-    h = masked_column_sumsq_torch(cap.ffn_hidden, token_mask).sqrt()
+    column_sumsq = masked_column_sumsq_triton if backend == "triton" else masked_column_sumsq_torch
+    h = column_sumsq(cap.ffn_hidden, token_mask).sqrt()
     return h * weight_column_norms(layer.down_proj.weight.detach())
 
 
@@ -52,7 +57,7 @@ def check_right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    layers=None, metric: str = "output", backend: str = "torch",
+                    layers=None, metric: str = "output", backend: str = "auto",
                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, on_layer=None, timings=None):
     """Impacts of all neurons of the given layers for a right-padded batch of sentences.
 
@@ -63,8 +68,10 @@ def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_ma
     """
     if metric not in METRICS:
         raise NeurolangError(f"unknown Q/K metric {metric!r}; choose one of {', '.join(METRICS)}")
-    if backend not in BACKENDS:
-        raise NeurolangError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    try:
+        backend = resolve_backend(backend, input_ids.device)
+    except ValueError as err:
+        raise NeurolangError(str(err)) from None
     layers = sorted(set(range(adapter.n_layers) if layers is None else layers))
     token_mask = check_right_padded(attention_mask)
     results: dict[int, dict[str, torch.Tensor]] = {}
@@ -72,14 +79,14 @@ def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_ma
 
     def on_attention(layer, cap):
         start = time.perf_counter()
-        pending[layer.index] = attention_impacts(layer, cap, token_mask, metric, chunk_elements)
+        pending[layer.index] = attention_impacts(layer, cap, token_mask, metric, chunk_elements, backend)
         if timings is not None:
             timings["impacts_s"] = timings.get("impacts_s", 0.0) + time.perf_counter() - start
 
     def on_ffn(layer, cap):
         start = time.perf_counter()
         impacts = pending.pop(layer.index)
-        impacts["ffn"] = ffn_impacts(layer, cap, token_mask)
+        impacts["ffn"] = ffn_impacts(layer, cap, token_mask, backend)
         impacts = {g: impacts[g] for g in GROUPS}
         if on_layer is None:
             results[layer.index] = impacts

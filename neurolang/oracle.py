@@ -188,7 +188,7 @@ def default_layers(n_layers: int) -> list[int]:
 
 
 def verify(adapter: ModelAdapter, tokenizer, sentences, layers=None, neurons_per_group: int | None = 16,
-           metric: str = "output", backend: str = "torch", tolerance: float | None = None,
+           metric: str = "output", backend: str = "auto", tolerance: float | None = None,
            seed: int = 0, max_length: int = 256) -> VerifyReport:
     """Compare the fast path on a padded batch with the oracle on each sentence alone.
 

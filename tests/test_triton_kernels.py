@@ -1,0 +1,74 @@
+"""Triton kernels (run by Triton's interpreter on the CPU) against their PyTorch twins and float64."""
+import pytest
+import torch
+
+from kernels import masked_column_sumsq_torch, masked_column_sumsq_triton, qk_impact_reference, qk_impact_triton
+from kernels.dispatch import resolve_backend
+from kernels.qk_impact import METRICS
+from neurolang.cli import main
+from test_qk_impact import CASES, inputs, rope, spec_for
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_qk_kernel_matches_float64_reference(case, metric):
+    hq, hk, d, t, softcap, window, norm = case
+    seed = 11 + CASES.index(case)
+    q, k, v, mask = inputs(hq, hk, d, t, seed)
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, softcap, window, norm, seed)
+    ref_q, ref_k = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
+    tri_q, tri_k = qk_impact_triton(*(x.float() for x in (q, k, v, cos, sin)), mask, spec, metric)
+    assert tri_q.dtype == torch.float32
+    # The float32 twin's bound: relative 1e-5, or 1e-7 of the largest impact (1e-12 when all are 0).
+    torch.testing.assert_close(tri_q.double(), ref_q, rtol=1e-5, atol=max(1e-7 * float(ref_q.max()), 1e-12))
+    torch.testing.assert_close(tri_k.double(), ref_k, rtol=1e-5, atol=max(1e-7 * float(ref_k.max()), 1e-12))
+
+
+def test_qk_kernel_tiles_longer_than_one_block():
+    """T spans several query and key tiles, with a window shorter than a tile."""
+    hq, hk, d, t = 3, 1, 6, 37
+    q, k, v, mask = inputs(hq, hk, d, t, 5)
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, 4.0, 7, True, 5)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec)
+    tri = qk_impact_triton(*(x.float() for x in (q, k, v, cos, sin)), mask, spec)
+    for a, r in zip(tri, ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 37, 50), (1, 1, 7), (2, 70, 300)])
+def test_column_sumsq_kernel(dtype, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=gen).to(dtype)
+    mask = torch.ones(shape[:2], dtype=torch.bool)
+    mask[0, shape[1] // 2 + 1:] = False
+    expected = masked_column_sumsq_torch(x.double(), mask)
+    got = masked_column_sumsq_triton(x, mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, masked_column_sumsq_torch(x, mask).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("NEUROLANG_BACKEND", raising=False)
+    assert resolve_backend("auto", cpu) == "torch" and resolve_backend("auto", cuda) == "triton"
+    assert resolve_backend("torch", cuda) == "torch"
+    monkeypatch.setenv("NEUROLANG_BACKEND", "torch")
+    assert resolve_backend("auto", cuda) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        resolve_backend("triton", cpu)
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("cuda", cpu)
+
+
+def test_verify_triton_backend_end_to_end(tmp_path, capsys):
+    text = tmp_path / "s.txt"
+    text.write_text("Le chat dort sur le toit.\nHabari.\n", encoding="utf-8")
+    assert main(["verify", "--model", "tiny:gemma2", "--backend", "triton", "--layers", "0",
+                 "--neurons-per-group", "all", "--text", str(text)]) == 0
+    out = capsys.readouterr().out
+    assert "backend triton" in out and "PASS" in out
