@@ -331,6 +331,52 @@ if triton is not None:
         return tl.where(y < 0, -t, t)
 
     @triton.jit
+    def _tile_change(qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row, rm1_row,
+                     KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                     IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """For one key tile: the allowed mask, base log-probabilities and the logit change of channel c."""
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < T
+        dims = tl.arange(0, BLOCK_D)
+        kr = tl.load(KR + k_base + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims < D)[None, :], other=0.0)
+        x = scaling * tl.dot(qr, tl.trans(kr), input_precision="ieee")
+        key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
+        allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
+        if HAS_WINDOW:
+            allowed = allowed & (rows[:, None] - cols[None, :] < window)
+        allowed = (allowed | (cols[None, :] == rows[:, None])) & col_ok[None, :] & row_ok[:, None]
+        if HAS_CAP:
+            logit = softcap * _tanh(x / softcap)
+        else:
+            logit = x
+        logp = tl.where(allowed, logit - lse[:, None], -float("inf"))
+        if IS_KEY:
+            kn_c = tl.load(KN + k_base + cols * D + c, mask=col_ok, other=0.0)
+            alpha = scaling * kn_c * tl.load(COS + cs_base + cols * D + c, mask=col_ok, other=0.0)
+            beta = scaling * kn_c * sign * tl.load(SIN + cs_base + cols * D + p, mask=col_ok, other=0.0)
+            delta = q_c[:, None] * alpha[None, :] + q_p[:, None] * beta[None, :]
+            if HAS_NORM:
+                r = tl.load(R + k_base + cols * D + c, mask=col_ok, other=1.0)[None, :]
+                rm1 = tl.load(RM1 + k_base + cols * D + c, mask=col_ok, other=0.0)[None, :]
+        else:
+            kc = tl.load(KR + k_base + cols * D + c, mask=col_ok, other=0.0)
+            kp = tl.load(KR + k_base + cols * D + p, mask=col_ok, other=0.0)
+            delta = a_row[:, None] * kc[None, :] + b_row[:, None] * kp[None, :]
+            if HAS_NORM:
+                r = r_row[:, None]
+                rm1 = rm1_row[:, None]
+        if HAS_NORM:
+            dx = rm1 * x - r * delta
+        else:
+            dx = -delta
+        if HAS_CAP:
+            dl = softcap * _tanh(dx / softcap) * (1.0 - _tanh(x / softcap) * _tanh((x + dx) / softcap))
+        else:
+            dl = dx
+        return allowed, logp, tl.where(allowed, dl, 0.0)
+
+    @triton.jit
     def _qk_kernel(
         QN, QR, KN, KR, V, COS, SIN, R, RM1, LSE, OUT, TOKENS, PARTIAL,
         T, D, n_heads, group, scaling, softcap, window,
@@ -360,16 +406,18 @@ if triton is not None:
         lse = tl.load(LSE + (b * n_heads + h) * T + rows, mask=row_ok, other=0.0)
         out = tl.load(OUT + q_base + tile, mask=tile_ok, other=0.0)
         row_valid = tl.load(TOKENS + b * T + rows, mask=row_ok, other=0) != 0
-        if IS_KEY:
-            q_c = tl.load(QR + q_base + rows * D + c, mask=row_ok, other=0.0)
-            q_p = tl.load(QR + q_base + rows * D + p, mask=row_ok, other=0.0)
-        else:
-            qn_c = tl.load(QN + q_base + rows * D + c, mask=row_ok, other=0.0)
-            a_row = scaling * qn_c * tl.load(COS + cs_base + rows * D + c, mask=row_ok, other=0.0)
-            b_row = scaling * qn_c * sign * tl.load(SIN + cs_base + rows * D + p, mask=row_ok, other=0.0)
-            if HAS_NORM:
-                r_row = tl.load(R + q_base + rows * D + c, mask=row_ok, other=1.0)
-                rm1_row = tl.load(RM1 + q_base + rows * D + c, mask=row_ok, other=0.0)
+        # Row-side factors: the query's own channel and partner (key channels), or the rank-2
+        # coefficients and q-norm factors of query channel c.
+        q_c = tl.load(QR + q_base + rows * D + c, mask=row_ok, other=0.0)
+        q_p = tl.load(QR + q_base + rows * D + p, mask=row_ok, other=0.0)
+        qn_c = tl.load(QN + q_base + rows * D + c, mask=row_ok, other=0.0)
+        a_row = scaling * qn_c * tl.load(COS + cs_base + rows * D + c, mask=row_ok, other=0.0)
+        b_row = scaling * qn_c * sign * tl.load(SIN + cs_base + rows * D + p, mask=row_ok, other=0.0)
+        r_row = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        rm1_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_NORM and not IS_KEY:
+            r_row = tl.load(R + q_base + rows * D + c, mask=row_ok, other=1.0)
+            rm1_row = tl.load(RM1 + q_base + rows * D + c, mask=row_ok, other=0.0)
         w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         d_max = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
         u_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -377,47 +425,13 @@ if triton is not None:
         l_new = tl.zeros([BLOCK_M], dtype=tl.float32)
         a_new = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for n0 in range(0, T, BLOCK_N):
+            allowed, logp, dl = _tile_change(
+                qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row, rm1_row,
+                KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, BLOCK_N, BLOCK_D)
             cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < T
-            ktile = cols[:, None] * D + dims[None, :]
-            kt_ok = col_ok[:, None] & dim_ok[None, :]
-            kr = tl.load(KR + k_base + ktile, mask=kt_ok, other=0.0)
-            vt = tl.load(V + k_base + ktile, mask=kt_ok, other=0.0)
-            x = scaling * tl.dot(qr, tl.trans(kr), input_precision="ieee")
-            key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
-            allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
-            if HAS_WINDOW:
-                allowed = allowed & (rows[:, None] - cols[None, :] < window)
-            allowed = (allowed | (cols[None, :] == rows[:, None])) & col_ok[None, :] & row_ok[:, None]
-            if HAS_CAP:
-                logit = softcap * _tanh(x / softcap)
-            else:
-                logit = x
-            logp = tl.where(allowed, logit - lse[:, None], -float("inf"))
-            if IS_KEY:
-                kn_c = tl.load(KN + k_base + cols * D + c, mask=col_ok, other=0.0)
-                alpha = scaling * kn_c * tl.load(COS + cs_base + cols * D + c, mask=col_ok, other=0.0)
-                beta = scaling * kn_c * sign * tl.load(SIN + cs_base + cols * D + p, mask=col_ok, other=0.0)
-                delta = q_c[:, None] * alpha[None, :] + q_p[:, None] * beta[None, :]
-                if HAS_NORM:
-                    r = tl.load(R + k_base + cols * D + c, mask=col_ok, other=1.0)[None, :]
-                    rm1 = tl.load(RM1 + k_base + cols * D + c, mask=col_ok, other=0.0)[None, :]
-            else:
-                kc = tl.load(KR + k_base + cols * D + c, mask=col_ok, other=0.0)
-                kp = tl.load(KR + k_base + cols * D + p, mask=col_ok, other=0.0)
-                delta = a_row[:, None] * kc[None, :] + b_row[:, None] * kp[None, :]
-                if HAS_NORM:
-                    r = r_row[:, None]
-                    rm1 = rm1_row[:, None]
-            if HAS_NORM:
-                dx = rm1 * x - r * delta
-            else:
-                dx = -delta
-            if HAS_CAP:
-                dl = softcap * _tanh(dx / softcap) * (1.0 - _tanh(x / softcap) * _tanh((x + dx) / softcap))
-            else:
-                dl = dx
-            dl = tl.where(allowed, dl, 0.0)
+            vt = tl.load(V + k_base + cols[:, None] * D + dims[None, :],
+                         mask=(cols < T)[:, None] & dim_ok[None, :], other=0.0)
             prob = tl.exp(logp)
             e = _expm1(tl.minimum(dl, 20.0))
             pe = prob * e
@@ -440,45 +454,10 @@ if triton is not None:
             # Second pass: Σ_j (A'_ij − A_ij)², now that W (or the new softmax's max and sum) is known.
             per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
             for n0 in range(0, T, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                col_ok = cols < T
-                ktile = cols[:, None] * D + dims[None, :]
-                kr = tl.load(KR + k_base + ktile, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-                x = scaling * tl.dot(qr, tl.trans(kr), input_precision="ieee")
-                key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
-                allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
-                if HAS_WINDOW:
-                    allowed = allowed & (rows[:, None] - cols[None, :] < window)
-                allowed = (allowed | (cols[None, :] == rows[:, None])) & col_ok[None, :] & row_ok[:, None]
-                if HAS_CAP:
-                    logit = softcap * _tanh(x / softcap)
-                else:
-                    logit = x
-                logp = tl.where(allowed, logit - lse[:, None], -float("inf"))
-                if IS_KEY:
-                    kn_c = tl.load(KN + k_base + cols * D + c, mask=col_ok, other=0.0)
-                    alpha = scaling * kn_c * tl.load(COS + cs_base + cols * D + c, mask=col_ok, other=0.0)
-                    beta = scaling * kn_c * sign * tl.load(SIN + cs_base + cols * D + p, mask=col_ok, other=0.0)
-                    delta = q_c[:, None] * alpha[None, :] + q_p[:, None] * beta[None, :]
-                    if HAS_NORM:
-                        r = tl.load(R + k_base + cols * D + c, mask=col_ok, other=1.0)[None, :]
-                        rm1 = tl.load(RM1 + k_base + cols * D + c, mask=col_ok, other=0.0)[None, :]
-                else:
-                    kc = tl.load(KR + k_base + cols * D + c, mask=col_ok, other=0.0)
-                    kp = tl.load(KR + k_base + cols * D + p, mask=col_ok, other=0.0)
-                    delta = a_row[:, None] * kc[None, :] + b_row[:, None] * kp[None, :]
-                    if HAS_NORM:
-                        r = r_row[:, None]
-                        rm1 = rm1_row[:, None]
-                if HAS_NORM:
-                    dx = rm1 * x - r * delta
-                else:
-                    dx = -delta
-                if HAS_CAP:
-                    dl = softcap * _tanh(dx / softcap) * (1.0 - _tanh(x / softcap) * _tanh((x + dx) / softcap))
-                else:
-                    dl = dx
-                dl = tl.where(allowed, dl, 0.0)
+                allowed, logp, dl = _tile_change(
+                    qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row,
+                    rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                    IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, BLOCK_N, BLOCK_D)
                 prob = tl.exp(logp)
                 small = prob * (_expm1(tl.minimum(dl, 20.0)) - w_sum[:, None]) / (1.0 + w_sum[:, None])
                 large = tl.exp(logp + dl - m_new[:, None]) / l_new[:, None] - prob
