@@ -78,7 +78,7 @@ def _normalise(x: torch.Tensor, norm: HeadNorm | None):
     d = x.shape[-1]
     sq = x.square()
     sumsq = sq.sum(-1, keepdim=True)
-    xn = x * torch.rsqrt(sumsq / d + norm.eps) * norm.scale.to(x.dtype)
+    xn = x * torch.rsqrt(sumsq / d + norm.eps) * norm.scale.to(x)
     rest = (sumsq - sq).clamp_min(0) / d + norm.eps
     r_sq_minus_1 = (sq / d) / rest
     r = torch.sqrt(1 + r_sq_minus_1)
@@ -269,7 +269,7 @@ def qk_impact_reference(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metr
 
     def prep(x, norm, c, s_):
         if norm is not None:
-            x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm.eps) * norm.scale.to(dt)
+            x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm.eps) * norm.scale.to(x)
         return x * c + _rotate_half(x) * s_
 
     def attend(qx, kx, vx, allowed):

@@ -192,9 +192,11 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
         seqs, truncated = encode(tokenizer, [texts[lang][i] for i in split.detection], max_length)
         bar = _Progress(lang, sum(map(len, seqs)), progress)
         lang_start = time.perf_counter()
-        counts[lang], ranks[lang], impact_s = count_activations(adapter, seqs, tokenizer.pad_token_id, ratio=ratio, sigma=sigma,
-                                                   batch_size=batch_size, metric=metric, backend=backend,
-                                                   progress=bar)
+        on_device, lang_ranks, impact_s = count_activations(adapter, seqs, tokenizer.pad_token_id, ratio=ratio,
+                                                            sigma=sigma, batch_size=batch_size, metric=metric,
+                                                            backend=backend, progress=bar)
+        counts[lang] = {g: c.cpu() for g, c in on_device.items()}  # only the counts leave the device
+        ranks[lang] = None if lang_ranks is None else {g: r.cpu() for g, r in lang_ranks.items()}
         bar.close()
         elapsed = time.perf_counter() - lang_start
         n = len(seqs)

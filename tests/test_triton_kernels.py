@@ -1,4 +1,7 @@
-"""Triton kernels (run by Triton's interpreter on the CPU) against their PyTorch twins and float64."""
+"""Triton kernels against their PyTorch twins and float64: on the CPU through Triton's interpreter,
+or on a GPU with NEUROLANG_GPU_TESTS=1."""
+import os
+
 import pytest
 import torch
 
@@ -7,6 +10,12 @@ from kernels.dispatch import resolve_backend
 from kernels.qk_impact import METRICS
 from neurolang.cli import main
 from test_qk_impact import CASES, inputs, rope, spec_for
+
+DEVICE = "cuda" if os.environ.get("NEUROLANG_GPU_TESTS") == "1" and torch.cuda.is_available() else "cpu"
+
+
+def on_device(*tensors):
+    return [t.float().to(DEVICE) for t in tensors]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -18,8 +27,9 @@ def test_qk_kernel_matches_float64_reference(case, metric):
     cos, sin = rope(t, d, torch.float64)
     spec = spec_for(hq, hk, d, softcap, window, norm, seed)
     ref_q, ref_k = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
-    tri_q, tri_k = qk_impact_triton(*(x.float() for x in (q, k, v, cos, sin)), mask, spec, metric)
+    tri_q, tri_k = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric)
     assert tri_q.dtype == torch.float32
+    tri_q, tri_k = tri_q.cpu(), tri_k.cpu()
     # The float32 twin's bound: relative 1e-5, or 1e-7 of the largest impact (1e-12 when all are 0).
     torch.testing.assert_close(tri_q.double(), ref_q, rtol=1e-5, atol=max(1e-7 * float(ref_q.max()), 1e-12))
     torch.testing.assert_close(tri_k.double(), ref_k, rtol=1e-5, atol=max(1e-7 * float(ref_k.max()), 1e-12))
@@ -32,8 +42,8 @@ def test_qk_kernel_tiles_longer_than_one_block():
     cos, sin = rope(t, d, torch.float64)
     spec = spec_for(hq, hk, d, 4.0, 7, True, 5)
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec)
-    tri = qk_impact_triton(*(x.float() for x in (q, k, v, cos, sin)), mask, spec)
-    for a, r in zip(tri, ref):
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec)
+    for a, r in zip((t.cpu() for t in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
 
@@ -45,7 +55,7 @@ def test_column_sumsq_kernel(dtype, shape):
     mask = torch.ones(shape[:2], dtype=torch.bool)
     mask[0, shape[1] // 2 + 1:] = False
     expected = masked_column_sumsq_torch(x.double(), mask)
-    got = masked_column_sumsq_triton(x, mask)
+    got = masked_column_sumsq_triton(x.to(DEVICE), mask.to(DEVICE)).cpu()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, masked_column_sumsq_torch(x, mask).float(), rtol=1e-5, atol=1e-6)
