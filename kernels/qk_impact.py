@@ -119,23 +119,35 @@ def _probability_change(logp: torch.Tensor, dl: torch.Tensor) -> torch.Tensor:
     return torch.where(gentle, small, q / q.sum(-1, keepdim=True) - p)
 
 
-def _chunk_sq(x, logp, v, valid_rows, row_c, row_p, col_c, col_p, r, r_m1, softcap: float | None, metric: str):
+def _chunk_sq(x, logp, p, masked, out, v, valid_rows, row_c, row_p, col_c, col_p, r, r_m1,
+              softcap: float | None, metric: str):
     """Σ over valid rows of ‖ΔA_i V‖² (or ‖ΔA_i‖²) for a chunk of channels: [B, C].
 
-    x, logp: [B, 1, I, T] base logits (pre-cap) and log-probs (−inf where masked); v: [B, 1, T, D].
+    x, logp, p, masked: [B, 1, I, T] base logits (pre-cap), log-probs (−inf where masked),
+    probabilities and the mask; out: [B, 1, I, D] base output; v: [B, 1, T, D].
     The scaled logit change before normalisation is Δ = row_c·col_c + row_p·col_p (a channel and
     its rotary partner, [B, C, I, 1] times [B, C, 1, T]); with a head norm, x' = r·(x − Δ), r per
     row (query channels) or per column (key channels).
     """
-    delta = row_c * col_c + row_p * col_p
-    dx = -delta if r is None else r_m1 * x - r * delta
+    delta = torch.addcmul(row_c * col_c, row_p, col_p)
+    dx = delta.neg_() if r is None else torch.addcmul(r_m1 * x, r, delta, value=-1.0)
     if softcap is not None:
         dl = softcap * torch.tanh(dx / softcap) * (1 - torch.tanh(x / softcap) * torch.tanh((x + dx) / softcap))
     else:
         dl = dx
-    change = _probability_change(logp, dl.masked_fill(torch.isinf(logp), 0.0))
+    dl = dl.masked_fill_(masked, 0.0)
     if metric == "output":
-        change = change @ v
+        # ΔO_i = (Σ_j p_ij·e_ij·V_j − W_i·O_i) / (1 + W_i): the expm1 form without forming A' − A.
+        pe = torch.expm1(dl.clamp_max(20)).mul_(p)
+        w_sum = pe.sum(-1, keepdim=True)
+        gentle = (w_sum.abs() <= 0.5) & (dl.amax(-1, keepdim=True) <= 20)
+        change = (pe @ v - w_sum * out) / (1 + w_sum)
+        if torch.compiler.is_compiling() or not bool(gentle.all()):
+            shifted = logp + dl
+            q = torch.exp(shifted - shifted.amax(-1, keepdim=True))
+            change = torch.where(gentle, change, (q / q.sum(-1, keepdim=True)) @ v - out)
+    else:
+        change = _probability_change(logp, dl)
     per_row = change.square().sum(-1)
     return torch.where(valid_rows[:, None, :], per_row, 0.0).sum(-1)
 
@@ -214,6 +226,9 @@ def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: 
                     dim=-1,
                 )
                 x, logp = x[:, None], logp[:, None]
+                p = logp.exp()
+                masked = torch.isinf(logp)
+                out = p @ vg
                 valid = token_mask[:, rows]
                 for c0 in range(0, d, n_chan):
                     ch = torch.arange(c0, min(d, c0 + n_chan), device=q.device)
@@ -229,7 +244,7 @@ def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: 
                     if rq is not None:
                         r = rq[:, h, rows][..., ch].transpose(1, 2)[..., None]
                         r_m1 = rq_m1[:, h, rows][..., ch].transpose(1, 2)[..., None]
-                    q_sq[:, h, ch] += _run_chunk(x, logp, vg, valid, row_c, row_p, col_c, col_p, r, r_m1,
+                    q_sq[:, h, ch] += _run_chunk(x, logp, p, masked, out, vg, valid, row_c, row_p, col_c, col_p, r, r_m1,
                                                  spec.softcap, metric)
                     # Key channels of KV head g: the same with rows and columns swapped.
                     kh = s * kn[:, g][..., ch].transpose(1, 2)[:, :, None]  # [B, C, 1, T]
@@ -241,7 +256,7 @@ def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: 
                     if rk is not None:
                         r = rk[:, g][..., ch].transpose(1, 2)[:, :, None]
                         r_m1 = rk_m1[:, g][..., ch].transpose(1, 2)[:, :, None]
-                    k_sq[:, g, ch] += _run_chunk(x, logp, vg, valid, row_c, row_p, col_c, col_p, r, r_m1,
+                    k_sq[:, g, ch] += _run_chunk(x, logp, p, masked, out, vg, valid, row_c, row_p, col_c, col_p, r, r_m1,
                                                  spec.softcap, metric)
     return _finish(q_sq, metric), _finish(k_sq, metric)
 
