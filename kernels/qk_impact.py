@@ -141,11 +141,14 @@ def _chunk_sq(x, logp, p, masked, out, v, valid_rows, row_c, row_p, col_c, col_p
         pe = torch.expm1(dl.clamp_max(20)).mul_(p)
         w_sum = pe.sum(-1, keepdim=True)
         gentle = (w_sum.abs() <= 0.5) & (dl.amax(-1, keepdim=True) <= 20)
-        change = (pe @ v - w_sum * out) / (1 + w_sum)
         if torch.compiler.is_compiling() or not bool(gentle.all()):
+            # Rows that change a lot: the new softmax directly; one matmul serves both kinds of row.
             shifted = logp + dl
             q = torch.exp(shifted - shifted.amax(-1, keepdim=True))
-            change = torch.where(gentle, change, (q / q.sum(-1, keepdim=True)) @ v - out)
+            mixed = torch.where(gentle, pe, q / q.sum(-1, keepdim=True)) @ v
+            change = torch.where(gentle, (mixed - w_sum * out) / (1 + w_sum), mixed - out)
+        else:
+            change = (pe @ v - w_sum * out) / (1 + w_sum)
     else:
         change = _probability_change(logp, dl)
     per_row = change.square().sum(-1)
