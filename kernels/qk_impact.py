@@ -100,14 +100,19 @@ def _capped(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return x if softcap is None else softcap * torch.tanh(x / softcap)
 
 
-def _probability_change(logp: torch.Tensor, dl: torch.Tensor) -> torch.Tensor:
+def _base_logits(x: torch.Tensor, token_mask: torch.Tensor, rows: slice, t: int, spec: AttentionSpec) -> torch.Tensor:
+    """Soft-capped scaled scores [B, I, T] of query rows `rows`, −inf where a key is not allowed."""
+    return _capped(x, spec.softcap).masked_fill(~_allowed(token_mask, rows, t, spec.sliding_window), float("-inf"))
+
+
+def _probability_change(logp: torch.Tensor, p: torch.Tensor, dl: torch.Tensor) -> torch.Tensor:
     """A' − A for rows of log-probabilities `logp` (−inf where masked) whose logits move by `dl`.
 
     A row that moves gently (|W| ≤ ½ and no logit up by more than 20) uses the expm1 form, exact
     to rounding however small the change; any other row recomputes its softmax, shifted by its own
     maximum, which is accurate when the change is large (no 1 + W ≈ 0 cancellation, no overflow).
+    `p` is exp(logp), which the caller already has.
     """
-    p = logp.exp()
     e = torch.expm1(dl.clamp_max(20))
     w_sum = (p * e).sum(-1, keepdim=True)
     gentle = (w_sum.abs() <= 0.5) & (dl.amax(-1, keepdim=True) <= 20)
@@ -150,7 +155,7 @@ def _chunk_sq(x, logp, p, masked, out, v, valid_rows, row_c, row_p, col_c, col_p
         else:
             change = (pe @ v - w_sum * out) / (1 + w_sum)
     else:
-        change = _probability_change(logp, dl)
+        change = _probability_change(logp, p, dl)
     per_row = change.square().sum(-1)
     return torch.where(valid_rows[:, None, :], per_row, 0.0).sum(-1)
 
@@ -224,10 +229,7 @@ def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: 
             for i0 in range(0, t, n_rows):
                 rows = slice(i0, min(t, i0 + n_rows))
                 x = s * qr[:, h, rows] @ kr[:, g].transpose(-1, -2)  # [B, I, T]
-                logp = torch.log_softmax(
-                    _capped(x, spec.softcap).masked_fill(~_allowed(token_mask, rows, t, spec.sliding_window), float("-inf")),
-                    dim=-1,
-                )
+                logp = torch.log_softmax(_base_logits(x, token_mask, rows, t, spec), dim=-1)
                 x, logp = x[:, None], logp[:, None]
                 p = logp.exp()
                 masked = torch.isinf(logp)
@@ -502,8 +504,7 @@ def _base_stats(qr, kr, vv, token_mask, spec, acc):
         for i0 in range(0, t, rows_per_chunk):
             rows = slice(i0, min(t, i0 + rows_per_chunk))
             x = spec.scaling * qr[:, h, rows] @ kr[:, g].transpose(-1, -2)
-            logits = _capped(x, spec.softcap).masked_fill(~_allowed(token_mask, rows, t, spec.sliding_window),
-                                                          float("-inf"))
+            logits = _base_logits(x, token_mask, rows, t, spec)
             lse[:, h, rows] = torch.logsumexp(logits, -1)
             out[:, h, rows] = torch.softmax(logits, -1) @ vv[:, g]
     return lse, out

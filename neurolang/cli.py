@@ -30,10 +30,10 @@ def _neurons(text: str):
     return int(text)
 
 
-def _model_options(parser):
-    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL",
+def _model_options(parser, default_help=f"default {DEFAULT_MODEL}", default=DEFAULT_MODEL):
+    parser.add_argument("--model", default=default, metavar="MODEL",
                         help="local Hugging Face directory, cached hub id, GGUF file, or tiny:<family> "
-                             f"(a built-in random model; default {DEFAULT_MODEL})")
+                             f"(a built-in random model; {default_help})")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
 
@@ -82,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Deactivate shared, exclusive and random neurons in turn and measure perplexity "
                                    "on the held-out split; write DIR/scores.json.")
     s.add_argument("dir", help="a directory written by `neurolang detect`")
-    s.add_argument("--model", help="the detected model (default: the one named in DIR/detect.json)")
-    s.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
-    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    _model_options(s, default_help="default: the model named in DIR/detect.json", default=None)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--seed", type=int, default=0, help="seed of the random controls (default 0)")
     s.add_argument("--low", type=float, default=LOW_BOUNDARY,
