@@ -3,6 +3,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from neurolang.corpus import PAPER_LANGS
 from neurolang.errors import NeurolangError
@@ -93,6 +94,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Appendix B: lower ρ until a random control moves no language's PPL by more than --tolerance")
     s.add_argument("--tolerance", type=float, default=0.05, help="relative PPL rise allowed (default 0.05)")
     s.add_argument("--shrink", type=float, default=0.5, help="factor applied to ρ at each step (default 0.5)")
+    e = sub.add_parser("eval", help="MGSM / MMMLU accuracy per language from local files, or compare runs",
+                       description="Evaluate a model on MGSM (greedy generation, exact match of the last number) or "
+                                   "MMMLU (K-shot, log-likelihood of the option letter) and write OUT/results.json; "
+                                   "or print the before/after table of earlier runs with --compare.")
+    _model_options(e)
+    e.add_argument("--task", choices=("mgsm", "mmmlu"))
+    e.add_argument("--langs", type=_langs, default="zh,fr,de,th,sw", help="comma-separated (default: %(default)s)")
+    e.add_argument("--data", help="directory holding mgsm_<lang>.tsv or mmlu_<LOCALE>.csv files")
+    e.add_argument("--limit", type=int, help="first N items per language (default: all)")
+    e.add_argument("--shots", type=int, help="exemplars per prompt (default 4 for MGSM, 5 for MMMLU)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, default=48, help="MGSM generation length (default 48)")
+    e.add_argument("--max-length", type=int, default=2048,
+                   help="longest prompt plus generation in tokens; longer prompts lose exemplars (default 2048)")
+    e.add_argument("--out", help="output directory (results.json)")
+    e.add_argument("--compare", nargs="+", metavar="RUN", help="print the before/after table of these eval runs")
+    t = sub.add_parser("train", allow_abbrev=False, help="train only the language-related neurons (or a LoRA of equal size)",
+                       description="Train the parameters owned by a neuron set of a detection run and write an "
+                                   "ordinary transformers checkpoint with the changes merged.",
+                       epilog="Every flag of transformers.TrainingArguments is accepted under its own name "
+                              "(--learning-rate, --max-steps, --num-train-epochs, --per-device-train-batch-size, "
+                              "--gradient-accumulation-steps, --bf16, --save-steps, --logging-steps, ...). "
+                              "Defaults follow the paper: AdamW, lr 5e-5, 1 epoch, batch 8 x 16 accumulation, "
+                              "3%% warmup, linear decay. An interrupted run resumes from OUT/checkpoints.")
+    _model_options(t, default_help="default: the model named in NEURONS/detect.json", default=None)
+    t.add_argument("--neurons", required=True, metavar="DIR", help="a directory written by `neurolang detect`")
+    t.add_argument("--strategy", default="auto", choices=("auto", "all", "shared", "exclusive", "random"),
+                   help="auto (default): from the stage in DIR/scores.json (low: all, medium: shared, high: "
+                        "exclusive); random: as many random neurons per layer and group as --match selects")
+    t.add_argument("--match", default="auto", choices=("auto", "all", "shared", "exclusive"),
+                   help="the set a random strategy matches in size (default auto)")
+    t.add_argument("--langs", type=_langs, help="languages to train on (default: all of the detection run)")
+    t.add_argument("--data", default="builtin",
+                   help="'builtin' (default) or a directory of <lang>.txt, <lang>.jsonl or <lang>/ (datasets); "
+                        "the detection run's evaluation lines are held out when it is the detection corpus")
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--max-documents", type=int, help="documents per language (default: all)")
+    t.add_argument("--block-size", type=int, default=1024, help="tokens per packed training block (default 1024)")
+    t.add_argument("--method", default="neurons", choices=("neurons", "lora"),
+                   help="neurons (default) or lora: peft LoRA on all projections, rank matched to the neuron set")
+    t.add_argument("--out", required=True, help="output directory: the merged checkpoint, deltas, train.json")
     return parser
 
 
@@ -156,6 +198,78 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from neurolang.eval import (
+        ModelRunner,
+        evaluate,
+        format_comparison,
+        format_results,
+        load_results,
+        save_results,
+    )
+    from neurolang.models import load_model
+
+    if args.compare:
+        print(format_comparison({run: load_results(run) for run in args.compare}))
+        return 0
+    missing = [flag for flag, value in (("--task", args.task), ("--data", args.data), ("--out", args.out)) if not value]
+    if missing:
+        raise NeurolangError(f"eval needs {', '.join(missing)} (or --compare RUN ...)")
+    if args.batch_size < 1:
+        raise NeurolangError("--batch-size must be positive")
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    results = evaluate(ModelRunner(model, tokenizer, args.batch_size), args.task, args.langs, args.data,
+                       limit=args.limit, shots=args.shots, max_new_tokens=args.max_new_tokens,
+                       max_length=args.max_length, progress=sys.stderr.isatty())
+    results["model"] = args.model
+    results["options"].update(dtype=args.dtype, batch_size=args.batch_size)
+    path = save_results(results, args.out)
+    print(format_results(results))
+    print(f"wrote {path} in {results['seconds']:.1f}s")
+    return 0
+
+
+def training_arguments(argv, out: str, device):
+    """transformers.TrainingArguments from the Trainer flags in `argv`, with the paper's defaults."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from neurolang.train import PAPER_TRAINING_ARGUMENTS
+
+    parser = HfArgumentParser(TrainingArguments, prog="neurolang train")
+
+    def fail(message):
+        raise NeurolangError(f"bad training flag: {message}")
+
+    parser.error = fail
+    parser.set_defaults(output_dir=str(Path(out) / "checkpoints"), use_cpu=device.type == "cpu",
+                        **PAPER_TRAINING_ARGUMENTS)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(argv)
+    except ValueError as err:
+        raise NeurolangError(f"bad training flag: {str(err).splitlines()[0]}") from None
+    return args
+
+
+def cmd_train(args, rest) -> int:
+    from neurolang.detect import NeuronSets
+    from neurolang.models import load_model, resolve_device
+    from neurolang.train import format_summary, train
+
+    training_args = training_arguments(rest, args.out, resolve_device(args.device))
+    sets = NeuronSets.load(args.neurons)
+    model_name = args.model or sets.info.get("model")
+    if not model_name:
+        raise NeurolangError(f"{args.neurons}/detect.json names no model: pass --model")
+    model, tokenizer = load_model(model_name, args.dtype, args.device)
+    summary = train(model, tokenizer, args.neurons, args.out, strategy=args.strategy, langs=args.langs,
+                    data=args.data, method=args.method, training_args=training_args, block_size=args.block_size,
+                    seed=training_args.seed, match=args.match, text_field=args.text_field,
+                    max_documents=args.max_documents, model_name=model_name)
+    print(format_summary(summary))
+    print(f"wrote {args.out} (a transformers checkpoint) and train.json in {summary['seconds']:.1f}s")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from neurolang.adapters import ModelAdapter
     from neurolang.corpus import SAMPLE_SENTENCES, read_lines
@@ -179,14 +293,17 @@ def cmd_verify(args) -> int:
     return 0 if report.passed else 1
 
 
-COMMANDS = {"verify": cmd_verify, "detect": cmd_detect, "classify": cmd_classify, "score": cmd_score}
+COMMANDS = {"verify": cmd_verify, "detect": cmd_detect, "classify": cmd_classify, "score": cmd_score, "eval": cmd_eval}
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return COMMANDS[args.command](args)
+        return cmd_train(args, rest) if args.command == "train" else COMMANDS[args.command](args)
     except NeurolangError as err:
         print(f"neurolang: error: {err}", file=sys.stderr)
         return 2
