@@ -21,6 +21,7 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark"],
         "gguf": ["gguf>=0.10", "accelerate"],
+        "train": ["accelerate>=1.0", "peft>=0.13"],
     },
     entry_points={"console_scripts": ["neurolang = neurolang.cli:main"]},
 )

@@ -268,7 +268,7 @@ def pack(tokenizer, documents, block_size: int = BLOCK_SIZE):
 
 def train(model, tokenizer, run_dir, out, *, strategy="auto", langs=None, data="builtin", method="neurons",
           training_args: TrainingArguments | None = None, block_size=BLOCK_SIZE, seed=0, match="auto",
-          text_field="text", max_documents=None, model_name=None, evaluate_ppl=True) -> dict:
+          text_field="text", max_documents=None, model_name=None, evaluate_ppl=True, callbacks=None) -> dict:
     """Train the neurons `strategy` selects (or a LoRA of equal size) on `langs`' text; write the
     merged checkpoint to `out`, the deltas (or adapter) beside it, and `train.json`."""
     from neurolang.score import _evaluation_texts, perplexity
@@ -307,7 +307,7 @@ def train(model, tokenizer, run_dir, out, *, strategy="auto", langs=None, data="
         trained = add_lora(model, rank)
         trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
         trainer_class = Trainer
-    trainer = trainer_class(model=trained, args=args, train_dataset=dataset,
+    trainer = trainer_class(model=trained, args=args, train_dataset=dataset, callbacks=callbacks,
                             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     last = args.resume_from_checkpoint or _last_checkpoint(args.output_dir)
     train_start = time.perf_counter()
