@@ -265,8 +265,9 @@ def cmd_train(args, rest) -> int:
                     data=args.data, method=args.method, training_args=training_args, block_size=args.block_size,
                     seed=training_args.seed, match=args.match, text_field=args.text_field,
                     max_documents=args.max_documents, model_name=model_name)
-    print(format_summary(summary))
-    print(f"wrote {args.out} (a transformers checkpoint) and train.json in {summary['seconds']:.1f}s")
+    if training_args.should_save:  # the main process of a multi-GPU run speaks for all
+        print(format_summary(summary))
+        print(f"wrote {args.out} (a transformers checkpoint) and train.json in {summary['seconds']:.1f}s")
     return 0
 
 

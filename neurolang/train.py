@@ -33,7 +33,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 PAPER_TRAINING_ARGUMENTS = dict(learning_rate=5e-5, num_train_epochs=1.0, warmup_steps=0.03,
                                 lr_scheduler_type="linear", optim="adamw_torch", weight_decay=0.0,
                                 per_device_train_batch_size=8, gradient_accumulation_steps=16,
-                                logging_steps=10, save_steps=200, save_total_limit=2, report_to="none")
+                                logging_steps=10, save_steps=200, save_total_limit=2, report_to="none",
+                                ddp_find_unused_parameters=False)
 BLOCK_SIZE = 1024
 
 
@@ -334,7 +335,8 @@ def train(model, tokenizer, run_dir, out, *, strategy="auto", langs=None, data="
         "training_arguments": {k: v for k, v in args.to_dict().items() if _jsonable(v)},
         "train_seconds": round(train_seconds, 3), "seconds": round(time.perf_counter() - start, 3),
     }
-    atomic_write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", out / TRAIN_FILE)
+    if args.should_save:
+        atomic_write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", out / TRAIN_FILE)
     return summary
 
 

@@ -208,3 +208,20 @@ def test_train_errors_are_one_line(run_dir, tmp_path, capsys, extra, message):
     assert main(["train", "--neurons", str(run_dir), "--out", str(tmp_path / "x"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_two_process_ddp_run_on_the_cpu(run_dir, tmp_path):
+    """The Trainer's DDP path (gloo on the CPU, two processes) trains and writes one checkpoint."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                           "neurolang.cli", "train", "--neurons", str(run_dir), "--strategy", "all", "--out", str(out),
+                           "--max-steps", "2", "--per-device-train-batch-size", "2", "--block-size", "64",
+                           "--gradient-accumulation-steps", "1", "--device", "cpu", "--ddp-backend", "gloo"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("PPL before") == 1  # only the main process reports
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["steps"] == 2 and (out / DELTAS_FILE).is_file()
