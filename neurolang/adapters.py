@@ -73,6 +73,7 @@ class Captured:
     v: torch.Tensor | None = None
     attn_out: torch.Tensor | None = None  # input of o_proj
     ffn_hidden: torch.Tensor | None = None  # input of down_proj
+    ffn_up: torch.Tensor | None = None  # output of up_proj (only with capture_up)
 
 
 def _head_norm(module: nn.Module | None, one_plus: bool) -> HeadNorm | None:
@@ -136,26 +137,27 @@ class ModelAdapter:
         return self.n_layers * sum(self.widths().values())
 
     @contextmanager
-    def hooks(self, layer_indices, on_attention, on_ffn):
+    def hooks(self, layer_indices, on_attention, on_ffn, capture_up: bool = False):
         """Install capture hooks on the given layers for the duration of the block.
 
         `on_attention(layer, captured)` runs when the layer's `o_proj` is about to be applied
         (q, k, v, cos, sin and the o_proj input are then known); `on_ffn(layer, captured)` when
         its `down_proj` is about to be applied. Both see the tensors of the current forward pass.
+        `capture_up` also keeps the output of `up_proj` for `on_ffn`.
         """
         handles = []
         try:
             for index in layer_indices:
                 layer = self.layers[index]
                 cap = Captured()
-                handles += self._install(layer, cap, on_attention, on_ffn)
+                handles += self._install(layer, cap, on_attention, on_ffn, capture_up)
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
     @staticmethod
-    def _install(layer: Layer, cap: Captured, on_attention, on_ffn):
+    def _install(layer: Layer, cap: Captured, on_attention, on_ffn, capture_up=False):
         signature = inspect.signature(layer.attn.forward)
 
         def attn_pre(module, args, kwargs):
@@ -176,9 +178,9 @@ class ModelAdapter:
         def down_pre(module, args):
             cap.ffn_hidden = args[0]
             on_ffn(layer, cap)
-            cap.ffn_hidden = None
+            cap.ffn_hidden = cap.ffn_up = None
 
-        return [
+        return ([layer.up_proj.register_forward_hook(store("ffn_up"))] if capture_up else []) + [
             layer.attn.register_forward_pre_hook(attn_pre, with_kwargs=True),
             layer.q_proj.register_forward_hook(store("q")),
             layer.k_proj.register_forward_hook(store("k")),

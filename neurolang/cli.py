@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--text-field", default="text", help="field of JSON Lines / dataset records (default text)")
     d.add_argument("--backend", default="auto", help=BACKEND_HELP)
     d.add_argument("--qk-metric", default="output", choices=("output", "probs"))
+    d.add_argument("--compat", choices=("released-code",),
+                   help="score and select as the authors' released code (SPEC §7; not the paper's method): FFN "
+                        "Σ|up|, Q/K Σ(ΔA)² on post-RoPE channels for both, V/O Σ|y|, swapped top-k sizes; "
+                        "models without grouped-query attention only")
     c = sub.add_parser("classify", help="shared / exclusive / unique neurons and their statistics",
                        description="Read DIR/neurons.safetensors, write DIR/classes.safetensors and DIR/stats.json.")
     c.add_argument("dir", help="a directory written by `neurolang detect`")
@@ -183,7 +187,8 @@ def cmd_detect(args) -> int:
     sets = detect(model, tokenizer, args.corpus, args.langs, ratio=args.ratio, sigma=args.sigma, tau=args.tau,
                   max_sentences=args.max_sentences, eval_sentences=args.eval_sentences, max_length=args.max_length,
                   batch_size=args.batch_size, seed=args.seed, metric=args.qk_metric, backend=args.backend,
-                  text_field=args.text_field, model_name=args.model, progress=sys.stderr.isatty())
+                  text_field=args.text_field, model_name=args.model, progress=sys.stderr.isatty(),
+                  compat=args.compat)
     sets.save(args.out)
     for lang, info in sets.info["per_language"].items():
         cut = f", {info['truncated']} truncated to {args.max_length} tokens" if info["truncated"] else ""

@@ -80,12 +80,13 @@ class NeuronSets:
             raise NeurolangError("no ranks recorded (threshold mode --sigma, or an older run): re-run detect")
         tau = self.info["options"]["tau"]
         widths = self.info["widths"]
+        ks = top_k_sizes(widths, ratio, self.info["options"].get("compat"))
         counts, members = {}, {}
         for lang in self.langs:
             counts[lang], members[lang] = {}, {}
             for g in GROUPS:
                 ranks = self.ranks[lang][g]
-                k = min(top_k_size(ratio, widths[g]), ranks.shape[2])
+                k = min(ks[g], ranks.shape[2])
                 n_sentences, n_layers = ranks.shape[0], ranks.shape[1]
                 c = torch.stack([count_selected(ranks[:, layer, :k].long(), widths[g]) for layer in range(n_layers)])
                 counts[lang][g] = c
@@ -124,14 +125,23 @@ def membership(counts: torch.Tensor, n_sentences: int, tau: float) -> torch.Tens
     return counts >= max(1, math.ceil(tau * n_sentences - 1e-9))
 
 
+def top_k_sizes(widths: dict[str, int], ratio: float, compat=None) -> dict[str, int]:
+    """k = floor(ρ · width), at least 1, per group; the released code's swapped sizes under `compat`."""
+    if compat is not None:
+        from neurolang.compat import top_k_sizes as released_sizes
+
+        return released_sizes(widths, ratio)
+    return {g: top_k_size(ratio, w) for g, w in widths.items()}
+
+
 def count_activations(adapter: ModelAdapter, seqs, pad_id: int, *, ratio=0.01, sigma=None, batch_size=8,
-                      metric="output", backend="auto", device=None, progress=None):
+                      metric="output", backend="auto", device=None, progress=None, compat=None):
     """Activation counts {group: int32 [n_layers, width]} over token sequences, in length-sorted
     batches; also the ranks (top-k mode, else None) and the seconds spent on impacts and selection."""
     widths = adapter.widths()
     device = device or next(adapter.model.parameters()).device
     counts = {g: torch.zeros(adapter.n_layers, w, dtype=torch.int32, device=device) for g, w in widths.items()}
-    ks = {g: None if sigma is not None else top_k_size(ratio, w) for g, w in widths.items()}
+    ks = {g: None for g in widths} if sigma is not None else top_k_sizes(widths, ratio, compat)
     ranks = None if sigma is not None else {
         g: torch.zeros(len(seqs), adapter.n_layers, k, dtype=torch.int32, device=device) for g, k in ks.items()}
     timings = {"impacts_s": 0.0}
@@ -151,7 +161,8 @@ def count_activations(adapter: ModelAdapter, seqs, pad_id: int, *, ratio=0.01, s
         rows = torch.tensor(order[start:start + batch_size], device=device)
         batch = [seqs[i] for i in order[start:start + batch_size]]
         ids, mask = pad_batch(batch, pad_id, device)
-        compute_impacts(adapter, ids, mask, metric=metric, backend=backend, on_layer=on_layer, timings=timings)
+        compute_impacts(adapter, ids, mask, metric=metric, backend=backend, on_layer=on_layer, timings=timings,
+                        compat=compat)
         if progress is not None:
             progress(sum(len(s) for s in batch))
     return counts, ranks, timings["impacts_s"]
@@ -175,8 +186,10 @@ class _Progress:
 
 def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "de", "sw"), *, ratio=0.01,
            sigma=None, tau=1.0, max_sentences=200, eval_sentences=40, max_length=128, batch_size=8, seed=0,
-           metric="output", backend="auto", text_field="text", model_name=None, progress=True) -> NeuronSets:
-    """Detect N_ℓ for each language of a corpus (see `neurolang detect --help` for the options)."""
+           metric="output", backend="auto", text_field="text", model_name=None, progress=True,
+           compat=None) -> NeuronSets:
+    """Detect N_ℓ for each language of a corpus (see `neurolang detect --help` for the options);
+    `compat="released-code"` scores and selects as the authors' released code (neurolang.compat)."""
     if sigma is None and not 0 < ratio <= 1:
         raise NeurolangError(f"--ratio must be in (0, 1], got {ratio}")
     if not 0 < tau <= 1:
@@ -184,6 +197,12 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
     if batch_size < 1 or max_length < 1 or max_sentences < 1:
         raise NeurolangError("--batch-size, --max-length and --max-sentences must be positive")
     adapter = ModelAdapter(model)
+    if compat is not None:
+        from neurolang.compat import COMPAT_MODES, check_compatible
+
+        if compat not in COMPAT_MODES:
+            raise NeurolangError(f"unknown --compat {compat!r}; choose {', '.join(COMPAT_MODES)}")
+        check_compatible(adapter)
     texts = load_corpus(corpus, list(langs), text_field)
     counts, members, ranks, per_lang = {}, {}, {}, {}
     start = time.perf_counter()
@@ -194,7 +213,7 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
         lang_start = time.perf_counter()
         on_device, lang_ranks, impact_s = count_activations(adapter, seqs, tokenizer.pad_token_id, ratio=ratio,
                                                             sigma=sigma, batch_size=batch_size, metric=metric,
-                                                            backend=backend, progress=bar)
+                                                            backend=backend, progress=bar, compat=compat)
         counts[lang] = {g: c.cpu() for g, c in on_device.items()}  # only the counts leave the device
         ranks[lang] = None if lang_ranks is None else {g: r.cpu() for g, r in lang_ranks.items()}
         bar.close()
@@ -216,7 +235,7 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
         "options": {"corpus": str(corpus), "ratio": ratio, "sigma": sigma, "tau": tau,
                     "max_sentences": max_sentences, "eval_sentences": eval_sentences, "max_length": max_length,
                     "batch_size": batch_size, "seed": seed, "qk_metric": metric, "backend": backend,
-                    "text_field": text_field},
+                    "text_field": text_field, "compat": compat},
         "per_language": per_lang, "version": __version__,
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -58,13 +58,14 @@ def check_right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     layers=None, metric: str = "output", backend: str = "auto",
-                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, on_layer=None, timings=None):
+                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, on_layer=None, timings=None, compat=None):
     """Impacts of all neurons of the given layers for a right-padded batch of sentences.
 
     Returns {layer: {group: float32 tensor [B, width]}}; with `on_layer(layer_index, impacts)`
     given, each layer's impacts go there instead and nothing is kept. Padding tokens are excluded,
     so a padded batch gives the same numbers as its sentences one at a time. With a `timings`
     dict, the seconds spent computing impacts (and in `on_layer`) are added to its "impacts_s".
+    `compat="released-code"` returns the released code's scores instead (see neurolang.compat).
     """
     if metric not in METRICS:
         raise NeurolangError(f"unknown Q/K metric {metric!r}; choose one of {', '.join(METRICS)}")
@@ -72,6 +73,12 @@ def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_ma
         backend = resolve_backend(backend, input_ids.device)
     except ValueError as err:
         raise NeurolangError(str(err)) from None
+    if compat is not None:
+        from neurolang import compat as released
+
+        if compat not in released.COMPAT_MODES:
+            raise NeurolangError(f"unknown --compat {compat!r}; choose {', '.join(released.COMPAT_MODES)}")
+        released.check_compatible(adapter)
     layers = sorted(set(range(adapter.n_layers) if layers is None else layers))
     token_mask = check_right_padded(attention_mask)
     results: dict[int, dict[str, torch.Tensor]] = {}
@@ -79,14 +86,18 @@ def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_ma
 
     def on_attention(layer, cap):
         start = time.perf_counter()
-        pending[layer.index] = attention_impacts(layer, cap, token_mask, metric, chunk_elements, backend)
+        if compat is None:
+            pending[layer.index] = attention_impacts(layer, cap, token_mask, metric, chunk_elements, backend)
+        else:
+            pending[layer.index] = released.attention_scores(layer, cap, token_mask)
         if timings is not None:
             timings["impacts_s"] = timings.get("impacts_s", 0.0) + time.perf_counter() - start
 
     def on_ffn(layer, cap):
         start = time.perf_counter()
         impacts = pending.pop(layer.index)
-        impacts["ffn"] = ffn_impacts(layer, cap, token_mask, backend)
+        impacts["ffn"] = (ffn_impacts(layer, cap, token_mask, backend) if compat is None
+                          else released.ffn_scores(cap, token_mask))
         impacts = {g: impacts[g] for g in GROUPS}
         if on_layer is None:
             results[layer.index] = impacts
@@ -97,7 +108,7 @@ def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_ma
         if layer.index == layers[-1]:
             raise _StopForward
 
-    with torch.inference_mode(), adapter.hooks(layers, on_attention, on_ffn):
+    with torch.inference_mode(), adapter.hooks(layers, on_attention, on_ffn, capture_up=compat is not None):
         try:
             adapter.decoder(input_ids=input_ids, attention_mask=attention_mask.long(), use_cache=False)
         except _StopForward:
