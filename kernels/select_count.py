@@ -36,3 +36,55 @@ def select_count_torch(impacts: torch.Tensor, k: int | None = None, sigma: float
     if sigma is not None:
         return (impacts > sigma).sum(0, dtype=torch.int32)
     return count_selected(top_k_order(impacts, k), impacts.shape[1])
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the torch twin stays available
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _select_count_kernel(IMPACTS, COUNTS, ORDER, W, stride_row, k, sigma,
+                             USE_SIGMA: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per sentence: select its activated neurons and add them to the counts.
+
+        Top-k: impacts are ≥ 0, so their float bits order like the values; each is packed with
+        (BLOCK − 1 − index) into an int64 key whose descending sort lists the largest impacts first
+        and, among equal ones, the lower index first (the stable order of `top_k_order`).
+        """
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        valid = offs < W
+        values = tl.load(IMPACTS + row * stride_row + offs, mask=valid, other=-1.0).to(tl.float32)
+        if USE_SIGMA:
+            tl.atomic_add(COUNTS + offs, (values > sigma).to(tl.int32), mask=valid)
+        else:
+            bits = values.to(tl.int32, bitcast=True).to(tl.int64)  # padding (−1.0) is negative: last
+            keys = tl.sort((bits << 32) | (BLOCK - 1 - offs).to(tl.int64), descending=True)
+            index = (BLOCK - 1 - (keys & 0xFFFFFFFF)).to(tl.int32)
+            top = offs < k
+            tl.atomic_add(COUNTS + index, tl.full([BLOCK], 1, tl.int32), mask=top)
+            tl.store(ORDER + row * k + offs, index, mask=top)
+
+
+def select_count_triton(impacts: torch.Tensor, counts: torch.Tensor, k: int | None = None,
+                        sigma: float | None = None) -> torch.Tensor | None:
+    """One launch for a batch [B, W] of one (layer, group): adds each neuron's activations to
+    `counts` (int32 [W], in place) and returns the top-k order [B, k] (int32; None with σ).
+
+    Same selection as `select_count_torch` / `top_k_order`: impacts must be non-negative floats.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if (k is None) == (sigma is None):
+        raise ValueError("give exactly one of k and sigma")
+    b, w = impacts.shape
+    impacts = impacts if impacts.stride(-1) == 1 else impacts.contiguous()
+    order = None if k is None else torch.empty(b, k, dtype=torch.int32, device=impacts.device)
+    _select_count_kernel[(b,)](impacts, counts, order if order is not None else counts, w, impacts.stride(0),
+                               k or 0, float(sigma or 0.0), USE_SIGMA=sigma is not None,
+                               BLOCK=triton.next_power_of_2(w), num_warps=8 if w > 4096 else 4)
+    return order

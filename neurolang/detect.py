@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels import count_selected, select_count_torch, top_k_order, top_k_size
+from kernels import count_selected, resolve_backend, select_count_torch, select_count_triton, top_k_order, top_k_size
 from neurolang.adapters import GROUPS, ModelAdapter
 from neurolang.corpus import encode, load_corpus, pad_batch, split_indices
 from neurolang.errors import NeurolangError
@@ -147,10 +147,18 @@ def count_activations(adapter: ModelAdapter, seqs, pad_id: int, *, ratio=0.01, s
     timings = {"impacts_s": 0.0}
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
     rows = None
+    try:
+        on_triton = resolve_backend(backend, torch.device(device)) == "triton"
+    except ValueError as err:
+        raise NeurolangError(str(err)) from None
 
     def on_layer(layer, impacts):
         for group, values in impacts.items():
-            if sigma is not None:
+            if on_triton:  # one launch per (layer, group) selects, counts and ranks the whole batch
+                chosen = select_count_triton(values.float(), counts[group][layer], k=ks[group], sigma=sigma)
+                if chosen is not None:
+                    ranks[group][rows, layer] = chosen
+            elif sigma is not None:
                 counts[group][layer] += select_count_torch(values, sigma=sigma)
             else:
                 chosen = top_k_order(values, ks[group])

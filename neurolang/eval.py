@@ -262,7 +262,8 @@ def _fit(task, items, i, shots, runner, budget):
         prompt = build_prompt(task, items, i, k)
         if runner.count_tokens(prompt) <= budget:
             return prompt, k
-    raise NeurolangError(f"item {i + 1} alone is longer than --max-length allows; raise --max-length")
+    raise NeurolangError(f"item {i + 1} needs {runner.count_tokens(build_prompt(task, items, i, 0))} prompt tokens "
+                         f"without exemplars; at most {budget} fit (--max-length, the model's context, generation)")
 
 
 def evaluate(runner, task: str, langs, data, *, limit=None, shots=None, max_new_tokens=48, max_length=2048,

@@ -181,7 +181,8 @@ def scan_model(entry: ModelEntry, run_dir, options: ScanOptions, log=print) -> d
     if _json(model_dir / "model.json") != asdict(entry):  # names, sizes and dates may be edited between runs
         atomic_write_text(described, model_dir / "model.json")
     todo = [s for s in STAGES if not stage_done(model_dir, s, options)]
-    if not todo:
+    if not todo:  # an error of a stage no longer asked for (e.g. eval) is stale
+        (model_dir / "error.json").unlink(missing_ok=True)
         return {"name": entry.name, "status": "done"}
     stage = "load"
     try:

@@ -82,3 +82,36 @@ def test_verify_triton_backend_end_to_end(tmp_path, capsys):
                  "--neurons-per-group", "all", "--text", str(text)]) == 0
     out = capsys.readouterr().out
     assert "backend triton" in out and "PASS" in out
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (6, 128), (4, 300)])
+def test_select_count_kernel_matches_the_twin(shape):
+    """Top-k order and counts (ties included: equal impacts go to the lower index) and σ mode."""
+    from kernels import count_selected, select_count_torch, select_count_triton, top_k_order
+
+    b, w = shape
+    gen = torch.Generator().manual_seed(w)
+    impacts = torch.rand(b, w, generator=gen)
+    impacts[:, ::5] = impacts[:, :1].clone()  # exact ties
+    impacts[0] = 0.25  # a row of one value
+    for k in sorted({1, max(1, w // 10), w}):
+        counts = torch.full((w,), 7, dtype=torch.int32, device=DEVICE)  # incremented in place
+        order = select_count_triton(impacts.to(DEVICE), counts, k=k)
+        assert torch.equal(order.cpu().long(), top_k_order(impacts, k))
+        assert torch.equal(counts.cpu(), 7 + count_selected(top_k_order(impacts, k), w))
+    counts = torch.zeros(w, dtype=torch.int32, device=DEVICE)
+    assert select_count_triton(impacts.to(DEVICE), counts, sigma=0.5) is None
+    assert torch.equal(counts.cpu(), select_count_torch(impacts, sigma=0.5))
+
+
+def test_detect_with_the_triton_backend_equals_the_twin():
+    from neurolang.detect import detect
+    from neurolang.models import load_model
+
+    model, tokenizer = load_model("tiny:qwen3", device=DEVICE)
+    runs = [detect(model, tokenizer, "builtin", ["fr"], max_sentences=2, eval_sentences=1, max_length=12, ratio=0.1,
+                   tau=0.5, backend=backend, progress=False) for backend in ("torch", "triton")]
+    for lang in ("fr",):
+        for g in runs[0].counts[lang]:
+            assert torch.equal(runs[0].counts[lang][g], runs[1].counts[lang][g])
+            assert torch.equal(runs[0].ranks[lang][g], runs[1].ranks[lang][g])
