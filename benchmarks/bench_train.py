@@ -84,6 +84,8 @@ def run_one(args) -> dict:
         for p in trainable:
             p.register_post_accumulate_grad_hook(lambda q, keep=owned.get(p): mask_gradient(q, keep))
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0)
+    if args.gradient_checkpointing:  # activations recomputed in backward: parameters and optimizer state dominate
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     times = []
     for step in range(args.steps + 1):
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--method", choices=METHODS, help="(internal) run one method in this process")
     parser.add_argument("--out", help="also write the table (Markdown) here")
     args = parser.parse_args()
@@ -128,7 +131,7 @@ def main() -> None:
     import transformers
 
     lines = [f"Training step, {args.model.split('/')[-1]}, batch {args.batch_size} x {args.seq_len} tokens, "
-             f"{args.dtype}, {rows[0]['device']}, {args.fraction:.2%} of neurons per layer and group "
+             f"{args.dtype}{', gradient checkpointing' if args.gradient_checkpointing else ''}, {rows[0]['device']}, {args.fraction:.2%} of neurons per layer and group "
              f"({rows[0]['budget']:,} parameters); torch {torch.__version__}, transformers {transformers.__version__}",
              "",
              "| method | trainable params | step (s) | peak memory above the loaded model (MiB) | step vs LoRA | memory vs LoRA | memory vs masked-full |",
