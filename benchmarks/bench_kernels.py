@@ -10,6 +10,9 @@ RSS, each measurement in a fresh process, so a `compiled` row includes the compi
     python benchmarks/bench_kernels.py                      # every implementation this device has
     python benchmarks/bench_kernels.py --seq-lens 256,1024,2048 --out benchmarks/results/x.md
     python -m pytest benchmarks/bench_kernels.py            # pytest-benchmark, small shapes
+
+Selection (top 1 % of 8 rows of FFN width, counts and ranks) is timed too: its reference is the
+PyTorch twin (stable sort + index_add), its fast path the single-launch Triton kernel.
 """
 import argparse
 import json
@@ -23,7 +26,8 @@ import time
 
 import torch
 
-from kernels import AttentionSpec, masked_column_sumsq_torch, qk_impact_reference, qk_impact_torch
+from kernels import (AttentionSpec, masked_column_sumsq_torch, qk_impact_reference, qk_impact_torch,
+                     select_count_torch, top_k_size)
 
 SHAPES = {
     "llama3.1-8b": dict(n_heads=32, n_kv_heads=8, head_dim=128, ffn=14336, softcap=None, window=None),
@@ -44,10 +48,11 @@ def make_inputs(shape: str, t: int, device: str, seed: int = 0):
     emb = torch.cat([pos[:, None] * inv] * 2, -1)
     h = torch.randn(1, t, s["ffn"], generator=gen)
     mask = torch.ones(1, t, dtype=torch.bool)
+    impacts = torch.rand(8, s["ffn"], generator=gen)  # a batch of 8 sentences' FFN impacts, for selection
     spec = AttentionSpec(hq, hk, d, d ** -0.5, s["softcap"], s["window"])
     to = lambda x: x.to(device)  # noqa: E731
     return dict(q=to(q), k=to(k), v=to(v), cos=to(emb.cos()[None]), sin=to(emb.sin()[None]), h=to(h),
-                mask=to(mask), spec=spec)
+                mask=to(mask), impacts=to(impacts), spec=spec)
 
 
 def implementations(device: str):
@@ -57,12 +62,17 @@ def implementations(device: str):
         "qk/torch": lambda x: qk_impact_torch(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"]),
         "ffn/reference": lambda x: torch.linalg.vector_norm(x["h"].float() * x["mask"][..., None], dim=1),
         "ffn/torch": lambda x: masked_column_sumsq_torch(x["h"], x["mask"]).sqrt(),
+        # Selection of the top 1 % of a batch of 8 FFN rows, with counts and ranks (independent of T).
+        "select/reference": lambda x: select_count_torch(x["impacts"], k=top_k_size(0.01, x["impacts"].shape[1])),
     }
     if device == "cuda":
-        from kernels import masked_column_sumsq_triton, qk_impact_triton
+        from kernels import masked_column_sumsq_triton, qk_impact_triton, select_count_triton
 
         impls["qk/triton"] = lambda x: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"])
         impls["ffn/triton"] = lambda x: masked_column_sumsq_triton(x["h"], x["mask"]).sqrt()
+        impls["select/triton"] = lambda x: select_count_triton(
+            x["impacts"], torch.zeros(x["impacts"].shape[1], dtype=torch.int32, device="cuda"),
+            k=top_k_size(0.01, x["impacts"].shape[1]))
     else:
         impls["qk/torch-compiled"] = impls["qk/torch"]  # the same call with NEUROLANG_COMPILE=1
     return impls
