@@ -225,7 +225,9 @@ class ModelRunner:
         return outputs
 
     def letter_logprobs(self, prompts, on_batch=None) -> list[list[float]]:
-        """log P(" X" | prompt) for X in A..D, from one forward pass per prompt."""
+        """log P(" X" | prompt) for X in A..D, from one forward pass per prompt. Batches are
+        left-padded with explicit positions, so only the last position's logits are computed
+        (long few-shot prompts times a large vocabulary would not fit otherwise)."""
         common, last_ids = self._letter_tokens()
         scores = [None] * len(prompts)
         for rows in self._batches(prompts):
@@ -234,11 +236,12 @@ class ModelRunner:
             ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for r, seq in enumerate(seqs):
-                ids[r, : len(seq)], mask[r, : len(seq)] = torch.tensor(seq), 1
+                ids[r, width - len(seq):], mask[r, width - len(seq):] = torch.tensor(seq), 1
+            positions = (mask.cumsum(1) - 1).clamp_min(0)
             with torch.inference_mode():
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    use_cache=False).logits
-            last = logits[torch.arange(len(seqs)), mask.sum(1).to(self.device) - 1].float().log_softmax(-1)
+                                    position_ids=positions.to(self.device), use_cache=False, logits_to_keep=1).logits
+            last = logits[:, -1].float().log_softmax(-1)
             for r, i in enumerate(rows):
                 scores[i] = last[r, last_ids].tolist()
             if on_batch:

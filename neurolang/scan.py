@@ -178,7 +178,7 @@ def scan_model(entry: ModelEntry, run_dir, options: ScanOptions, log=print) -> d
     for stale in model_dir.rglob("*.partial"):  # left by a killed scan; the stage it belonged to is redone
         stale.unlink()
     described = json.dumps(asdict(entry), indent=1) + "\n"
-    if _json(model_dir / "model.json") != asdict(entry):  # names, sizes and dates may be edited between runs
+    if read_json(model_dir / "model.json") != asdict(entry):  # names, sizes and dates may be edited between runs
         atomic_write_text(described, model_dir / "model.json")
     todo = [s for s in STAGES if not stage_done(model_dir, s, options)]
     if not todo:  # an error of a stage no longer asked for (e.g. eval) is stale
@@ -212,15 +212,16 @@ def scan_model(entry: ModelEntry, run_dir, options: ScanOptions, log=print) -> d
 
 # ---------------------------------------------------------------- the table
 
-def _json(path: Path):
+def read_json(path: Path):
+    """A JSON file's content, or None when the file does not exist."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def model_row(model_dir: Path) -> dict:
     """One row of the results table from a model's directory."""
-    entry, error = _json(model_dir / "model.json") or {}, _json(model_dir / "error.json")
-    detect_info, stats = _json(model_dir / DETECT_FILE), _json(model_dir / "stats.json")
-    scores, timings = _json(model_dir / "scores.json"), _json(model_dir / "timings.json") or {}
+    entry, error = read_json(model_dir / "model.json") or {}, read_json(model_dir / "error.json")
+    detect_info, stats = read_json(model_dir / DETECT_FILE), read_json(model_dir / "stats.json")
+    scores, timings = read_json(model_dir / "scores.json"), read_json(model_dir / "timings.json") or {}
     row = {"model": model_dir.name, "path": entry.get("path"), "family": entry.get("family"),
            "size": entry.get("size"), "release_date": entry.get("release_date"),
            "status": "error" if error else "done" if scores else "incomplete",
@@ -245,7 +246,7 @@ def model_row(model_dir: Path) -> dict:
             row[f"imp_{lang}"] = scores["imp"][lang]
             row[f"base_ppl_{lang}"] = scores["base_ppl"][lang]
     for results_file in sorted((model_dir / "eval").glob("*/results.json")):
-        results = _json(results_file)
+        results = read_json(results_file)
         for lang, info in results["per_language"].items():
             row[f"acc_{results['task']}_{lang}"] = info["accuracy"]
         row[f"acc_{results['task']}_avg"] = results["average"]
@@ -259,7 +260,7 @@ def write_table(run_dir) -> Path:
     import pandas as pd
 
     run_dir = Path(run_dir)
-    order = _json(run_dir / MODELS_FILE) or []
+    order = read_json(run_dir / MODELS_FILE) or []
     dirs = [run_dir / name for name in order if (run_dir / name / "model.json").is_file()]
     table = pd.DataFrame([model_row(d) for d in dirs])
     partial = run_dir / (RESULTS_FILE + ".partial")
@@ -294,7 +295,7 @@ def scan(entries, run_dir, options: ScanOptions, *, workers: int = 1, ray_addres
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     names = [e.name for e in entries]
-    known = _json(run_dir / MODELS_FILE) or []
+    known = read_json(run_dir / MODELS_FILE) or []
     atomic_write_text(json.dumps(known + [n for n in names if n not in known], indent=1) + "\n",
                       run_dir / MODELS_FILE)
     if ray_address:
