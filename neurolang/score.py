@@ -73,7 +73,8 @@ def stage_of(las, low: float = LOW_BOUNDARY, high: float = HIGH_BOUNDARY):
     return "low" if las < low else "medium" if las < high else "high"
 
 
-def _evaluation_texts(info: dict, tokenizer):
+def evaluation_texts(info: dict, tokenizer):
+    """Token ids of each language's held-out evaluation lines of a detection run: {lang: [ids]}."""
     options = info["options"]
     texts = load_corpus(options["corpus"], info["langs"], options["text_field"])
     seqs = {}
@@ -121,7 +122,7 @@ def score(model, tokenizer, run_dir, *, batch_size: int = 8, seed: int = 0, low:
     if sets.info.get("fingerprint") and model_fingerprint(model) != sets.info["fingerprint"]:
         raise NeurolangError(f"this model is not the one {run_dir} was detected with ({sets.info.get('model')})")
     adapter = ModelAdapter(model)
-    seqs = _evaluation_texts(sets.info, tokenizer)
+    seqs = evaluation_texts(sets.info, tokenizer)
     langs = sets.langs
     pad = tokenizer.pad_token_id
 

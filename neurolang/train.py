@@ -272,7 +272,7 @@ def train(model, tokenizer, run_dir, out, *, strategy="auto", langs=None, data="
           text_field="text", max_documents=None, model_name=None, evaluate_ppl=True, callbacks=None) -> dict:
     """Train the neurons `strategy` selects (or a LoRA of equal size) on `langs`' text; write the
     merged checkpoint to `out`, the deltas (or adapter) beside it, and `train.json`."""
-    from neurolang.score import _evaluation_texts, perplexity
+    from neurolang.score import evaluation_texts, perplexity
 
     if method not in METHODS:
         raise NeurolangError(f"unknown method {method!r}; choose {' or '.join(METHODS)}")
@@ -290,7 +290,7 @@ def train(model, tokenizer, run_dir, out, *, strategy="auto", langs=None, data="
     exclude = {l: sets.info["per_language"][l]["evaluation_lines"] for l in langs if l in sets.info["per_language"]}
     texts = training_texts(data, langs, text_field, exclude if same_corpus else None, max_documents)
     dataset = pack(tokenizer, [t for lang in langs for t in texts[lang]], block_size)
-    eval_seqs = _evaluation_texts(sets.info, tokenizer) if evaluate_ppl else {}
+    eval_seqs = evaluation_texts(sets.info, tokenizer) if evaluate_ppl else {}
     pad = tokenizer.pad_token_id
 
     def ppl_all(m):
