@@ -13,6 +13,13 @@ RSS, each measurement in a fresh process, so a `compiled` row includes the compi
 
 Selection (top 1 % of 8 rows of FFN width, counts and ranks) is timed too: its reference is the
 PyTorch twin (stable sort + index_add), its fast path the single-launch Triton kernel.
+
+On CUDA every row runs in this one process (peak memory from max_memory_allocated); the table
+adds two floors: for Q/K, one FlashAttention forward of the same layer (bf16, causal, SDPA's flash
+backend) times head_dim, the work the kernel must do; for the FFN impact (a batch of 8 sentences,
+H in bf16), the time to read H once at the bandwidth of a device-to-device copy measured in the
+same run. `--sweep` times the Q/K kernel's tile sizes and dot precisions at one shape, and
+`--accuracy` compares each precision with the float64 reference (T = 256).
 """
 import argparse
 import json
@@ -28,7 +35,9 @@ import torch
 
 from kernels import (AttentionSpec, masked_column_sumsq_torch, qk_impact_reference, qk_impact_torch,
                      select_count_torch, top_k_size)
+from kernels.qk_impact import PRECISIONS
 
+FFN_BATCH = 8  # sentences per FFN-impact call
 SHAPES = {
     "llama3.1-8b": dict(n_heads=32, n_kv_heads=8, head_dim=128, ffn=14336, softcap=None, window=None),
     "qwen2.5-7b": dict(n_heads=28, n_kv_heads=4, head_dim=128, ffn=18944, softcap=None, window=None),
@@ -46,13 +55,14 @@ def make_inputs(shape: str, t: int, device: str, seed: int = 0):
     pos = torch.arange(t, dtype=torch.float32)
     inv = 1 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     emb = torch.cat([pos[:, None] * inv] * 2, -1)
-    h = torch.randn(1, t, s["ffn"], generator=gen)
+    h = torch.randn(FFN_BATCH, t, s["ffn"], generator=gen).to(torch.bfloat16)
     mask = torch.ones(1, t, dtype=torch.bool)
+    h_mask = torch.ones(FFN_BATCH, t, dtype=torch.bool)
     impacts = torch.rand(8, s["ffn"], generator=gen)  # a batch of 8 sentences' FFN impacts, for selection
     spec = AttentionSpec(hq, hk, d, d ** -0.5, s["softcap"], s["window"])
     to = lambda x: x.to(device)  # noqa: E731
     return dict(q=to(q), k=to(k), v=to(v), cos=to(emb.cos()[None]), sin=to(emb.sin()[None]), h=to(h),
-                mask=to(mask), impacts=to(impacts), spec=spec)
+                mask=to(mask), h_mask=to(h_mask), impacts=to(impacts), spec=spec)
 
 
 def implementations(device: str):
@@ -60,16 +70,19 @@ def implementations(device: str):
     impls = {
         "qk/reference": lambda x: qk_impact_reference(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"]),
         "qk/torch": lambda x: qk_impact_torch(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"]),
-        "ffn/reference": lambda x: torch.linalg.vector_norm(x["h"].float() * x["mask"][..., None], dim=1),
-        "ffn/torch": lambda x: masked_column_sumsq_torch(x["h"], x["mask"]).sqrt(),
+        "ffn/reference": lambda x: torch.linalg.vector_norm(x["h"].float() * x["h_mask"][..., None], dim=1),
+        "ffn/torch": lambda x: masked_column_sumsq_torch(x["h"], x["h_mask"]).sqrt(),
         # Selection of the top 1 % of a batch of 8 FFN rows, with counts and ranks (independent of T).
         "select/reference": lambda x: select_count_torch(x["impacts"], k=top_k_size(0.01, x["impacts"].shape[1])),
     }
     if device == "cuda":
         from kernels import masked_column_sumsq_triton, qk_impact_triton, select_count_triton
 
-        impls["qk/triton"] = lambda x: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"])
-        impls["ffn/triton"] = lambda x: masked_column_sumsq_triton(x["h"], x["mask"]).sqrt()
+        for precision in PRECISIONS:
+            impls[f"qk/triton-{precision}"] = (
+                lambda x, precision=precision: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"],
+                                                                x["spec"], precision=precision))
+        impls["ffn/triton"] = lambda x: masked_column_sumsq_triton(x["h"], x["h_mask"]).sqrt()
         impls["select/triton"] = lambda x: select_count_triton(
             x["impacts"], torch.zeros(x["impacts"].shape[1], dtype=torch.int32, device="cuda"),
             k=top_k_size(0.01, x["impacts"].shape[1]))
@@ -104,12 +117,91 @@ def measure_one(name: str, shape: str, t: int, device: str, repeats: int) -> dic
     return {"name": name, "shape": shape, "T": t, "median_s": statistics.median(times), "peak_bytes": peak}
 
 
+def time_cuda(fn, inputs) -> tuple[float, int]:
+    """Median seconds and peak extra bytes of fn(inputs) on CUDA, in this process.
+
+    A first call compiles and measures peak memory; slow calls (over 0.2 s) are then timed twice
+    with the host clock, fast ones with `triton.testing.do_bench` (median, L2 flushed each run).
+    """
+    import triton.testing
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    fn(inputs)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - base
+    if first > 0.2:
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            fn(inputs)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), peak
+    return triton.testing.do_bench(lambda: fn(inputs), warmup=25, rep=200, return_mode="median") / 1e3, peak
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 2 GiB device-to-device copy, bytes read plus bytes written."""
+    import triton.testing
+
+    src = torch.randn(2**29, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median") / 1e3
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def flash_forward_seconds(x) -> float:
+    """One causal FlashAttention forward (bf16, SDPA's flash backend) of the layer `x` describes."""
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    spec, t = x["spec"], x["q"].shape[1]
+    heads = lambda y, n: y.view(1, t, n, spec.head_dim).transpose(1, 2).to(torch.bfloat16).contiguous()  # noqa: E731
+    q, k, v = heads(x["q"], spec.n_heads), heads(x["k"], spec.n_kv_heads), heads(x["v"], spec.n_kv_heads)
+    k = k.repeat_interleave(spec.group_size, 1)
+    v = v.repeat_interleave(spec.group_size, 1)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+
+
+def run_cuda(args) -> tuple[list, dict]:
+    os.environ["NEUROLANG_COMPILE"] = "0"  # the eager twin: on CUDA the kernels are the fast path
+    rows, floors = [], {"bandwidth": copy_bandwidth()}
+    names = [n for n in implementations("cuda") if n.split("/")[0] in args.ops.split(",")]
+    for shape in args.shapes.split(","):
+        for t in (int(x) for x in args.seq_lens.split(",")):
+            inputs = make_inputs(shape, t, "cuda")
+            floors[("qk", shape, t)] = flash_forward_seconds(inputs) * inputs["spec"].head_dim
+            floors[("ffn", shape, t)] = inputs["h"].numel() * inputs["h"].element_size() / floors["bandwidth"]
+            for name in names:
+                if name.startswith("qk/reference") and t > args.max_reference_t:
+                    continue
+                try:
+                    seconds, peak = time_cuda(implementations("cuda")[name], inputs)
+                    rows.append({"name": name, "shape": shape, "T": t, "median_s": seconds, "peak_bytes": peak})
+                except Exception as err:  # noqa: BLE001 - a row that fails is reported, the table goes on
+                    rows.append({"name": name, "shape": shape, "T": t, "error": f"{type(err).__name__}: {err}"[:200]})
+                torch.cuda.empty_cache()
+                print(rows[-1], file=sys.stderr, flush=True)
+            del inputs
+    return rows, floors
+
+
 def run(args) -> str:
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    if device == "cuda":
+        return table(*run_cuda(args), device)
     rows = []
     for shape in args.shapes.split(","):
         for t in (int(x) for x in args.seq_lens.split(",")):
             for name in implementations(device):
+                if name.split("/")[0] not in args.ops.split(","):
+                    continue
                 if name.startswith("qk/reference") and t > args.max_reference_t:
                     continue
                 cmd = [sys.executable, __file__, "--one", name, "--shapes", shape, "--seq-lens", str(t),
@@ -120,25 +212,92 @@ def run(args) -> str:
                 else:
                     rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(rows[-1], file=sys.stderr, flush=True)
-    return table(rows, device)
+    return table(rows, {}, device)
 
 
-def table(rows, device) -> str:
+def table(rows, floors, device) -> str:
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    lines = [f"device: {device} ({card}), torch {torch.__version__}, threads {torch.get_num_threads()}", "",
-             "| op | impl | shape | T | median | speed-up vs reference | peak extra memory (reference ÷ this) |",
-             "|---|---|---|---|---|---|---|"]
+    versions = f"torch {torch.__version__}"
+    if device == "cuda":
+        import triton
+
+        versions += f", triton {triton.__version__}, CUDA {torch.version.cuda}"
+    lines = [f"device: {device} ({card}), {versions}, threads {torch.get_num_threads()}", ""]
+    if "bandwidth" in floors:
+        lines += [f"device-to-device copy: {floors['bandwidth'] / 1e12:.2f} TB/s (read + write)", ""]
+    lines += ["| op | impl | shape | T | median | speed-up vs reference | peak extra memory (reference ÷ this) "
+              "| floor | time ÷ floor |",
+              "|---|---|---|---|---|---|---|---|---|"]
     ref = {(r["name"].split("/")[0], r["shape"], r["T"]): r for r in rows if r["name"].endswith("/reference") and "error" not in r}
     for r in rows:
         op, impl = r["name"].split("/")
         if "error" in r:
-            lines.append(f"| {op} | {impl} | {r['shape']} | {r['T']} | error: {r['error']} | | |")
+            lines.append(f"| {op} | {impl} | {r['shape']} | {r['T']} | error: {r['error']} | | | | |")
             continue
         base = ref.get((op, r["shape"], r["T"]))
         ratio = f"{base['median_s'] / r['median_s']:.2f}×" if base else "—"
         mem_ratio = f" ({base['peak_bytes'] / max(r['peak_bytes'], 1):.1f}×)" if base and impl != "reference" else ""
-        lines.append(f"| {op} | {impl} | {r['shape']} | {r['T']} | {r['median_s'] * 1e3:.1f} ms | {ratio} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} MiB{mem_ratio} |")
+        floor = floors.get((op, r["shape"], r["T"]))
+        floor_cells = f"{floor * 1e3:.3f} ms | {r['median_s'] / floor:.2f}" if floor else " | "
+        lines.append(f"| {op} | {impl} | {r['shape']} | {r['T']} | {r['median_s'] * 1e3:.3f} ms | {ratio} | "
+                     f"{r['peak_bytes'] / 2**20:.0f} MiB{mem_ratio} | {floor_cells} |")
+    if floors:
+        lines += ["", "floor: qk = one FlashAttention forward (bf16, causal) × head_dim; ffn = bytes of H (bf16, "
+                  f"{FFN_BATCH} sentences) ÷ the copy bandwidth above."]
+    return "\n".join(lines)
+
+
+def sweep(shape: str, t: int) -> str:
+    """Q/K kernel time for each tile size and dot precision at one shape (CUDA), with each
+    configuration's largest difference from the default (ieee, 16 × 16) relative to its largest impact."""
+    from kernels import qk_impact_triton
+
+    x = make_inputs(shape, t, "cuda")
+    base = qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"])
+    lines = [f"Q/K kernel sweep, {shape}, T = {t}:", "",
+             "| precision | BLOCK_M | BLOCK_N | warps | median | max diff from default ÷ max |", "|---|---|---|---|---|---|"]
+    configs = [("ieee", 32, 32, 4), ("ieee", 64, 32, 4), ("tf32x3", 16, 16, 4), ("tf32x3", 32, 32, 4),
+               ("tf32x3", 64, 32, 4), ("tf32x3", 64, 64, 8), ("tf32", 64, 32, 4), ("tf32", 64, 64, 8)]
+    for precision, block_m, block_n, warps in configs:
+        fn = lambda y: qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"],  # noqa: E731
+                                        precision=precision, block_m=block_m, block_n=block_n, num_warps=warps)
+        try:
+            diff = max(float((a - r).abs().max() / r.abs().max()) for a, r in zip(fn(x), base))
+            cell = f"{time_cuda(fn, x)[0] * 1e3:.1f} ms | {diff:.1e}"
+        except Exception as err:  # noqa: BLE001
+            cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
+        lines.append(f"| {precision} | {block_m} | {block_n} | {warps} | {cell} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
+def accuracy(shapes: str, t: int = 256) -> str:
+    """Each Q/K fast path against the float64 reference: max relative error and top-1 % overlap."""
+    from kernels import qk_impact_triton
+
+    os.environ["NEUROLANG_COMPILE"] = "0"
+    lines = [f"Q/K accuracy against the float64 reference (T = {t}): max |x − ref| ÷ max |ref| over all "
+             "impacts, and the share of the float64 top-1 % (per sentence, q and k) that each selects:", "",
+             "| shape | impl | q rel. error | k rel. error | top-1 % overlap |", "|---|---|---|---|---|"]
+    for shape in shapes.split(","):
+        x = make_inputs(shape, t, "cuda")
+        args64 = [x[n].double() for n in ("q", "k", "v", "cos", "sin")]
+        ref = qk_impact_reference(*args64, x["mask"], x["spec"])
+        impls = {"torch": lambda: qk_impact_torch(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"])}
+        for precision in PRECISIONS:
+            impls[f"triton-{precision}"] = (lambda precision=precision: qk_impact_triton(
+                x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"], precision=precision))
+        for name, fn in impls.items():
+            got = fn()
+            errors = [float((a.double() - r).abs().max() / r.abs().max()) for a, r in zip(got, ref)]
+            shared = total = 0
+            for a, r in zip(got, ref):
+                k = top_k_size(0.01, r.shape[1])
+                for row_a, row_r in zip(a.topk(k, dim=1).indices, r.topk(k, dim=1).indices):
+                    shared += len(set(row_a.tolist()) & set(row_r.tolist()))
+                    total += k
+            lines.append(f"| {shape} | {name} | {errors[0]:.2e} | {errors[1]:.2e} | {shared / total:.3f} |")
+            print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 
 
@@ -149,6 +308,10 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-reference-t", type=int, default=2048, help="skip the reference above this T")
+    parser.add_argument("--ops", default="qk,ffn,select", help="which operations to time")
+    parser.add_argument("--sweep", action="store_true", help="CUDA: Q/K tile sizes and precisions (llama3.1-8b)")
+    parser.add_argument("--sweep-t", type=int, default=1024)
+    parser.add_argument("--accuracy", action="store_true", help="CUDA: Q/K precisions against float64")
     parser.add_argument("--out", help="also write the table (Markdown) here")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -158,7 +321,14 @@ def main():
         print(json.dumps(measure_one(args.one, args.shapes, int(args.seq_lens), "cuda" if on_cuda else "cpu",
                                      args.repeats)))
         return
-    text = run(args)
+    parts = []
+    if args.accuracy:
+        parts.append(accuracy(args.shapes))
+    if args.sweep:
+        parts.append(sweep(args.shapes.split(",")[0], args.sweep_t))
+    if args.ops:
+        parts.append(run(args))
+    text = "\n\n".join(parts)
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -34,30 +34,40 @@ except ImportError:  # pragma: no cover - the torch twin stays available
 if triton is not None:
 
     @triton.jit
-    def _column_sumsq_kernel(X, TOKENS, OUT, T, C, stride_b, stride_t,
+    def _column_sumsq_kernel(X, TOKENS, PARTIAL, T, C, span, stride_b, stride_t,
                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Program (sentence b, column block, token span s): Σ x² over the real tokens of span s."""
         b = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        s = tl.program_id(2)
         col_ok = cols < C
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
+        for t0 in range(s * span, tl.minimum(T, (s + 1) * span), BLOCK_T):
             ts = t0 + tl.arange(0, BLOCK_T)
             keep = tl.load(TOKENS + b * T + ts, mask=ts < T, other=0) != 0
             x = tl.load(X + b * stride_b + ts[:, None] * stride_t + cols[None, :],
                         mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(x * x, axis=0)
-        tl.store(OUT + b * C + cols, acc, mask=col_ok)
+        tl.store(PARTIAL + (s * tl.num_programs(0) + b) * C + cols, acc, mask=col_ok)
 
 
-def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """The Triton kernel of `masked_column_sumsq_torch`: one pass over x, float32 accumulation."""
+def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, programs: int = 2048) -> torch.Tensor:
+    """The Triton kernel of `masked_column_sumsq_torch`: one pass over x, float32 accumulation.
+
+    Tokens are split into spans so that about `programs` programs share the read even for one
+    sentence; the spans' partial sums (a few rows of [B, C]) are added at the end.
+    """
     if triton is None:
         raise RuntimeError("triton is not installed")
     b, t, c = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
-    out = torch.empty(b, c, dtype=torch.float32, device=x.device)
     tokens = token_mask.to(torch.int32).contiguous()
-    block_c = min(256, triton.next_power_of_2(c))
-    _column_sumsq_kernel[(b, triton.cdiv(c, block_c))](x, tokens, out, t, c, x.stride(0), x.stride(1),
-                                                       BLOCK_T=32, BLOCK_C=block_c)
-    return out
+    block_t, block_c = 32, min(256, triton.next_power_of_2(c))
+    column_blocks = triton.cdiv(c, block_c)
+    spans = max(1, min(triton.cdiv(t, block_t), programs // (b * column_blocks)))
+    span = triton.cdiv(triton.cdiv(t, spans), block_t) * block_t
+    spans = triton.cdiv(t, span)
+    partial = torch.empty(spans, b, c, dtype=torch.float32, device=x.device)
+    _column_sumsq_kernel[(b, column_blocks, spans)](x, tokens, partial, t, c, span, x.stride(0), x.stride(1),
+                                                   BLOCK_T=block_t, BLOCK_C=block_c)
+    return partial.sum(0)

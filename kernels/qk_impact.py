@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 METRICS = ("output", "probs")
+PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 @dataclass(frozen=True)
@@ -354,13 +355,13 @@ if triton is not None:
     def _tile_change(qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row, rm1_row,
                      KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
                      IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """For one key tile: the allowed mask, base log-probabilities and the logit change of channel c."""
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < T
         dims = tl.arange(0, BLOCK_D)
         kr = tl.load(KR + k_base + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims < D)[None, :], other=0.0)
-        x = scaling * tl.dot(qr, tl.trans(kr), input_precision="ieee")
+        x = scaling * tl.dot(qr, tl.trans(kr), input_precision=PRECISION)
         key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
         allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
         if HAS_WINDOW:
@@ -401,7 +402,8 @@ if triton is not None:
         QN, QR, KN, KR, V, COS, SIN, R, RM1, LSE, OUT, TOKENS, PARTIAL,
         T, D, n_heads, group, scaling, softcap, window,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PROBS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         bh = tl.program_id(0)
         m_tile = tl.program_id(1)
@@ -424,7 +426,6 @@ if triton is not None:
         tile_ok = row_ok[:, None] & dim_ok[None, :]
         qr = tl.load(QR + q_base + tile, mask=tile_ok, other=0.0)
         lse = tl.load(LSE + (b * n_heads + h) * T + rows, mask=row_ok, other=0.0)
-        out = tl.load(OUT + q_base + tile, mask=tile_ok, other=0.0)
         row_valid = tl.load(TOKENS + b * T + rows, mask=row_ok, other=0) != 0
         # Row-side factors: the query's own channel and partner (key channels), or the rank-2
         # coefficients and q-norm factors of query channel c.
@@ -438,52 +439,71 @@ if triton is not None:
         if HAS_NORM and not IS_KEY:
             r_row = tl.load(R + q_base + rows * D + c, mask=row_ok, other=1.0)
             rm1_row = tl.load(RM1 + q_base + rows * D + c, mask=row_ok, other=0.0)
+        # Only the key tiles this query tile can see: up to its last row (causal), from its
+        # first row's window start.
+        hi = tl.minimum(T, (m_tile + 1) * BLOCK_M)
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(0, m_tile * BLOCK_M - window + 1) // BLOCK_N * BLOCK_N
+        # Pass 1: W_i = Σ_j A_ij·e_ij and, for `output`, U_i = Σ_j A_ij·e_ij·V_j (the expm1 form).
         w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         d_max = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
         u_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        m_new = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
-        l_new = tl.zeros([BLOCK_M], dtype=tl.float32)
-        a_new = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for n0 in range(0, T, BLOCK_N):
+        for n0 in range(lo, hi, BLOCK_N):
             allowed, logp, dl = _tile_change(
                 qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row, rm1_row,
                 KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, BLOCK_N, BLOCK_D)
-            cols = n0 + tl.arange(0, BLOCK_N)
-            vt = tl.load(V + k_base + cols[:, None] * D + dims[None, :],
-                         mask=(cols < T)[:, None] & dim_ok[None, :], other=0.0)
-            prob = tl.exp(logp)
-            e = _expm1(tl.minimum(dl, 20.0))
-            pe = prob * e
+                IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+            pe = tl.exp(logp) * _expm1(tl.minimum(dl, 20.0))
             w_sum += tl.sum(pe, axis=1)
             d_max = tl.maximum(d_max, tl.max(tl.where(allowed, dl, -float("inf")), axis=1))
-            z = logp + dl
-            m_next = tl.maximum(m_new, tl.max(z, axis=1))
-            m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
-            shift = tl.exp(m_new - m_safe)
-            pz = tl.exp(z - m_safe[:, None])
-            l_new = l_new * shift + tl.sum(pz, axis=1)
             if not PROBS:
-                u_acc += tl.dot(pe, vt, input_precision="ieee")
-                a_new = a_new * shift[:, None] + tl.dot(pz, vt, input_precision="ieee")
-            m_new = m_next
+                cols = n0 + tl.arange(0, BLOCK_N)
+                vt = tl.load(V + k_base + cols[:, None] * D + dims[None, :],
+                             mask=(cols < T)[:, None] & dim_ok[None, :], other=0.0)
+                u_acc += tl.dot(pe, vt, input_precision=PRECISION)
         gentle = (tl.abs(w_sum) <= 0.5) & (d_max <= 20.0)
-        m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows past T: keep them finite
-        l_new = tl.where(l_new == 0.0, 1.0, l_new)
-        if PROBS:
-            # Second pass: Σ_j (A'_ij − A_ij)², now that W (or the new softmax's max and sum) is known.
-            per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for n0 in range(0, T, BLOCK_N):
+        # Pass 2, only when some real row moves a lot: the new softmax directly (online max and sum).
+        m_new = tl.zeros([BLOCK_M], dtype=tl.float32)
+        l_new = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        a_new = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if tl.sum(tl.where(gentle | ~(row_valid & row_ok), 0, 1), axis=0) > 0:
+            m_new = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+            l_new = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for n0 in range(lo, hi, BLOCK_N):
                 allowed, logp, dl = _tile_change(
                     qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row,
                     rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                    IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, BLOCK_N, BLOCK_D)
+                    IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                z = logp + dl
+                m_next = tl.maximum(m_new, tl.max(z, axis=1))
+                m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
+                shift = tl.exp(m_new - m_safe)
+                pz = tl.exp(z - m_safe[:, None])
+                l_new = l_new * shift + tl.sum(pz, axis=1)
+                if not PROBS:
+                    cols = n0 + tl.arange(0, BLOCK_N)
+                    vt = tl.load(V + k_base + cols[:, None] * D + dims[None, :],
+                                 mask=(cols < T)[:, None] & dim_ok[None, :], other=0.0)
+                    a_new = a_new * shift[:, None] + tl.dot(pz, vt, input_precision=PRECISION)
+                m_new = m_next
+            m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows past T: keep them finite
+            l_new = tl.where(l_new == 0.0, 1.0, l_new)
+        if PROBS:
+            # Pass 3: Σ_j (A'_ij − A_ij)², now that W (or the new softmax's max and sum) is known.
+            per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for n0 in range(lo, hi, BLOCK_N):
+                allowed, logp, dl = _tile_change(
+                    qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row,
+                    rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                    IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
                 prob = tl.exp(logp)
                 small = prob * (_expm1(tl.minimum(dl, 20.0)) - w_sum[:, None]) / (1.0 + w_sum[:, None])
                 large = tl.exp(logp + dl - m_new[:, None]) / l_new[:, None] - prob
                 change = tl.where(gentle[:, None], small, large)
                 per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=1)
         else:
+            out = tl.load(OUT + q_base + tile, mask=tile_ok, other=0.0)
             small = (u_acc - w_sum[:, None] * out) / (1.0 + w_sum[:, None])
             large = a_new / l_new[:, None] - out
             change = tl.where(gentle[:, None], small, large)
@@ -511,16 +531,20 @@ def _base_stats(qr, kr, vv, token_mask, spec, acc):
 
 
 def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
-                     block_m: int = 16, block_n: int = 16):
+                     precision: str = "ieee", block_m: int = 16, block_n: int = 16, num_warps: int = 4):
     """The Triton kernel of `qk_impact_torch` (same arguments and results), in float32.
 
-    Extra memory: float32 copies of q, k, v, cos, sin, the q/k-norm factors, the base output and
-    log-sum-exp (all O(B·heads·T·D)) and per-tile partial sums; never channels × T × T.
+    `precision` is how the tile products use the GPU's matrix units: `ieee` (plain float32, the
+    default), `tf32x3` (three TF32 products, float32-level accuracy) or `tf32` (one, about 1e-3
+    relative). Extra memory: float32 copies of q, k, v, cos, sin, the q/k-norm factors, the base
+    output and log-sum-exp (all O(B·heads·T·D)) and per-tile partial sums; never channels × T × T.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
     if metric not in METRICS:
         raise ValueError(f"unknown Q/K metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown dot precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     acc = torch.float32
     b, t, _ = q.shape
     d, hq, hk = spec.head_dim, spec.n_heads, spec.n_kv_heads
@@ -549,8 +573,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
             t, d, hq, spec.group_size, float(spec.scaling), float(spec.softcap or 1.0),
             int(spec.sliding_window or 0),
             IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
-            HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs",
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs", PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
         )
         per_head = partial.sum(1).view(b, hq, d)
         if is_key:

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU checks in one call: install, kernel tests on the device, accuracy, tile sweep, kernel table.
+# Usage (on a CUDA machine, from the repository root): bash benchmarks/run_gpu.sh OUT_DIR
+# Each step has its own time limit, and writes its log to OUT_DIR as it goes.
+set -u
+out=${1:?usage: run_gpu.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || cat "$out/install.log"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"; } \
+  >"$out/env.txt" 2>&1
+cat "$out/env.txt"
+NEUROLANG_GPU_TESTS=1 timeout "${TEST_S:-150}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_kernels.py \
+  2>&1 | tee "$out/tests.log" | tail -15
+timeout "${SWEEP_S:-120}" python3 benchmarks/bench_kernels.py --accuracy --sweep --ops "" --shapes llama3.1-8b,gemma2-9b \
+  --out "$out/sweep.md" 2>"$out/sweep.log"; tail -3 "$out/sweep.log"
+timeout "${TABLE_S:-240}" python3 benchmarks/bench_kernels.py --out "$out/kernels.md" 2>&1 | tee "$out/kernels.log" \
+  | grep -v "^{" | tail -45
