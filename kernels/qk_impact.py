@@ -448,6 +448,7 @@ if triton is not None:
         # Pass 1: W_i = Σ_j A_ij·e_ij and, for `output`, U_i = Σ_j A_ij·e_ij·V_j (the expm1 form).
         w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         d_max = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+        n_keys = tl.zeros([BLOCK_M], dtype=tl.int32)
         u_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for n0 in range(lo, hi, BLOCK_N):
             allowed, logp, dl = _tile_change(
@@ -457,6 +458,7 @@ if triton is not None:
             pe = tl.exp(logp) * _expm1(tl.minimum(dl, 20.0))
             w_sum += tl.sum(pe, axis=1)
             d_max = tl.maximum(d_max, tl.max(tl.where(allowed, dl, -float("inf")), axis=1))
+            n_keys += tl.sum(allowed.to(tl.int32), axis=1)
             if not PROBS:
                 cols = n0 + tl.arange(0, BLOCK_N)
                 vt = tl.load(V + k_base + cols[:, None] * D + dims[None, :],
@@ -508,7 +510,9 @@ if triton is not None:
             large = a_new / l_new[:, None] - out
             change = tl.where(gentle[:, None], small, large)
             per_row = tl.sum(tl.where(dim_ok[None, :], change * change, 0.0), axis=1)
-        total = tl.sum(tl.where(row_valid & row_ok, per_row, 0.0), axis=0)
+        # A row that sees one key keeps A = 1 whatever the logits: exactly no change (not the
+        # rounding residue of U − W·O, which fused multiply-adds leave on a GPU).
+        total = tl.sum(tl.where(row_valid & row_ok & (n_keys > 1), per_row, 0.0), axis=0)
         n_tiles = tl.num_programs(1)
         tl.store(PARTIAL + (bh * n_tiles + m_tile) * D + c, total)
 
