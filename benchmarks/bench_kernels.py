@@ -78,7 +78,8 @@ def implementations(device: str):
     if device == "cuda":
         from kernels import masked_column_sumsq_triton, qk_impact_triton, select_count_triton
 
-        for precision in PRECISIONS:
+        impls["qk/triton"] = lambda x: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"])
+        for precision in ("ieee", "tf32"):
             impls[f"qk/triton-{precision}"] = (
                 lambda x, precision=precision: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"],
                                                                 x["spec"], precision=precision))
@@ -172,7 +173,8 @@ def flash_forward_seconds(x) -> float:
 def run_cuda(args) -> tuple[list, dict]:
     os.environ["NEUROLANG_COMPILE"] = "0"  # the eager twin: on CUDA the kernels are the fast path
     rows, floors = [], {"bandwidth": copy_bandwidth()}
-    names = [n for n in implementations("cuda") if n.split("/")[0] in args.ops.split(",")]
+    wanted = args.ops.split(",")
+    names = [n for n in implementations("cuda") if n in wanted or n.split("/")[0] in wanted]
     for shape in args.shapes.split(","):
         for t in (int(x) for x in args.seq_lens.split(",")):
             inputs = make_inputs(shape, t, "cuda")
@@ -241,6 +243,11 @@ def table(rows, floors, device) -> str:
         floor_cells = f"{floor * 1e3:.3f} ms | {r['median_s'] / floor:.2f}" if floor else " | "
         lines.append(f"| {op} | {impl} | {r['shape']} | {r['T']} | {r['median_s'] * 1e3:.3f} ms | {ratio} | "
                      f"{r['peak_bytes'] / 2**20:.0f} MiB{mem_ratio} | {floor_cells} |")
+    floor_rows = sorted(k for k in floors if k != "bandwidth" and k[0] == "qk")
+    if floor_rows:
+        lines += ["", "| shape | T | FlashAttention forward × head_dim | read H once (bf16, 8 sentences) |", "|---|---|---|---|"]
+        lines += [f"| {s} | {t} | {floors[('qk', s, t)] * 1e3:.3f} ms | {floors[('ffn', s, t)] * 1e3:.3f} ms |"
+                  for _, s, t in floor_rows]
     if floors:
         lines += ["", "floor: qk = one FlashAttention forward (bf16, causal) × head_dim; ffn = bytes of H (bf16, "
                   f"{FFN_BATCH} sentences) ÷ the copy bandwidth above."]
@@ -249,15 +256,15 @@ def table(rows, floors, device) -> str:
 
 def sweep(shape: str, t: int) -> str:
     """Q/K kernel time for each tile size and dot precision at one shape (CUDA), with each
-    configuration's largest difference from the default (ieee, 16 × 16) relative to its largest impact."""
+    configuration's largest difference from the plain-float32 (ieee) result relative to its largest impact."""
     from kernels import qk_impact_triton
 
     x = make_inputs(shape, t, "cuda")
-    base = qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"])
+    base = qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"], precision="ieee")
     lines = [f"Q/K kernel sweep, {shape}, T = {t}:", "",
-             "| precision | BLOCK_M | BLOCK_N | warps | median | max diff from default ÷ max |", "|---|---|---|---|---|---|"]
-    configs = [("ieee", 32, 32, 4), ("ieee", 64, 32, 4), ("tf32x3", 16, 16, 4), ("tf32x3", 32, 32, 4),
-               ("tf32x3", 64, 32, 4), ("tf32x3", 64, 64, 8), ("tf32", 64, 32, 4), ("tf32", 64, 64, 8)]
+             "| precision | BLOCK_M | BLOCK_N | warps | median | max diff from ieee ÷ max |", "|---|---|---|---|---|---|"]
+    configs = [("tf32x3", 32, 32, 4), ("tf32x3", 32, 64, 4), ("tf32x3", 32, 32, 8), ("tf32x3", 16, 32, 4),
+               ("tf32x3", 32, 16, 4), ("tf32", 32, 32, 4), ("ieee", 32, 32, 4)]
     for precision, block_m, block_n, warps in configs:
         fn = lambda y: qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"],  # noqa: E731
                                         precision=precision, block_m=block_m, block_n=block_n, num_warps=warps)
@@ -308,7 +315,8 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-reference-t", type=int, default=2048, help="skip the reference above this T")
-    parser.add_argument("--ops", default="qk,ffn,select", help="which operations to time")
+    parser.add_argument("--ops", default="qk,ffn,select",
+                        help="operations (qk, ffn, select) or implementations (qk/triton, ...) to time")
     parser.add_argument("--sweep", action="store_true", help="CUDA: Q/K tile sizes and precisions (llama3.1-8b)")
     parser.add_argument("--sweep-t", type=int, default=1024)
     parser.add_argument("--accuracy", action="store_true", help="CUDA: Q/K precisions against float64")

@@ -70,6 +70,9 @@ if triton is not None:
             tl.store(ORDER + row * k + offs, index, mask=top)
 
 
+MAX_SORT_WIDTH = 16384  # a row's int64 keys must fit one program's shared memory (Hopper: 227 KiB)
+
+
 def select_count_triton(impacts: torch.Tensor, counts: torch.Tensor, k: int | None = None,
                         sigma: float | None = None) -> torch.Tensor | None:
     """One launch for a batch [B, W] of one (layer, group): adds each neuron's activations to
@@ -82,6 +85,8 @@ def select_count_triton(impacts: torch.Tensor, counts: torch.Tensor, k: int | No
     if (k is None) == (sigma is None):
         raise ValueError("give exactly one of k and sigma")
     b, w = impacts.shape
+    if w > MAX_SORT_WIDTH:
+        raise ValueError(f"width {w} is over the {MAX_SORT_WIDTH} keys one program can sort")
     impacts = impacts if impacts.stride(-1) == 1 else impacts.contiguous()
     order = None if k is None else torch.empty(b, k, dtype=torch.int32, device=impacts.device)
     _select_count_kernel[(b,)](impacts, counts, order if order is not None else counts, w, impacts.stride(0),
