@@ -12,7 +12,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the image has no package in
 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"; } \
   >"$out/env.txt" 2>&1
 cat "$out/env.txt"
-NEUROLANG_GPU_TESTS=1 timeout "${TEST_S:-150}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_kernels.py \
+NEUROLANG_GPU_TESTS=1 timeout "${TEST_S:-150}" python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark tests/test_triton_kernels.py \
   2>&1 | tee "$out/tests.log" | tail -15
 timeout "${SWEEP_S:-120}" python3 benchmarks/bench_kernels.py --accuracy --sweep --ops "" --shapes llama3.1-8b,gemma2-9b \
   --out "$out/sweep.md" 2>"$out/sweep.log"; tail -3 "$out/sweep.log"
