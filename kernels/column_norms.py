@@ -8,15 +8,21 @@ the V impact all reduce to per-sentence column sums of squares over the real tok
 import torch
 
 
-def masked_column_sumsq_torch(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+def masked_column_sumsq_torch(x: torch.Tensor, token_mask: torch.Tensor, chunk_elements: int = 1 << 20) -> torch.Tensor:
     """Σ_t x[b, t, c]² over the real tokens (token_mask[b, t] true), in float32 (float64 stays).
 
     x: [B, T, C] in any float dtype; token_mask: [B, T] bool. Returns [B, C].
-    Extra memory: one float32 copy of x per call; callers pass one layer's activations.
+    Works through x a few tokens at a time, so extra memory is about two float32 chunks of
+    `chunk_elements` elements (8 MiB at the default), whatever the size of x.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(acc)
-    return torch.einsum("btc,btc,bt->bc", xf, xf, token_mask.to(acc))
+    b, t, c = x.shape
+    out = torch.zeros(b, c, dtype=acc, device=x.device)
+    step = max(1, chunk_elements // max(1, b * c))
+    for t0 in range(0, t, step):
+        part = x[:, t0:t0 + step].to(acc)
+        out += torch.einsum("bt,btc->bc", token_mask[:, t0:t0 + step].to(acc), part * part)
+    return out
 
 
 def weight_column_norms(weight: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,9 @@ def test_column_sumsq_kernel(dtype, shape):
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, masked_column_sumsq_torch(x, mask).float(), rtol=1e-5, atol=1e-6)
+    # The twin a few tokens at a time (here one or two per step) adds up the same.
+    few = masked_column_sumsq_torch(x, mask, chunk_elements=2 * shape[0] * shape[2])
+    torch.testing.assert_close(few.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_dispatch(monkeypatch):
@@ -108,9 +111,25 @@ def test_select_count_kernel_matches_the_twin(shape):
     assert torch.equal(counts.cpu(), select_count_torch(impacts, sigma=0.5))
 
 
-def test_detect_with_the_triton_backend_equals_the_twin():
+def test_select_count_kernel_refuses_rows_wider_than_one_program_sorts():
+    from kernels import select_count_triton
+    from kernels.select_count import MAX_SORT_WIDTH
+
+    counts = torch.zeros(MAX_SORT_WIDTH + 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="over the 16384 keys"):
+        select_count_triton(torch.rand(2, MAX_SORT_WIDTH + 1, device=DEVICE), counts, k=3)
+
+
+@pytest.mark.parametrize("max_sort_width", [None, 40])
+def test_detect_with_the_triton_backend_equals_the_twin(monkeypatch, max_sort_width):
+    """Also when rows wider than the selection kernel sorts (here: over 40) take the twin."""
+    import importlib
+
     from neurolang.detect import detect
     from neurolang.models import load_model
+
+    if max_sort_width is not None:  # tiny qwen3: ffn (40), k, v (24) rows take the kernel, q, o (48) the twin
+        monkeypatch.setattr(importlib.import_module("neurolang.detect"), "MAX_SORT_WIDTH", max_sort_width)
 
     model, tokenizer = load_model("tiny:qwen3", device=DEVICE)
     runs = [detect(model, tokenizer, "builtin", ["fr"], max_sentences=2, eval_sentences=1, max_length=12, ratio=0.1,
