@@ -535,14 +535,19 @@ def _base_stats(qr, kr, vv, token_mask, spec, acc):
 
 
 def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
-                     precision: str = "tf32x3", block_m: int = 32, block_n: int = 32, num_warps: int = 4):
+                     precision: str = "tf32x3", block_m: int = 32, block_n: int = 32, num_warps: int = 4,
+                     num_stages: int | None = None):
     """The Triton kernel of `qk_impact_torch` (same arguments and results), in float32.
 
     `precision` is how the tile products use the GPU's matrix units: `tf32x3` (the default: three
     TF32 products, float32-level accuracy, about 1e-6 relative to the largest impact on an H200),
     `ieee` (plain float32 FMAs, about twice as slow) or `tf32` (one product, about 2e-3 relative).
-    The interpreter computes all three in float32. Extra memory: float32 copies of q, k, v, cos, sin, the q/k-norm factors, the base
-    output and log-sum-exp (all O(B·heads·T·D)) and per-tile partial sums; never channels × T × T.
+    The interpreter computes all three in float32. Tiles, warps and `num_stages` (Triton's software
+    pipelining; None: its default) are tuning knobs: `benchmarks/bench_kernels.py --sweep` times
+    them on a GPU and `benchmarks/kernel_resources.py` reports their registers and spills without one.
+
+    Extra memory: float32 copies of q, k, v, cos, sin, the q/k-norm factors, the base output and
+    log-sum-exp (all O(B·heads·T·D)) and per-tile partial sums; never channels × T × T.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -580,6 +585,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
             IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
             HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs", PRECISION=precision,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+            **({} if num_stages is None else {"num_stages": num_stages}),
         )
         per_head = partial.sum(1).view(b, hq, d)
         if is_key:
