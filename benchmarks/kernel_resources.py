@@ -1,4 +1,4 @@
-"""Registers, spills and shared memory of the Q/K impact kernel per configuration, without a GPU.
+"""Registers, spills and shared memory of the Q/K impact kernels per configuration, without a GPU.
 
 Triton compiles the kernel for a target (default sm_90a: H100/H200) on any machine, and its
 bundled `ptxas -v` reports the resources of each configuration. Spilled registers go to local
@@ -21,10 +21,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.qk_impact import _qk_kernel  # noqa: E402
+from kernels.qk_impact import _qk_kernel, _qk_rough_kernel  # noqa: E402
 
 POINTERS = ("QN", "QR", "KN", "KR", "V", "COS", "SIN", "R", "RM1", "LSE", "OUT")
-SCALARS = dict(TOKENS="*i32", PARTIAL="*fp32", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32",
+SCALARS = dict(TOKENS="*i32", PARTIAL="*fp32", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32",
                softcap="fp32", window="i32")
 CONFIGS = [("tf32x3", 32, 32, 4), ("tf32x3", 16, 16, 4), ("tf32x3", 16, 32, 4), ("tf32x3", 32, 32, 8),
            ("tf32", 32, 32, 4), ("ieee", 32, 32, 4), ("ieee", 16, 16, 4)]
@@ -38,14 +38,14 @@ def ptxas_path(arch: int) -> str:
         return triton.knobs.nvidia.ptxas.path
 
 
-def resources(arch: int, precision: str, block_m: int, block_n: int, warps: int, stages: int | None,
+def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, warps: int, stages: int | None,
               head_dim: int = 128, is_key: bool = False, softcap: bool = False) -> dict:
     constants = dict(IS_KEY=is_key, HAS_NORM=False, HAS_CAP=softcap, HAS_WINDOW=softcap, PROBS=False,
                      PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
                      BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
     signature = {name: "*fp32" for name in POINTERS} | SCALARS | {name: "constexpr" for name in constants}
     options = {"num_warps": warps} | ({} if stages is None else {"num_stages": stages})
-    compiled = triton.compile(ASTSource(fn=_qk_kernel, signature=signature, constexprs=constants),
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                               target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
@@ -67,13 +67,15 @@ def main():
     stages = [None if s == "default" else int(s) for s in args.stages.split(",")]
     print(f"Q/K kernel on sm_{args.arch}a (compiled offline, triton {triton.__version__}), head_dim {args.head_dim}, "
           "query channels, no soft-cap/window/norm\n")
-    print("| precision | BLOCK_M | BLOCK_N | warps | stages | registers / thread | spill stores | shared memory |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | precision | BLOCK_M | BLOCK_N | warps | stages | registers / thread | spill stores | shared memory |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for stage in stages:
         for precision, block_m, block_n, warps in CONFIGS:
-            r = resources(args.arch, precision, block_m, block_n, warps, stage, args.head_dim)
-            print(f"| {precision} | {block_m} | {block_n} | {warps} | {stage or 'default'} | {r['registers']} | "
-                  f"{r['spill_bytes']} B | {r['shared_bytes'] // 1024} KiB |", flush=True)
+            for kernel in (_qk_kernel, _qk_rough_kernel):
+                r = resources(kernel, args.arch, precision, block_m, block_n, warps, stage, args.head_dim)
+                name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+                print(f"| {name} | {precision} | {block_m} | {block_n} | {warps} | {stage or 'default'} | "
+                      f"{r['registers']} | {r['spill_bytes']} B | {r['shared_bytes'] // 1024} KiB |", flush=True)
 
 
 if __name__ == "__main__":

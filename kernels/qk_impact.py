@@ -326,8 +326,10 @@ def qk_impact_reference(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metr
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernel: one program per (sentence·head, query tile, channel), looping over key tiles.
-# It never materialises channels × T × T: per program the state is a few [BLOCK_M, BLOCK_D] tiles.
+# Triton kernels: one program per (sentence·head, query tile, channel), looping over the key tiles
+# the query tile can see. They never materialise channels × T × T: per program the state is a few
+# [BLOCK_M, BLOCK_D] tiles. `_qk_kernel` does the common (gentle) rows and flags the others, which
+# `_qk_rough_kernel` then does in a second launch (see `_probability_change` for the two forms).
 # ----------------------------------------------------------------------------------------------
 try:
     import triton
@@ -398,32 +400,27 @@ if triton is not None:
         return allowed, logp, tl.where(allowed, dl, 0.0)
 
     @triton.jit
-    def _qk_kernel(
-        QN, QR, KN, KR, V, COS, SIN, R, RM1, LSE, OUT, TOKENS, PARTIAL,
-        T, D, n_heads, group, scaling, softcap, window,
-        IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        PROBS: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
+    def _program(QN, QR, COS, SIN, R, RM1, LSE, TOKENS, T, D, n_heads, group, scaling, window,
+                 IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """What a program (sentence·head, query tile, channel c) needs before its key loop."""
         bh = tl.program_id(0)
         m_tile = tl.program_id(1)
         c = tl.program_id(2)
         b = bh // n_heads
         h = bh % n_heads
         g = h // group
-        n_kv = n_heads // group
         half = D // 2
         p = (c + half) % D
         sign = tl.where(c < half, 1.0, -1.0)
         rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < T
-        dim_ok = dims < D
         q_base = (b * n_heads + h) * T * D
-        k_base = (b * n_kv + g) * T * D
+        k_base = (b * (n_heads // group) + g) * T * D
         cs_base = b * T * D
         tile = rows[:, None] * D + dims[None, :]
-        tile_ok = row_ok[:, None] & dim_ok[None, :]
+        tile_ok = row_ok[:, None] & (dims < D)[None, :]
         qr = tl.load(QR + q_base + tile, mask=tile_ok, other=0.0)
         lse = tl.load(LSE + (b * n_heads + h) * T + rows, mask=row_ok, other=0.0)
         row_valid = tl.load(TOKENS + b * T + rows, mask=row_ok, other=0) != 0
@@ -445,7 +442,24 @@ if triton is not None:
         lo = 0
         if HAS_WINDOW:
             lo = tl.maximum(0, m_tile * BLOCK_M - window + 1) // BLOCK_N * BLOCK_N
-        # Pass 1: W_i = Σ_j A_ij·e_ij and, for `output`, U_i = Σ_j A_ij·e_ij·V_j (the expm1 form).
+        return (b, c, p, sign, rows, row_ok, q_base, k_base, cs_base, tile, tile_ok, qr, lse, row_valid,
+                q_c, q_p, a_row, b_row, r_row, rm1_row, lo, hi)
+
+    @triton.jit
+    def _qk_kernel(
+        QN, QR, KN, KR, V, COS, SIN, R, RM1, LSE, OUT, TOKENS, PARTIAL, ROUGH,
+        T, D, n_heads, group, scaling, softcap, window,
+        IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        PROBS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """The common case, rows that move gently: W_i = Σ_j A_ij·e_ij and ‖ΔO_i‖ (or ‖ΔA_i‖²) by
+        the expm1 form. Rows that move a lot are flagged in ROUGH for `_qk_rough_kernel`."""
+        (b, c, p, sign, rows, row_ok, q_base, k_base, cs_base, tile, tile_ok, qr, lse, row_valid,
+         q_c, q_p, a_row, b_row, r_row, rm1_row, lo, hi) = _program(
+            QN, QR, COS, SIN, R, RM1, LSE, TOKENS, T, D, n_heads, group, scaling, window,
+            IS_KEY, HAS_NORM, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D)
+        dims = tl.arange(0, BLOCK_D)
         w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         d_max = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
         n_keys = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -462,16 +476,54 @@ if triton is not None:
             if not PROBS:
                 cols = n0 + tl.arange(0, BLOCK_N)
                 vt = tl.load(V + k_base + cols[:, None] * D + dims[None, :],
-                             mask=(cols < T)[:, None] & dim_ok[None, :], other=0.0)
+                             mask=(cols < T)[:, None] & (dims < D)[None, :], other=0.0)
                 u_acc += tl.dot(pe, vt, input_precision=PRECISION)
+        # A row that sees one key keeps A = 1 whatever the logits: exactly no change (not the
+        # rounding residue of U − W·O, which fused multiply-adds leave on a GPU).
+        counted = row_valid & row_ok & (n_keys > 1)
         gentle = (tl.abs(w_sum) <= 0.5) & (d_max <= 20.0)
-        # Pass 2, only when some real row moves a lot: the new softmax directly (online max and sum).
-        m_new = tl.zeros([BLOCK_M], dtype=tl.float32)
-        l_new = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        a_new = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if tl.sum(tl.where(gentle | ~(row_valid & row_ok), 0, 1), axis=0) > 0:
+        tl.store(ROUGH + (tl.program_id(0) * D + c) * T + rows, (counted & ~gentle).to(tl.int8), mask=row_ok)
+        if PROBS:
+            # Σ_j (A'_ij − A_ij)² = Σ_j (A_ij·(e_ij − W_i) / (1 + W_i))², now that W is known.
+            per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for n0 in range(lo, hi, BLOCK_N):
+                allowed, logp, dl = _tile_change(
+                    qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row,
+                    rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                    IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                change = tl.exp(logp) * (_expm1(tl.minimum(dl, 20.0)) - w_sum[:, None]) / (1.0 + w_sum[:, None])
+                per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=1)
+        else:
+            out = tl.load(OUT + q_base + tile, mask=tile_ok, other=0.0)
+            change = (u_acc - w_sum[:, None] * out) / (1.0 + w_sum[:, None])
+            per_row = tl.sum(tl.where((dims < D)[None, :], change * change, 0.0), axis=1)
+        total = tl.sum(tl.where(counted & gentle, per_row, 0.0), axis=0)
+        tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, total)
+
+    @triton.jit
+    def _qk_rough_kernel(
+        QN, QR, KN, KR, V, COS, SIN, R, RM1, LSE, OUT, TOKENS, PARTIAL, ROUGH,
+        T, D, n_heads, group, scaling, softcap, window,
+        IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        PROBS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Rows flagged by `_qk_kernel` (a large change): the new softmax directly, with its own
+        running max and sum, which stays accurate where the expm1 form would cancel or overflow.
+        A separate launch, so that the common kernel carries none of its registers; a program
+        without flagged rows does nothing (PARTIAL starts at zero)."""
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        flags = ROUGH + (tl.program_id(0) * D + tl.program_id(2)) * T + rows
+        rough = tl.load(flags, mask=rows < T, other=0) != 0
+        if tl.sum(rough.to(tl.int32), axis=0) > 0:
+            (b, c, p, sign, rows, row_ok, q_base, k_base, cs_base, tile, tile_ok, qr, lse, row_valid,
+             q_c, q_p, a_row, b_row, r_row, rm1_row, lo, hi) = _program(
+                QN, QR, COS, SIN, R, RM1, LSE, TOKENS, T, D, n_heads, group, scaling, window,
+                IS_KEY, HAS_NORM, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D)
+            dims = tl.arange(0, BLOCK_D)
             m_new = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
             l_new = tl.zeros([BLOCK_M], dtype=tl.float32)
+            a_new = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             for n0 in range(lo, hi, BLOCK_N):
                 allowed, logp, dl = _tile_change(
                     qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row,
@@ -486,35 +538,25 @@ if triton is not None:
                 if not PROBS:
                     cols = n0 + tl.arange(0, BLOCK_N)
                     vt = tl.load(V + k_base + cols[:, None] * D + dims[None, :],
-                                 mask=(cols < T)[:, None] & dim_ok[None, :], other=0.0)
+                                 mask=(cols < T)[:, None] & (dims < D)[None, :], other=0.0)
                     a_new = a_new * shift[:, None] + tl.dot(pz, vt, input_precision=PRECISION)
                 m_new = m_next
             m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows past T: keep them finite
             l_new = tl.where(l_new == 0.0, 1.0, l_new)
-        if PROBS:
-            # Pass 3: Σ_j (A'_ij − A_ij)², now that W (or the new softmax's max and sum) is known.
-            per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for n0 in range(lo, hi, BLOCK_N):
-                allowed, logp, dl = _tile_change(
-                    qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row,
-                    rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                    IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
-                prob = tl.exp(logp)
-                small = prob * (_expm1(tl.minimum(dl, 20.0)) - w_sum[:, None]) / (1.0 + w_sum[:, None])
-                large = tl.exp(logp + dl - m_new[:, None]) / l_new[:, None] - prob
-                change = tl.where(gentle[:, None], small, large)
-                per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=1)
-        else:
-            out = tl.load(OUT + q_base + tile, mask=tile_ok, other=0.0)
-            small = (u_acc - w_sum[:, None] * out) / (1.0 + w_sum[:, None])
-            large = a_new / l_new[:, None] - out
-            change = tl.where(gentle[:, None], small, large)
-            per_row = tl.sum(tl.where(dim_ok[None, :], change * change, 0.0), axis=1)
-        # A row that sees one key keeps A = 1 whatever the logits: exactly no change (not the
-        # rounding residue of U − W·O, which fused multiply-adds leave on a GPU).
-        total = tl.sum(tl.where(row_valid & row_ok & (n_keys > 1), per_row, 0.0), axis=0)
-        n_tiles = tl.num_programs(1)
-        tl.store(PARTIAL + (bh * n_tiles + m_tile) * D + c, total)
+            if PROBS:
+                per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for n0 in range(lo, hi, BLOCK_N):
+                    allowed, logp, dl = _tile_change(
+                        qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row,
+                        rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                        IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                    change = tl.exp(logp + dl - m_new[:, None]) / l_new[:, None] - tl.exp(logp)
+                    per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=1)
+            else:
+                change = a_new / l_new[:, None] - tl.load(OUT + q_base + tile, mask=tile_ok, other=0.0)
+                per_row = tl.sum(tl.where((dims < D)[None, :], change * change, 0.0), axis=1)
+            total = tl.sum(tl.where(rough, per_row, 0.0), axis=0)
+            tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, total)
 
 
 def _base_stats(qr, kr, vv, token_mask, spec, acc):
@@ -574,20 +616,22 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     has_norm_q, has_norm_k = rq is not None, rk is not None
     results = []
     for is_key, r, r_m1, has_norm in ((False, rq, rq_m1, has_norm_q), (True, rk, rk_m1, has_norm_k)):
-        partial = torch.empty(b * hq, n_tiles, d, dtype=acc, device=q.device)
+        partial = torch.zeros(2, b * hq, n_tiles, d, dtype=acc, device=q.device)  # gentle rows, rough rows
+        rough = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
         dummy = qn  # never read when the norm is absent
-        _qk_kernel[(b * hq, n_tiles, d)](
-            qn, qr, kn, kr, vv, cos, sin,
-            r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
-            lse, out, tokens, partial,
-            t, d, hq, spec.group_size, float(spec.scaling), float(spec.softcap or 1.0),
-            int(spec.sliding_window or 0),
-            IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
-            HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs", PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
-            **({} if num_stages is None else {"num_stages": num_stages}),
-        )
-        per_head = partial.sum(1).view(b, hq, d)
+        for kernel, part in ((_qk_kernel, partial[0]), (_qk_rough_kernel, partial[1])):
+            kernel[(b * hq, n_tiles, d)](
+                qn, qr, kn, kr, vv, cos, sin,
+                r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
+                lse, out, tokens, part, rough,
+                t, d, hq, spec.group_size, float(spec.scaling), float(spec.softcap or 1.0),
+                int(spec.sliding_window or 0),
+                IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
+                HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs", PRECISION=precision,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+                **({} if num_stages is None else {"num_stages": num_stages}),
+            )
+        per_head = partial.sum((0, 2)).view(b, hq, d)
         if is_key:
             per_head = per_head.view(b, hk, spec.group_size, d).sum(2)
         results.append(_finish(per_head, metric))

@@ -51,6 +51,20 @@ def test_qk_kernel_tiles_longer_than_one_block():
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_qk_kernel_rows_that_change_a_lot(metric):
+    """Large logits (q, k × 6): many rows leave the expm1 form for the direct softmax."""
+    hq, hk, d, t = 4, 2, 8, 21
+    q, k, v, mask = inputs(hq, hk, d, t, 3)
+    q, k = 6 * q, 6 * k
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, None, 5, False, 3)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric)
+    for a, r in zip((x.cpu() for x in tri), ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-7 * float(r.max()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape", [(3, 37, 50), (1, 1, 7), (2, 70, 300)])
 def test_column_sumsq_kernel(dtype, shape):
