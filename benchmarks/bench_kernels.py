@@ -269,22 +269,24 @@ def sweep(shape: str, t: int) -> str:
     x = make_inputs(shape, t, "cuda")
     base = qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"], precision="ieee")
     lines = [f"Q/K kernel sweep, {shape}, T = {t}:", "",
-             "| precision | BLOCK_M | BLOCK_N | warps | stages | median | max diff from ieee ÷ max |",
-             "|---|---|---|---|---|---|---|"]
-    # (precision, BLOCK_M, BLOCK_N, warps, num_stages): the default first, then the configurations
-    # that kernel_resources.py finds free of register spills.
-    configs = [("tf32x3", 32, 32, 4, None), ("tf32x3", 16, 32, 4, None), ("tf32x3", 32, 32, 8, None),
-               ("tf32x3", 16, 16, 4, None), ("tf32x3", 16, 32, 4, 1), ("tf32", 32, 32, 8, None), ("ieee", 32, 32, 4, None)]
-    for precision, block_m, block_n, warps, stages in configs:
+             "| precision | BLOCK_M | BLOCK_N | BLOCK_C | warps | stages | median | max diff from ieee ÷ max |",
+             "|---|---|---|---|---|---|---|---|"]
+    # (precision, BLOCK_M, BLOCK_N, BLOCK_C, warps, num_stages; None: the defaults): the default
+    # first, then neighbours that kernel_resources.py finds with few register spills.
+    configs = [("tf32x3", 16, 32, None, 8, None), ("tf32x3", 16, 32, None, 8, 2), ("tf32x3", 16, 64, None, 8, 2),
+               ("tf32x3", 16, 16, None, 8, None), ("tf32x3", 32, 32, None, 8, None), ("tf32x3", 16, 32, 4, 4, None),
+               ("tf32", 16, 32, None, 8, None), ("ieee", 16, 32, None, 8, None)]
+    for precision, block_m, block_n, block_c, warps, stages in configs:
         fn = lambda y: qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"],  # noqa: E731
-                                        precision=precision, block_m=block_m, block_n=block_n, num_warps=warps,
-                                        num_stages=stages)
+                                        precision=precision, block_m=block_m, block_n=block_n, block_c=block_c,
+                                        num_warps=warps, num_stages=stages)
         try:
             diff = max(float((a - r).abs().max() / r.abs().max()) for a, r in zip(fn(x), base))
             cell = f"{time_cuda(fn, x)[0] * 1e3:.1f} ms | {diff:.1e}"
         except Exception as err:  # noqa: BLE001
             cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
-        lines.append(f"| {precision} | {block_m} | {block_n} | {warps} | {stages or 'default'} | {cell} |")
+        lines.append(f"| {precision} | {block_m} | {block_n} | {block_c or 'auto'} | {warps} | {stages or 'default'} "
+                     f"| {cell} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 

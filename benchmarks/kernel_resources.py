@@ -26,8 +26,9 @@ from kernels.qk_impact import _qk_kernel, _qk_rough_kernel  # noqa: E402
 POINTERS = ("QN", "QR", "KN", "KR", "V", "COS", "SIN", "R", "RM1", "LSE", "OUT")
 SCALARS = dict(TOKENS="*i32", PARTIAL="*fp32", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32",
                softcap="fp32", window="i32")
-CONFIGS = [("tf32x3", 32, 32, 4), ("tf32x3", 16, 16, 4), ("tf32x3", 16, 32, 4), ("tf32x3", 32, 32, 8),
-           ("tf32", 32, 32, 4), ("ieee", 32, 32, 4), ("ieee", 16, 16, 4)]
+# (precision, BLOCK_M, BLOCK_N, BLOCK_C, warps)
+CONFIGS = [("tf32x3", 16, 32, 8, 8), ("tf32x3", 16, 16, 8, 8), ("tf32x3", 16, 64, 8, 8), ("tf32x3", 32, 32, 4, 8),
+           ("tf32x3", 16, 32, 4, 4), ("tf32x3", 16, 32, 8, 4), ("tf32", 16, 32, 8, 8), ("ieee", 16, 32, 8, 8)]
 
 
 def ptxas_path(arch: int) -> str:
@@ -38,10 +39,10 @@ def ptxas_path(arch: int) -> str:
         return triton.knobs.nvidia.ptxas.path
 
 
-def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, warps: int, stages: int | None,
+def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, block_c: int, warps: int, stages: int | None,
               head_dim: int = 128, is_key: bool = False, softcap: bool = False) -> dict:
     constants = dict(IS_KEY=is_key, HAS_NORM=False, HAS_CAP=softcap, HAS_WINDOW=softcap, PROBS=False,
-                     PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                     PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
                      BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
     signature = {name: "*fp32" for name in POINTERS} | SCALARS | {name: "constexpr" for name in constants}
     options = {"num_warps": warps} | ({} if stages is None else {"num_stages": stages})
@@ -67,14 +68,17 @@ def main():
     stages = [None if s == "default" else int(s) for s in args.stages.split(",")]
     print(f"Q/K kernel on sm_{args.arch}a (compiled offline, triton {triton.__version__}), head_dim {args.head_dim}, "
           "query channels, no soft-cap/window/norm\n")
-    print("| kernel | precision | BLOCK_M | BLOCK_N | warps | stages | registers / thread | spill stores | shared memory |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | precision | BLOCK_M | BLOCK_N | BLOCK_C | warps | stages | registers / thread | spill stores | "
+          "shared memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for stage in stages:
-        for precision, block_m, block_n, warps in CONFIGS:
+        for precision, block_m, block_n, block_c, warps in CONFIGS:
+            if args.head_dim > 128:
+                block_c //= 2  # the same 128 × 128 value-product accumulator
             for kernel in (_qk_kernel, _qk_rough_kernel):
-                r = resources(kernel, args.arch, precision, block_m, block_n, warps, stage, args.head_dim)
+                r = resources(kernel, args.arch, precision, block_m, block_n, block_c, warps, stage, args.head_dim)
                 name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-                print(f"| {name} | {precision} | {block_m} | {block_n} | {warps} | {stage or 'default'} | "
+                print(f"| {name} | {precision} | {block_m} | {block_n} | {block_c} | {warps} | {stage or 'default'} | "
                       f"{r['registers']} | {r['spill_bytes']} B | {r['shared_bytes'] // 1024} KiB |", flush=True)
 
 

@@ -334,9 +334,12 @@ def qk_impact_reference(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metr
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels: one program per (sentence·head, query tile, channel), looping over the key tiles
-# the query tile can see. They never materialise channels × T × T: per program the state is a few
-# [BLOCK_M, BLOCK_D] tiles. `_qk_kernel` does the common (gentle) rows and flags the others, which
+# Triton kernels: one program per (sentence·head, query tile, block of channels), looping over the
+# key tiles the query tile can see. A block's channels share everything that does not depend on
+# the channel: the base logits Q·Kᵀ, the masks and probabilities, the K and V tiles; their
+# perturbed probabilities are stacked into one [channels·rows, keys] @ [keys, head_dim] product.
+# They never materialise channels × T × T: per program the state is a few [channels·BLOCK_M,
+# BLOCK_D] tiles. `_qk_kernel` does the common (gentle) rows and flags the others, which
 # `_qk_rough_kernel` then does in a second launch (see `_probability_change` for the two forms).
 # ----------------------------------------------------------------------------------------------
 try:
@@ -349,11 +352,17 @@ if triton is not None:
 
     @triton.jit
     def _expm1(x):
-        # Kahan's accurate expm1: (u − 1)·x / log(u), exact to rounding where exp(x) − 1 is not.
-        u = tl.exp(x)
-        um1 = u - 1.0
-        safe = tl.where(um1 == 0.0, 1.0, tl.log(u))
-        return tl.where(um1 == 0.0, x, tl.where(tl.abs(x) > 0.5, um1, um1 * x / safe))
+        """exp(x) − 1 to float32 rounding: degree-8 Taylor (error < 1.5e-8 relative) for |x| ≤ ½,
+        where exp(x) − 1 would cancel; exp(x) − 1 beyond, where it does not. FMAs, one exp."""
+        poly = 1.0 / 40320.0
+        poly = poly * x + 1.0 / 5040.0
+        poly = poly * x + 1.0 / 720.0
+        poly = poly * x + 1.0 / 120.0
+        poly = poly * x + 1.0 / 24.0
+        poly = poly * x + 1.0 / 6.0
+        poly = poly * x + 0.5
+        poly = poly * x + 1.0
+        return tl.where(tl.abs(x) <= 0.5, poly * x, tl.exp(x) - 1.0)
 
     @triton.jit
     def _tanh(y):
@@ -362,15 +371,69 @@ if triton is not None:
         return tl.where(y < 0, -t, t)
 
     @triton.jit
-    def _tile_change(qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row, rm1_row,
-                     KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+    def _block(QN, QR, COS, SIN, R, RM1, LSE, TOKENS, T, D, n_heads, group, scaling, window,
+               IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        """What a program (sentence·head, query tile, channel block) needs before its key loop."""
+        bh = tl.program_id(0)
+        m_tile = tl.program_id(1)
+        b = bh // n_heads
+        h = bh % n_heads
+        g = h // group
+        half = D // 2
+        chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        chan_ok = chans < D
+        partners = (chans + half) % D
+        sign = tl.where(chans < half, 1.0, -1.0)
+        rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < T
+        q_base = (b * n_heads + h) * T * D
+        k_base = (b * (n_heads // group) + g) * T * D
+        cs_base = b * T * D
+        qr = tl.load(QR + q_base + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims < D)[None, :],
+                     other=0.0)
+        lse = tl.load(LSE + (b * n_heads + h) * T + rows, mask=row_ok, other=0.0)
+        row_valid = tl.load(TOKENS + b * T + rows, mask=row_ok, other=0) != 0
+        # Row-side factors [channels, rows] of the rank-2 change Δ = row_c·col_c + row_p·col_p: the
+        # query's channel and partner (key channels), or the rotary coefficients and q-norm
+        # factors of each query channel.
+        at_c = rows[None, :] * D + chans[:, None]
+        at_p = rows[None, :] * D + partners[:, None]
+        ok = chan_ok[:, None] & row_ok[None, :]
+        r_row = tl.full([BLOCK_C, BLOCK_M], 1.0, dtype=tl.float32)
+        rm1_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
+        if IS_KEY:
+            row_c = tl.load(QR + q_base + at_c, mask=ok, other=0.0)
+            row_p = tl.load(QR + q_base + at_p, mask=ok, other=0.0)
+        else:
+            qn_c = scaling * tl.load(QN + q_base + at_c, mask=ok, other=0.0)
+            row_c = qn_c * tl.load(COS + cs_base + at_c, mask=ok, other=0.0)
+            row_p = qn_c * sign[:, None] * tl.load(SIN + cs_base + at_p, mask=ok, other=0.0)
+            if HAS_NORM:
+                r_row = tl.load(R + q_base + at_c, mask=ok, other=1.0)
+                rm1_row = tl.load(RM1 + q_base + at_c, mask=ok, other=0.0)
+        # Only the key tiles this query tile can see: up to its last row (causal), from its
+        # first row's window start.
+        hi = tl.minimum(T, (m_tile + 1) * BLOCK_M)
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(0, m_tile * BLOCK_M - window + 1)
+        return (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, qr, lse, row_valid,
+                row_c, row_p, r_row, rm1_row, lo, hi)
+
+    @triton.jit
+    def _tile_change(qr, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners, sign,
+                     row_c, row_p, r_row, rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
                      IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """For one key tile: the allowed mask, base log-probabilities and the logit change of channel c."""
+        """For one key tile: the allowed mask and base log-probabilities [rows, keys], shared by
+        the block, and each channel's logit change [channels, rows, keys] (0 where not allowed)."""
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < T
         dims = tl.arange(0, BLOCK_D)
-        kr = tl.load(KR + k_base + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims < D)[None, :], other=0.0)
+        kr = tl.load(KR + k_base + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims < D)[None, :],
+                     other=0.0)
         x = scaling * tl.dot(qr, tl.trans(kr), input_precision=PRECISION)
         key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
         allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
@@ -378,80 +441,37 @@ if triton is not None:
             allowed = allowed & (rows[:, None] - cols[None, :] < window)
         allowed = (allowed | (cols[None, :] == rows[:, None])) & col_ok[None, :] & row_ok[:, None]
         if HAS_CAP:
-            logit = softcap * _tanh(x / softcap)
+            tanh_x = _tanh(x / softcap)
+            logit = softcap * tanh_x
         else:
             logit = x
         logp = tl.where(allowed, logit - lse[:, None], -float("inf"))
+        at_c = cols[None, :] * D + chans[:, None]
+        at_p = cols[None, :] * D + partners[:, None]
+        ok = chan_ok[:, None] & col_ok[None, :]
         if IS_KEY:
-            kn_c = tl.load(KN + k_base + cols * D + c, mask=col_ok, other=0.0)
-            alpha = scaling * kn_c * tl.load(COS + cs_base + cols * D + c, mask=col_ok, other=0.0)
-            beta = scaling * kn_c * sign * tl.load(SIN + cs_base + cols * D + p, mask=col_ok, other=0.0)
-            delta = q_c[:, None] * alpha[None, :] + q_p[:, None] * beta[None, :]
-            if HAS_NORM:
-                r = tl.load(R + k_base + cols * D + c, mask=col_ok, other=1.0)[None, :]
-                rm1 = tl.load(RM1 + k_base + cols * D + c, mask=col_ok, other=0.0)[None, :]
+            kn_c = scaling * tl.load(KN + k_base + at_c, mask=ok, other=0.0)
+            col_c = kn_c * tl.load(COS + cs_base + at_c, mask=ok, other=0.0)
+            col_p = kn_c * sign[:, None] * tl.load(SIN + cs_base + at_p, mask=ok, other=0.0)
         else:
-            kc = tl.load(KR + k_base + cols * D + c, mask=col_ok, other=0.0)
-            kp = tl.load(KR + k_base + cols * D + p, mask=col_ok, other=0.0)
-            delta = a_row[:, None] * kc[None, :] + b_row[:, None] * kp[None, :]
-            if HAS_NORM:
-                r = r_row[:, None]
-                rm1 = rm1_row[:, None]
+            col_c = tl.load(KR + k_base + at_c, mask=ok, other=0.0)
+            col_p = tl.load(KR + k_base + at_p, mask=ok, other=0.0)
+        delta = row_c[:, :, None] * col_c[:, None, :] + row_p[:, :, None] * col_p[:, None, :]
         if HAS_NORM:
-            dx = rm1 * x - r * delta
+            if IS_KEY:
+                r = tl.load(R + k_base + at_c, mask=ok, other=1.0)[:, None, :]
+                rm1 = tl.load(RM1 + k_base + at_c, mask=ok, other=0.0)[:, None, :]
+            else:
+                r = r_row[:, :, None]
+                rm1 = rm1_row[:, :, None]
+            dx = rm1 * x[None, :, :] - r * delta
         else:
             dx = -delta
         if HAS_CAP:
-            dl = softcap * _tanh(dx / softcap) * (1.0 - _tanh(x / softcap) * _tanh((x + dx) / softcap))
+            dl = softcap * _tanh(dx / softcap) * (1.0 - tanh_x[None, :, :] * _tanh((x[None, :, :] + dx) / softcap))
         else:
             dl = dx
-        return allowed, logp, tl.where(allowed, dl, 0.0)
-
-    @triton.jit
-    def _program(QN, QR, COS, SIN, R, RM1, LSE, TOKENS, T, D, n_heads, group, scaling, window,
-                 IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """What a program (sentence·head, query tile, channel c) needs before its key loop."""
-        bh = tl.program_id(0)
-        m_tile = tl.program_id(1)
-        c = tl.program_id(2)
-        b = bh // n_heads
-        h = bh % n_heads
-        g = h // group
-        half = D // 2
-        p = (c + half) % D
-        sign = tl.where(c < half, 1.0, -1.0)
-        rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, BLOCK_D)
-        row_ok = rows < T
-        q_base = (b * n_heads + h) * T * D
-        k_base = (b * (n_heads // group) + g) * T * D
-        cs_base = b * T * D
-        tile = rows[:, None] * D + dims[None, :]
-        tile_ok = row_ok[:, None] & (dims < D)[None, :]
-        qr = tl.load(QR + q_base + tile, mask=tile_ok, other=0.0)
-        lse = tl.load(LSE + (b * n_heads + h) * T + rows, mask=row_ok, other=0.0)
-        row_valid = tl.load(TOKENS + b * T + rows, mask=row_ok, other=0) != 0
-        # Row-side factors: the query's own channel and partner (key channels), or the rank-2
-        # coefficients and q-norm factors of query channel c.
-        q_c = tl.load(QR + q_base + rows * D + c, mask=row_ok, other=0.0)
-        q_p = tl.load(QR + q_base + rows * D + p, mask=row_ok, other=0.0)
-        qn_c = tl.load(QN + q_base + rows * D + c, mask=row_ok, other=0.0)
-        a_row = scaling * qn_c * tl.load(COS + cs_base + rows * D + c, mask=row_ok, other=0.0)
-        b_row = scaling * qn_c * sign * tl.load(SIN + cs_base + rows * D + p, mask=row_ok, other=0.0)
-        r_row = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        rm1_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if HAS_NORM and not IS_KEY:
-            r_row = tl.load(R + q_base + rows * D + c, mask=row_ok, other=1.0)
-            rm1_row = tl.load(RM1 + q_base + rows * D + c, mask=row_ok, other=0.0)
-        # Only the key tiles this query tile can see: up to its last row (causal), from its
-        # first row's window start.
-        hi = tl.minimum(T, (m_tile + 1) * BLOCK_M)
-        lo = 0
-        if HAS_WINDOW:
-            lo = tl.maximum(0, m_tile * BLOCK_M - window + 1) // BLOCK_N * BLOCK_N
-        return (b, c, p, sign, rows, row_ok, q_base, k_base, cs_base, tile, tile_ok, qr, lse, row_valid,
-                q_c, q_p, a_row, b_row, r_row, rm1_row, lo, hi)
+        return allowed, logp, tl.where(allowed[None, :, :], dl, 0.0)
 
     @triton.jit
     def _qk_kernel(
@@ -459,54 +479,58 @@ if triton is not None:
         T, D, n_heads, group, scaling, softcap, window,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """The common case, rows that move gently: W_i = Σ_j A_ij·e_ij and ‖ΔO_i‖ (or ‖ΔA_i‖²) by
         the expm1 form. Rows that move a lot are flagged in ROUGH for `_qk_rough_kernel`."""
-        (b, c, p, sign, rows, row_ok, q_base, k_base, cs_base, tile, tile_ok, qr, lse, row_valid,
-         q_c, q_p, a_row, b_row, r_row, rm1_row, lo, hi) = _program(
+        (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, qr, lse, row_valid,
+         row_c, row_p, r_row, rm1_row, lo, hi) = _block(
             QN, QR, COS, SIN, R, RM1, LSE, TOKENS, T, D, n_heads, group, scaling, window,
-            IS_KEY, HAS_NORM, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D)
+            IS_KEY, HAS_NORM, HAS_WINDOW, BLOCK_M, BLOCK_C, BLOCK_D)
         dims = tl.arange(0, BLOCK_D)
-        w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        d_max = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+        w_sum = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
+        d_max = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)  # only "≤ 20" is asked: 0 is a safe start
         n_keys = tl.zeros([BLOCK_M], dtype=tl.int32)
-        u_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
+        u_acc = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             allowed, logp, dl = _tile_change(
-                qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row, rm1_row,
-                KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                qr, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners, sign, row_c, row_p, r_row,
+                rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
                 IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
-            pe = tl.exp(logp) * _expm1(tl.minimum(dl, 20.0))
-            w_sum += tl.sum(pe, axis=1)
-            d_max = tl.maximum(d_max, tl.max(tl.where(allowed, dl, -float("inf")), axis=1))
+            pe = tl.exp(logp)[None, :, :] * _expm1(tl.minimum(dl, 20.0))
+            w_sum += tl.sum(pe, axis=2)
+            d_max = tl.maximum(d_max, tl.max(dl, axis=2))
             n_keys += tl.sum(allowed.to(tl.int32), axis=1)
             if not PROBS:
                 cols = n0 + tl.arange(0, BLOCK_N)
                 vt = tl.load(V + k_base + cols[:, None] * D + dims[None, :],
                              mask=(cols < T)[:, None] & (dims < D)[None, :], other=0.0)
-                u_acc += tl.dot(pe, vt, input_precision=PRECISION)
+                u_acc += tl.dot(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), vt, input_precision=PRECISION)
         # A row that sees one key keeps A = 1 whatever the logits: exactly no change (not the
         # rounding residue of U − W·O, which fused multiply-adds leave on a GPU).
-        counted = row_valid & row_ok & (n_keys > 1)
+        counted = (row_valid & row_ok & (n_keys > 1))[None, :]
         gentle = (tl.abs(w_sum) <= 0.5) & (d_max <= 20.0)
-        tl.store(ROUGH + (tl.program_id(0) * D + c) * T + rows, (counted & ~gentle).to(tl.int8), mask=row_ok)
+        flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
+        tl.store(flags, (counted & ~gentle).to(tl.int8), mask=chan_ok[:, None] & row_ok[None, :])
         if PROBS:
             # Σ_j (A'_ij − A_ij)² = Σ_j (A_ij·(e_ij − W_i) / (1 + W_i))², now that W is known.
-            per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for n0 in range(lo, hi, BLOCK_N):
+            per_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
+            for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                 allowed, logp, dl = _tile_change(
-                    qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row,
-                    rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                    qr, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners, sign, row_c, row_p,
+                    r_row, rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
                     IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
-                change = tl.exp(logp) * (_expm1(tl.minimum(dl, 20.0)) - w_sum[:, None]) / (1.0 + w_sum[:, None])
-                per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=1)
+                change = tl.exp(logp)[None, :, :] * (_expm1(tl.minimum(dl, 20.0)) - w_sum[:, :, None]) \
+                    / (1.0 + w_sum[:, :, None])
+                per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
         else:
-            out = tl.load(OUT + q_base + tile, mask=tile_ok, other=0.0)
-            change = (u_acc - w_sum[:, None] * out) / (1.0 + w_sum[:, None])
-            per_row = tl.sum(tl.where((dims < D)[None, :], change * change, 0.0), axis=1)
-        total = tl.sum(tl.where(counted & gentle, per_row, 0.0), axis=0)
-        tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, total)
+            out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
+                          mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
+            u = tl.reshape(u_acc, [BLOCK_C, BLOCK_M, BLOCK_D])
+            change = (u - w_sum[:, :, None] * out[None, :, :]) / (1.0 + w_sum[:, :, None])
+            per_row = tl.sum(change * change, axis=2)  # columns past D are 0 in u and out
+        total = tl.sum(tl.where(counted & gentle, per_row, 0.0), axis=1)
+        tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + chans, total, mask=chan_ok)
 
     @triton.jit
     def _qk_rough_kernel(
@@ -514,57 +538,63 @@ if triton is not None:
         T, D, n_heads, group, scaling, softcap, window,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Rows flagged by `_qk_kernel` (a large change): the new softmax directly, with its own
         running max and sum, which stays accurate where the expm1 form would cancel or overflow.
         A separate launch, so that the common kernel carries none of its registers; a program
         without flagged rows does nothing (PARTIAL starts at zero)."""
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        flags = ROUGH + (tl.program_id(0) * D + tl.program_id(2)) * T + rows
-        rough = tl.load(flags, mask=rows < T, other=0) != 0
-        if tl.sum(rough.to(tl.int32), axis=0) > 0:
-            (b, c, p, sign, rows, row_ok, q_base, k_base, cs_base, tile, tile_ok, qr, lse, row_valid,
-             q_c, q_p, a_row, b_row, r_row, rm1_row, lo, hi) = _program(
+        chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
+        rough = tl.load(flags, mask=(chans < D)[:, None] & (rows < T)[None, :], other=0) != 0
+        if tl.sum(tl.sum(rough.to(tl.int32), axis=1), axis=0) > 0:
+            (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, qr, lse, row_valid,
+             row_c, row_p, r_row, rm1_row, lo, hi) = _block(
                 QN, QR, COS, SIN, R, RM1, LSE, TOKENS, T, D, n_heads, group, scaling, window,
-                IS_KEY, HAS_NORM, HAS_WINDOW, BLOCK_M, BLOCK_N, BLOCK_D)
+                IS_KEY, HAS_NORM, HAS_WINDOW, BLOCK_M, BLOCK_C, BLOCK_D)
             dims = tl.arange(0, BLOCK_D)
-            m_new = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
-            l_new = tl.zeros([BLOCK_M], dtype=tl.float32)
-            a_new = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            for n0 in range(lo, hi, BLOCK_N):
+            m_new = tl.full([BLOCK_C, BLOCK_M], -float("inf"), dtype=tl.float32)
+            l_new = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
+            a_new = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                 allowed, logp, dl = _tile_change(
-                    qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row,
-                    rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                    qr, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners, sign, row_c, row_p,
+                    r_row, rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
                     IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
-                z = logp + dl
-                m_next = tl.maximum(m_new, tl.max(z, axis=1))
+                z = logp[None, :, :] + dl
+                m_next = tl.maximum(m_new, tl.max(z, axis=2))
                 m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
                 shift = tl.exp(m_new - m_safe)
-                pz = tl.exp(z - m_safe[:, None])
-                l_new = l_new * shift + tl.sum(pz, axis=1)
+                pz = tl.exp(z - m_safe[:, :, None])
+                l_new = l_new * shift + tl.sum(pz, axis=2)
                 if not PROBS:
                     cols = n0 + tl.arange(0, BLOCK_N)
                     vt = tl.load(V + k_base + cols[:, None] * D + dims[None, :],
                                  mask=(cols < T)[:, None] & (dims < D)[None, :], other=0.0)
-                    a_new = a_new * shift[:, None] + tl.dot(pz, vt, input_precision=PRECISION)
+                    a_new = a_new * tl.reshape(shift, [BLOCK_C * BLOCK_M])[:, None] + tl.dot(
+                        tl.reshape(pz, [BLOCK_C * BLOCK_M, BLOCK_N]), vt, input_precision=PRECISION)
                 m_new = m_next
             m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows past T: keep them finite
             l_new = tl.where(l_new == 0.0, 1.0, l_new)
             if PROBS:
-                per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-                for n0 in range(lo, hi, BLOCK_N):
+                per_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
+                for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                     allowed, logp, dl = _tile_change(
-                        qr, lse, rows, row_ok, n0, b, k_base, cs_base, c, p, sign, q_c, q_p, a_row, b_row, r_row,
-                        rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                        qr, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners, sign, row_c, row_p,
+                        r_row, rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
                         IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
-                    change = tl.exp(logp + dl - m_new[:, None]) / l_new[:, None] - tl.exp(logp)
-                    per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=1)
+                    change = tl.exp(logp[None, :, :] + dl - m_new[:, :, None]) / l_new[:, :, None] \
+                        - tl.exp(logp)[None, :, :]
+                    per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
             else:
-                change = a_new / l_new[:, None] - tl.load(OUT + q_base + tile, mask=tile_ok, other=0.0)
-                per_row = tl.sum(tl.where((dims < D)[None, :], change * change, 0.0), axis=1)
-            total = tl.sum(tl.where(rough, per_row, 0.0), axis=0)
-            tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, total)
+                out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
+                              mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
+                change = tl.reshape(a_new, [BLOCK_C, BLOCK_M, BLOCK_D]) / l_new[:, :, None] - out[None, :, :]
+                per_row = tl.sum(change * change, axis=2)
+            total = tl.sum(tl.where(rough, per_row, 0.0), axis=1)
+            tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + chans, total,
+                     mask=chan_ok)
 
 
 def _base_stats(qr, kr, vv, token_mask, spec, acc):
@@ -585,17 +615,34 @@ def _base_stats(qr, kr, vv, token_mask, spec, acc):
     return lse, out
 
 
+def default_channel_block(block_m: int, head_dim: int) -> int:
+    """Channels per program: the power of two that makes the stacked value product 128 × 128
+    floats (8 channels of 16 rows at head_dim 128, 4 at 256), never more than the head has."""
+    channels = 1 << (head_dim - 1).bit_length()
+    fit = max(1, (128 * 128) // (block_m * max(16, channels)))
+    return min(1 << (fit.bit_length() - 1), channels)
+
+
+def default_stages(block_d: int) -> int:
+    """Software-pipelining depth: Triton's usual 3, but 2 for head_dim 256, whose K and V tiles
+    in three stages need more shared memory than an H100 has (about 228 KiB, sm_90a compile)."""
+    return 2 if block_d > 128 else 3
+
+
 def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
-                     precision: str = "tf32x3", block_m: int = 32, block_n: int = 32, num_warps: int = 4,
-                     num_stages: int | None = None):
+                     precision: str = "tf32x3", block_m: int = 16, block_n: int = 32, block_c: int | None = None,
+                     num_warps: int = 8, num_stages: int | None = None):
     """The Triton kernel of `qk_impact_torch` (same arguments and results), in float32.
 
     `precision` is how the tile products use the GPU's matrix units: `tf32x3` (the default: three
     TF32 products, float32-level accuracy, about 1e-6 relative to the largest impact on an H200),
     `ieee` (plain float32 FMAs, about twice as slow) or `tf32` (one product, about 2e-3 relative).
-    The interpreter computes all three in float32. Tiles, warps and `num_stages` (Triton's software
-    pipelining; None: its default) are tuning knobs: `benchmarks/bench_kernels.py --sweep` times
-    them on a GPU and `benchmarks/kernel_resources.py` reports their registers and spills without one.
+    The interpreter computes all three in float32. A program takes `block_m` query rows and
+    `block_c` channels (a power of two; None: as many as keep its value-product accumulator of
+    block_c·block_m rows × head_dim at 128 × 128 floats), looping over key tiles of `block_n`.
+    Tiles, warps and `num_stages` (Triton's software pipelining; None: `default_stages`) are tuning
+    knobs: `benchmarks/bench_kernels.py --sweep` times them on a GPU and
+    `benchmarks/kernel_resources.py` reports their registers and spills without one.
 
     Extra memory: float32 copies of q, k, v, cos, sin, the q/k-norm factors, the base output and
     log-sum-exp (all O(B·heads·T·D)) and per-tile partial sums; never channels × T × T.
@@ -622,6 +669,10 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     tokens = token_mask.to(torch.int32).contiguous()
     n_tiles = triton.cdiv(t, block_m)
     block_d = max(16, triton.next_power_of_2(d))
+    if block_c is None:
+        block_c = default_channel_block(block_m, d)
+    if block_c < 1 or block_c & (block_c - 1) or block_c * block_m < 16:
+        raise ValueError(f"block_c must be a power of two with block_c·block_m ≥ 16, not {block_c}")
     has_norm_q, has_norm_k = rq is not None, rk is not None
     results = []
     for is_key, r, r_m1, has_norm in ((False, rq, rq_m1, has_norm_q), (True, rk, rk_m1, has_norm_k)):
@@ -629,7 +680,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         rough = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
         dummy = qn  # never read when the norm is absent
         for kernel, part in ((_qk_kernel, partial[0]), (_qk_rough_kernel, partial[1])):
-            kernel[(b * hq, n_tiles, d)](
+            kernel[(b * hq, n_tiles, triton.cdiv(d, block_c))](
                 qn, qr, kn, kr, vv, cos, sin,
                 r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
                 lse, out, tokens, part, rough,
@@ -637,8 +688,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
                 int(spec.sliding_window or 0),
                 IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
                 HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs", PRECISION=precision,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
-                **({} if num_stages is None else {"num_stages": num_stages}),
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps,
+                num_stages=default_stages(block_d) if num_stages is None else num_stages,
             )
         per_head = partial.sum((0, 2)).view(b, hq, d)
         if is_key:

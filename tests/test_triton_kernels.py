@@ -4,10 +4,12 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels import masked_column_sumsq_torch, masked_column_sumsq_triton, qk_impact_reference, qk_impact_triton
 from kernels.dispatch import resolve_backend
-from kernels.qk_impact import METRICS
+from kernels.qk_impact import METRICS, _expm1
 from neurolang.cli import main
 from test_qk_impact import CASES, inputs, rope, spec_for
 
@@ -15,6 +17,12 @@ DEVICE = "cuda" if os.environ.get("NEUROLANG_GPU_TESTS") == "1" and torch.cuda.i
 # The interpreter computes every dot in float32; on a GPU the three-TF32 products are checked too.
 # (One-TF32 `tf32` is about 1e-3 relative: benchmarks/bench_kernels.py --accuracy reports it.)
 PRECISIONS = ("ieee", "tf32x3") if DEVICE == "cuda" else ("ieee",)
+
+
+@triton.jit
+def _expm1_of(X, Y, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, _expm1(tl.load(X + offs, mask=offs < N)), mask=offs < N)
 
 
 def on_device(*tensors):
@@ -39,14 +47,16 @@ def test_qk_kernel_matches_float64_reference(case, metric, precision):
     torch.testing.assert_close(tri_k.double(), ref_k, rtol=1e-5, atol=max(1e-7 * float(ref_k.max()), 1e-12))
 
 
-def test_qk_kernel_tiles_longer_than_one_block():
-    """T spans several query and key tiles, with a window shorter than a tile."""
+@pytest.mark.parametrize("block_c", [None, 2, 4])
+def test_qk_kernel_tiles_longer_than_one_block(block_c):
+    """T spans several query and key tiles, with a window shorter than a tile; the head's channels
+    in one block (of 8, two past head_dim), in three, or in two with the last one half empty."""
     hq, hk, d, t = 3, 1, 6, 37
     q, k, v, mask = inputs(hq, hk, d, t, 5)
     cos, sin = rope(t, d, torch.float64)
     spec = spec_for(hq, hk, d, 4.0, 7, True, 5)
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec)
-    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec)
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, block_c=block_c)
     for a, r in zip((t.cpu() for t in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
@@ -63,6 +73,34 @@ def test_qk_kernel_rows_that_change_a_lot(metric):
     tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric)
     for a, r in zip((x.cpu() for x in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-7 * float(r.max()))
+
+
+def test_qk_channel_blocks():
+    from kernels.qk_impact import default_channel_block
+
+    assert [default_channel_block(16, d) for d in (6, 64, 128, 256)] == [8, 16, 8, 4]
+    assert default_channel_block(32, 128) == 4
+    q, k, v, mask = inputs(2, 1, 8, 3, 0)
+    cos, sin = rope(3, 8, torch.float64)
+    with pytest.raises(ValueError, match="block_c must be a power of two"):
+        qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec_for(2, 1, 8, None, None, False, 0),
+                         block_c=3)
+
+
+def test_kernel_expm1_is_accurate_to_float32_rounding():
+    """The kernels' expm1 (a polynomial near 0, exp − 1 beyond) against float64, across the
+    range the impacts use (logit changes are clamped at 20), including the switch at ±½."""
+    x = torch.cat([torch.linspace(-20, 20, 4001), torch.linspace(-0.6, 0.6, 2401), torch.logspace(-30, -1, 200),
+                   -torch.logspace(-30, -1, 200), torch.tensor([0.0, 0.5, -0.5])]).to(DEVICE)
+    y = torch.empty_like(x)
+    _expm1_of[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    expected = torch.expm1(x.double())
+    relative = ((y.double() - expected).abs() / expected.abs().clamp_min(1e-300)).cpu()
+    poly = x.abs().cpu() <= 0.5
+    # The polynomial: two float32 roundings (2^-24 ≈ 6e-8 each); one degree less would be 2e-7.
+    assert float(relative[poly].max()) < 1.5e-7
+    # exp(x) − 1: a few roundings, plus, on a GPU, that of exp's scaled argument (∝ |x|).
+    assert bool((relative[~poly] < 3e-7 + 1e-7 * x[~poly].abs().cpu()).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
