@@ -275,6 +275,7 @@ def sweep(shape: str, t: int) -> str:
     # first, then neighbours that kernel_resources.py finds with few register spills.
     configs = [("tf32x3", 16, 32, None, 8, None), ("tf32x3", 16, 32, None, 8, 2), ("tf32x3", 16, 64, None, 8, 2),
                ("tf32x3", 16, 16, None, 8, None), ("tf32x3", 32, 32, None, 8, None), ("tf32x3", 16, 32, 4, 4, None),
+               ("tf32x3", 16, 32, 2, 8, None),
                ("tf32", 16, 32, None, 8, None), ("ieee", 16, 32, None, 8, None)]
     for precision, block_m, block_n, block_c, warps, stages in configs:
         fn = lambda y: qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"],  # noqa: E731

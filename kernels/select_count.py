@@ -47,30 +47,78 @@ except ImportError:  # pragma: no cover - the torch twin stays available
 if triton is not None:
 
     @triton.jit
+    def _order_bits(base, cols, valid):
+        """Impacts (≥ 0) as int32 bits, which order like the values (−0.0 counted as 0.0)."""
+        values = tl.load(base + cols, mask=valid, other=0.0).to(tl.float32)
+        return tl.where(values == 0.0, 0, values.to(tl.int32, bitcast=True))
+
+    @triton.jit
     def _select_count_kernel(IMPACTS, COUNTS, ORDER, W, stride_row, k, sigma,
-                             USE_SIGMA: tl.constexpr, BLOCK: tl.constexpr):
+                             USE_SIGMA: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr):
         """One program per sentence: select its activated neurons and add them to the counts.
 
-        Top-k: impacts are ≥ 0, so their float bits order like the values; each is packed with
-        (BLOCK − 1 − index) into an int64 key whose descending sort lists the largest impacts first
-        and, among equal ones, the lower index first (the stable order of `top_k_order`).
+        Top-k without sorting the row: a radix select finds the k-th largest impact v in four
+        passes over the row (one byte of its bits per pass, from a 256-bin histogram of the
+        impacts that match the bytes found so far); a last pass gathers, in index order, every
+        impact above v and the first ties at v, exactly k; only those k are sorted, as int64 keys
+        (bits << 32 | W − 1 − index) whose descending order lists the largest impacts first and,
+        among equal ones, the lower index first (the stable order of `top_k_order`).
         """
         row = tl.program_id(0)
+        base = IMPACTS + row * stride_row
         offs = tl.arange(0, BLOCK)
-        valid = offs < W
-        values = tl.load(IMPACTS + row * stride_row + offs, mask=valid, other=-1.0).to(tl.float32)
         if USE_SIGMA:
-            tl.atomic_add(COUNTS + offs, (values > sigma).to(tl.int32), mask=valid)
+            for start in range(0, W, BLOCK):
+                cols = start + offs
+                valid = cols < W
+                values = tl.load(base + cols, mask=valid, other=0.0).to(tl.float32)
+                tl.atomic_add(COUNTS + cols, (values > sigma).to(tl.int32), mask=valid)
         else:
-            bits = values.to(tl.int32, bitcast=True).to(tl.int64)  # padding (−1.0) is negative: last
-            keys = tl.sort((bits << 32) | (BLOCK - 1 - offs).to(tl.int64), descending=True)
-            index = (BLOCK - 1 - (keys & 0xFFFFFFFF)).to(tl.int32)
-            top = offs < k
-            tl.atomic_add(COUNTS + index, tl.full([BLOCK], 1, tl.int32), mask=top)
-            tl.store(ORDER + row * k + offs, index, mask=top)
+            bins = tl.arange(0, 512)  # bytes 0…255; bin 256 takes what does not match
+            prefix = tl.zeros([], dtype=tl.int32)  # the bytes found so far (the bits are ≥ 0)
+            need = tl.zeros([], dtype=tl.int32) + k  # how many of those matching the prefix to take
+            for byte in tl.static_range(4):
+                shift = 24 - 8 * byte
+                hist = tl.zeros([512], dtype=tl.int32)
+                for start in range(0, W, BLOCK):
+                    cols = start + offs
+                    valid = cols < W
+                    bits = _order_bits(base, cols, valid)
+                    match = valid
+                    if byte > 0:
+                        match = match & ((bits >> (shift + 8)) == (prefix >> (shift + 8)))
+                    hist += tl.histogram(tl.where(match, (bits >> shift) & 255, 256), 512)
+                hist = tl.where(bins < 256, hist, 0)
+                at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # matching with byte ≥ bin
+                digit = tl.max(tl.where(at_least >= need, bins, -1), axis=0)
+                need -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+                prefix = prefix | (digit << shift)
+            # prefix is now the bits of the k-th largest impact; `need` of its ties are taken.
+            taken = tl.zeros([], dtype=tl.int32)
+            ties = tl.zeros([], dtype=tl.int32)
+            for start in range(0, W, BLOCK):
+                cols = start + offs
+                valid = cols < W
+                bits = _order_bits(base, cols, valid)
+                equal = (valid & (bits == prefix)).to(tl.int32)
+                take = (valid & (bits > prefix)) | ((equal != 0) & (ties + tl.cumsum(equal, axis=0) - equal < need))
+                take32 = take.to(tl.int32)
+                tl.store(ORDER + row * k + taken + tl.cumsum(take32, axis=0) - take32, cols, mask=take)
+                taken += tl.sum(take32, axis=0)
+                ties += tl.sum(equal, axis=0)
+            tl.debug_barrier()  # the k gathered indices, written by other threads of this program
+            slots = tl.arange(0, K_BLOCK)
+            in_k = slots < k
+            index = tl.load(ORDER + row * k + slots, mask=in_k, other=0)
+            bits = _order_bits(base, index, in_k).to(tl.int64)
+            keys = tl.where(in_k, (bits << 32) | (W - 1 - index).to(tl.int64), -1)
+            index = (W - 1 - (tl.sort(keys, descending=True) & 0xFFFFFFFF)).to(tl.int32)
+            tl.debug_barrier()
+            tl.store(ORDER + row * k + slots, index, mask=in_k)
+            tl.atomic_add(COUNTS + index, tl.full([K_BLOCK], 1, tl.int32), mask=in_k)
 
 
-MAX_SORT_WIDTH = 16384  # a row's int64 keys must fit one program's shared memory (Hopper: 227 KiB)
+MAX_TOP_K = 16384  # the k selected impacts are sorted as int64 keys in one program's shared memory
 
 
 def select_count_triton(impacts: torch.Tensor, counts: torch.Tensor, k: int | None = None,
@@ -79,17 +127,19 @@ def select_count_triton(impacts: torch.Tensor, counts: torch.Tensor, k: int | No
     `counts` (int32 [W], in place) and returns the top-k order [B, k] (int32; None with σ).
 
     Same selection as `select_count_torch` / `top_k_order`: impacts must be non-negative floats.
+    Any width; k up to MAX_TOP_K.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
     if (k is None) == (sigma is None):
         raise ValueError("give exactly one of k and sigma")
     b, w = impacts.shape
-    if w > MAX_SORT_WIDTH:
-        raise ValueError(f"width {w} is over the {MAX_SORT_WIDTH} keys one program can sort")
+    if k is not None and not 1 <= k <= min(w, MAX_TOP_K):
+        raise ValueError(f"top-k of {k} out of {w}: the kernel selects 1 to min(width, {MAX_TOP_K})")
     impacts = impacts if impacts.stride(-1) == 1 else impacts.contiguous()
     order = None if k is None else torch.empty(b, k, dtype=torch.int32, device=impacts.device)
     _select_count_kernel[(b,)](impacts, counts, order if order is not None else counts, w, impacts.stride(0),
                                k or 0, float(sigma or 0.0), USE_SIGMA=sigma is not None,
-                               BLOCK=triton.next_power_of_2(w), num_warps=8 if w > 4096 else 4)
+                               BLOCK=min(4096, triton.next_power_of_2(w)),
+                               K_BLOCK=triton.next_power_of_2(k or 1), num_warps=8 if w > 4096 else 4)
     return order

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kernels import count_selected, resolve_backend, select_count_torch, select_count_triton, top_k_order, top_k_size
-from kernels.select_count import MAX_SORT_WIDTH
+from kernels.select_count import MAX_TOP_K
 from neurolang.adapters import GROUPS, ModelAdapter
 from neurolang.corpus import encode, load_corpus, pad_batch, split_indices
 from neurolang.errors import NeurolangError
@@ -155,9 +155,9 @@ def count_activations(adapter: ModelAdapter, seqs, pad_id: int, *, ratio=0.01, s
 
     def on_layer(layer, impacts):
         for group, values in impacts.items():
-            # One launch per (layer, group) selects, counts and ranks the batch; rows wider than one
-            # program can sort (e.g. Qwen2.5-7B's 18944 FFN neurons) take the twin, also on the device.
-            if on_triton and values.shape[1] <= MAX_SORT_WIDTH:
+            # One launch per (layer, group) selects, counts and ranks the batch; a k over what one
+            # program sorts (ρ·width > 16384: far above the paper's 1 %) takes the twin, also on the device.
+            if on_triton and (ks[group] or 0) <= MAX_TOP_K:
                 chosen = select_count_triton(values.float(), counts[group][layer], k=ks[group], sigma=sigma)
                 if chosen is not None:
                     ranks[group][rows, layer] = chosen

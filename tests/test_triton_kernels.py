@@ -143,17 +143,22 @@ def test_verify_triton_backend_end_to_end(tmp_path, capsys):
     assert "backend triton" in out and "PASS" in out
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (6, 128), (4, 300)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (6, 128), (4, 300), (3, 9000), (2, 18944)])
 def test_select_count_kernel_matches_the_twin(shape):
-    """Top-k order and counts (ties included: equal impacts go to the lower index) and σ mode."""
+    """Top-k order and counts (ties included: equal impacts go to the lower index) and σ mode,
+    for rows of one chunk and of several (the kernel reads 4096 impacts at a time)."""
     from kernels import count_selected, select_count_torch, select_count_triton, top_k_order
 
     b, w = shape
     gen = torch.Generator().manual_seed(w)
     impacts = torch.rand(b, w, generator=gen)
-    impacts[:, ::5] = impacts[:, :1].clone()  # exact ties
+    impacts[:, ::5] = impacts[:, :1].clone()  # exact ties, in every chunk
     impacts[0] = 0.25  # a row of one value
-    for k in sorted({1, max(1, w // 10), w}):
+    if b > 2:
+        impacts[1, ::2] = 0.0  # zeros, and −0.0, which is as large as 0.0
+        impacts[1, ::3] = -0.0
+        impacts[2] = 1 + torch.randint(0, 300, (w,), generator=gen) * 2.0 ** -23  # equal to the last bytes
+    for k in sorted({1, max(1, w // 100), max(1, w // 10), w if w < 1000 else 1}):  # (a sort of 9000: minutes here)
         counts = torch.full((w,), 7, dtype=torch.int32, device=DEVICE)  # incremented in place
         order = select_count_triton(impacts.to(DEVICE), counts, k=k)
         assert torch.equal(order.cpu().long(), top_k_order(impacts, k))
@@ -163,25 +168,26 @@ def test_select_count_kernel_matches_the_twin(shape):
     assert torch.equal(counts.cpu(), select_count_torch(impacts, sigma=0.5))
 
 
-def test_select_count_kernel_refuses_rows_wider_than_one_program_sorts():
+def test_select_count_kernel_refuses_a_k_it_cannot_sort():
     from kernels import select_count_triton
-    from kernels.select_count import MAX_SORT_WIDTH
+    from kernels.select_count import MAX_TOP_K
 
-    counts = torch.zeros(MAX_SORT_WIDTH + 1, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="over the 16384 keys"):
-        select_count_triton(torch.rand(2, MAX_SORT_WIDTH + 1, device=DEVICE), counts, k=3)
+    counts = torch.zeros(MAX_TOP_K + 1, dtype=torch.int32, device=DEVICE)
+    for k in (0, MAX_TOP_K + 1):
+        with pytest.raises(ValueError, match="the kernel selects 1 to min"):
+            select_count_triton(torch.rand(2, MAX_TOP_K + 1, device=DEVICE), counts, k=k)
 
 
-@pytest.mark.parametrize("max_sort_width", [None, 40])
-def test_detect_with_the_triton_backend_equals_the_twin(monkeypatch, max_sort_width):
-    """Also when rows wider than the selection kernel sorts (here: over 40) take the twin."""
+@pytest.mark.parametrize("max_top_k", [None, 3])
+def test_detect_with_the_triton_backend_equals_the_twin(monkeypatch, max_top_k):
+    """Also when a k over what the selection kernel sorts (here: over 3) takes the twin."""
     import importlib
 
     from neurolang.detect import detect
     from neurolang.models import load_model
 
-    if max_sort_width is not None:  # tiny qwen3: ffn (40), k, v (24) rows take the kernel, q, o (48) the twin
-        monkeypatch.setattr(importlib.import_module("neurolang.detect"), "MAX_SORT_WIDTH", max_sort_width)
+    if max_top_k is not None:  # tiny qwen3, ρ = 0.1: k, v (k = 2) take the kernel, ffn, q, o (k = 4) the twin
+        monkeypatch.setattr(importlib.import_module("neurolang.detect"), "MAX_TOP_K", max_top_k)
 
     model, tokenizer = load_model("tiny:qwen3", device=DEVICE)
     runs = [detect(model, tokenizer, "builtin", ["fr"], max_sentences=2, eval_sentences=1, max_length=12, ratio=0.1,
