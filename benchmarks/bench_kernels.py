@@ -292,6 +292,32 @@ def sweep(shape: str, t: int) -> str:
     return "\n".join(lines)
 
 
+def ffn_sweep(shape: str, t: int) -> str:
+    """FFN-impact kernel time for each tile and warp count (CUDA), as a multiple of reading H once."""
+    from kernels import masked_column_sumsq_triton
+
+    x = make_inputs(shape, t, "cuda")
+    floor = x["h"].numel() * x["h"].element_size() / copy_bandwidth()
+    base = masked_column_sumsq_triton(x["h"], x["h_mask"])
+    lines = [f"FFN kernel sweep, {shape}, T = {t}, {FFN_BATCH} sentences (read H once: {floor * 1e3:.3f} ms):", "",
+             "| BLOCK_T | BLOCK_C | warps | programs | median | time ÷ floor |", "|---|---|---|---|---|---|"]
+    # (BLOCK_T, BLOCK_C, warps, programs): the default first, then more bytes in flight per program or more programs.
+    configs = [(32, 256, 4, 2048), (64, 256, 4, 2048), (64, 256, 8, 2048), (128, 256, 8, 2048), (32, 512, 8, 2048),
+               (64, 128, 4, 4096), (32, 256, 4, 8192), (128, 512, 8, 1024)]
+    for block_t, block_c, warps, programs in configs:
+        fn = lambda y: masked_column_sumsq_triton(y["h"], y["h_mask"], programs=programs, block_t=block_t,  # noqa: E731
+                                                  block_c=block_c, num_warps=warps)
+        try:
+            assert torch.allclose(fn(x), base, rtol=1e-5)
+            seconds = time_cuda(fn, x)[0]
+            cell = f"{seconds * 1e3:.3f} ms | {seconds / floor:.2f}"
+        except Exception as err:  # noqa: BLE001
+            cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
+        lines.append(f"| {block_t} | {block_c} | {warps} | {programs} | {cell} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def accuracy(shapes: str, t: int = 256) -> str:
     """Each Q/K fast path against the float64 reference: max relative error and top-1 % overlap."""
     from kernels import qk_impact_triton
@@ -331,7 +357,8 @@ def main():
     parser.add_argument("--max-reference-t", type=int, default=2048, help="skip the reference above this T")
     parser.add_argument("--ops", default="qk,ffn,select",
                         help="operations (qk, ffn, select) or implementations (qk/triton, ...) to time")
-    parser.add_argument("--sweep", action="store_true", help="CUDA: Q/K tile sizes and precisions (llama3.1-8b)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="CUDA: Q/K tiles and precisions, FFN tiles (the first of --shapes)")
     parser.add_argument("--sweep-t", type=int, default=1024)
     parser.add_argument("--accuracy", action="store_true", help="CUDA: Q/K precisions against float64")
     parser.add_argument("--out", help="also write the table (Markdown) here")
@@ -348,6 +375,7 @@ def main():
         parts.append(accuracy(args.shapes))
     if args.sweep:
         parts.append(sweep(args.shapes.split(",")[0], args.sweep_t))
+        parts.append(ffn_sweep(args.shapes.split(",")[0], 2048))
     if args.ops:
         parts.append(run(args))
     text = "\n\n".join(parts)

@@ -57,23 +57,26 @@ if triton is not None:
         tl.store(PARTIAL + (s * tl.num_programs(0) + b) * C + cols, acc, mask=col_ok)
 
 
-def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, programs: int = 2048) -> torch.Tensor:
+def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, programs: int = 2048, block_t: int = 32,
+                               block_c: int = 256, num_warps: int = 4) -> torch.Tensor:
     """The Triton kernel of `masked_column_sumsq_torch`: one pass over x, float32 accumulation.
 
     Tokens are split into spans so that about `programs` programs share the read even for one
-    sentence; the spans' partial sums (a few rows of [B, C]) are added at the end.
+    sentence; the spans' partial sums (a few rows of [B, C]) are added at the end. A program
+    reads tiles of `block_t` tokens × `block_c` columns; these and `num_warps` are tuning knobs
+    (`benchmarks/bench_kernels.py --sweep` times them on a GPU).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
     b, t, c = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     tokens = token_mask.to(torch.int32).contiguous()
-    block_t, block_c = 32, min(256, triton.next_power_of_2(c))
+    block_c = min(block_c, triton.next_power_of_2(c))
     column_blocks = triton.cdiv(c, block_c)
     spans = max(1, min(triton.cdiv(t, block_t), programs // (b * column_blocks)))
     span = triton.cdiv(triton.cdiv(t, spans), block_t) * block_t
     spans = triton.cdiv(t, span)
     partial = torch.empty(spans, b, c, dtype=torch.float32, device=x.device)
     _column_sumsq_kernel[(b, column_blocks, spans)](x, tokens, partial, t, c, span, x.stride(0), x.stride(1),
-                                                   BLOCK_T=block_t, BLOCK_C=block_c)
+                                                   BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps)
     return partial.sum(0)
