@@ -42,19 +42,22 @@ if triton is not None:
     @triton.jit
     def _column_sumsq_kernel(X, TOKENS, PARTIAL, T, C, span, stride_b, stride_t,
                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Program (sentence b, column block, token span s): Σ x² over the real tokens of span s."""
+        """Program (sentence b, column block, token span s): Σ x² over the real tokens of span s.
+
+        Squares accumulate element-wise in a [BLOCK_T, BLOCK_C] tile, reduced over tokens once at
+        the end: no cross-thread reduction (and barrier) per tile in the streaming loop."""
         b = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         s = tl.program_id(2)
         col_ok = cols < C
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for t0 in range(s * span, tl.minimum(T, (s + 1) * span), BLOCK_T):
             ts = t0 + tl.arange(0, BLOCK_T)
             keep = tl.load(TOKENS + b * T + ts, mask=ts < T, other=0) != 0
             x = tl.load(X + b * stride_b + ts[:, None] * stride_t + cols[None, :],
                         mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(x * x, axis=0)
-        tl.store(PARTIAL + (s * tl.num_programs(0) + b) * C + cols, acc, mask=col_ok)
+            acc += x * x
+        tl.store(PARTIAL + (s * tl.num_programs(0) + b) * C + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
 def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, programs: int = 2048, block_t: int = 32,
