@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one call: kernel tests on the device, accuracy, tile sweep, kernel table.
+# The GPU checks in one call: kernel tests on the device, accuracy, Q/K and FFN tile sweeps, kernel table.
 # Usage (on a CUDA machine, from the repository root): bash benchmarks/run_gpu.sh OUT_DIR
 # Each step has its own time limit, and writes its log to OUT_DIR as it goes.
 set -u
@@ -14,7 +14,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the image has no package in
 cat "$out/env.txt"
 NEUROLANG_GPU_TESTS=1 timeout "${TEST_S:-150}" python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark tests/test_triton_kernels.py \
   2>&1 | tee "$out/tests.log" | tail -15
-timeout "${SWEEP_S:-120}" python3 benchmarks/bench_kernels.py --accuracy --sweep --ops "" --shapes llama3.1-8b,gemma2-9b \
+timeout "${SWEEP_S:-150}" python3 benchmarks/bench_kernels.py --accuracy --sweep --ops "" --shapes llama3.1-8b,gemma2-9b \
   --out "$out/sweep.md" 2>"$out/sweep.log"; tail -3 "$out/sweep.log"
 timeout "${TABLE_S:-240}" python3 benchmarks/bench_kernels.py --ops qk/reference,qk/triton,ffn,select --out "$out/kernels.md" 2>&1 | tee "$out/kernels.log" \
   | grep -v "^{" | tail -45

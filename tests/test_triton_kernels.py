@@ -99,8 +99,9 @@ def test_kernel_expm1_is_accurate_to_float32_rounding():
     poly = x.abs().cpu() <= 0.5
     # The polynomial: two float32 roundings (2^-24 ≈ 6e-8 each); one degree less would be 2e-7.
     assert float(relative[poly].max()) < 1.5e-7
-    # exp(x) − 1: a few roundings, plus, on a GPU, that of exp's scaled argument (∝ |x|).
-    assert bool((relative[~poly] < 3e-7 + 1e-7 * x[~poly].abs().cpu()).all())
+    # exp(x) − 1: exp's error (a GPU's ex2.approx: 2^-22 relative), times exp(x) / |exp(x) − 1| ≤ 2.6
+    # beyond ½, plus, on a GPU, the rounding of exp's scaled argument (∝ |x|).
+    assert bool((relative[~poly] < 7e-7 + 1e-7 * x[~poly].abs().cpu()).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
