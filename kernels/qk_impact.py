@@ -488,10 +488,9 @@ if triton is not None:
             QN, QR, COS, SIN, R, RM1, LSE, TOKENS, T, D, n_heads, group, scaling, window,
             IS_KEY, HAS_NORM, HAS_WINDOW, BLOCK_M, BLOCK_C, BLOCK_D)
         dims = tl.arange(0, BLOCK_D)
-        # W, the largest logit change and the keys seen accumulate element-wise, reduced over keys
-        # once after the loop (per tile, the reductions cost 160 shuffles a thread in sm_90a SASS).
+        # W and the keys seen accumulate element-wise, reduced over keys once after the loop (per
+        # tile, the reductions cost 160 shuffles a thread in sm_90a SASS).
         w_acc = tl.zeros([BLOCK_C, BLOCK_M, BLOCK_N], dtype=tl.float32)
-        d_acc = tl.zeros([BLOCK_C, BLOCK_M, BLOCK_N], dtype=tl.float32)  # only "≤ 20" is asked: 0 is a safe start
         n_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         u_acc = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
         for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
@@ -499,9 +498,10 @@ if triton is not None:
                 qr, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners, sign, row_c, row_p, r_row,
                 rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
                 IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
-            pe = tl.exp(logp)[None, :, :] * _expm1(tl.minimum(dl, 20.0))
+            # A logit up by more than 20 makes W infinite (or NaN where A underflowed to 0): the
+            # row is not gentle, and the rough kernel redoes it.
+            pe = tl.exp(logp)[None, :, :] * tl.where(dl > 20.0, float("inf"), _expm1(dl))
             w_acc += pe
-            d_acc = tl.maximum(d_acc, dl)
             n_acc += allowed.to(tl.int32)
             if not PROBS:
                 cols = n0 + tl.arange(0, BLOCK_N)
@@ -509,12 +509,11 @@ if triton is not None:
                              mask=(cols < T)[:, None] & (dims < D)[None, :], other=0.0)
                 u_acc += tl.dot(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), vt, input_precision=PRECISION)
         w_sum = tl.sum(w_acc, axis=2)
-        d_max = tl.max(d_acc, axis=2)
         n_keys = tl.sum(n_acc, axis=1)
         # A row that sees one key keeps A = 1 whatever the logits: exactly no change (not the
         # rounding residue of U − W·O, which fused multiply-adds leave on a GPU).
         counted = (row_valid & row_ok & (n_keys > 1))[None, :]
-        gentle = (tl.abs(w_sum) <= 0.5) & (d_max <= 20.0)
+        gentle = tl.abs(w_sum) <= 0.5  # False for NaN
         flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
         tl.store(flags, (counted & ~gentle).to(tl.int8), mask=chan_ok[:, None] & row_ok[None, :])
         if PROBS:
