@@ -373,13 +373,13 @@ if triton is not None:
     @triton.jit
     def _dot(a, b, acc, PRECISION: tl.constexpr):
         """acc + a @ b. `tf32x3` is done here rather than by Triton: each operand splits into a part
-        with TF32's 10-bit mantissa (its bits masked: exact in a TF32 product) and the rest, and
-        three TF32 products add up (small parts first); Triton's own split also guards every
-        element against inf and NaN, which these finite operands never are (about a third of
-        the key loop's instructions in sm_90a SASS)."""
+        with TF32's 10-bit mantissa (rounded to nearest, ties away, on its bits: exact in a TF32
+        product) and the rest, and three TF32 products add up (small parts first) — as Triton's
+        own split, less its per-element guards against inf and NaN, which these finite operands
+        never are (about a third of the key loop's instructions in sm_90a SASS)."""
         if PRECISION == "tf32x3":
-            a_big = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-            b_big = (b.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            a_big = ((a.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+            b_big = ((b.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
             acc = tl.dot(a - a_big, b_big, acc, input_precision="tf32")
             acc = tl.dot(a_big, b - b_big, acc, input_precision="tf32")
             return tl.dot(a_big, b_big, acc, input_precision="tf32")
