@@ -654,9 +654,10 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     """The Triton kernel of `qk_impact_torch` (same arguments and results), in float32.
 
     `precision` is how the tile products use the GPU's matrix units: `tf32x3` (the default: three
-    TF32 products, float32-level accuracy, about 1e-6 relative to the largest impact on an H200),
-    `ieee` (plain float32 FMAs, about twice as slow) or `tf32` (one product, about 2e-3 relative).
-    The interpreter computes all three in float32. A program takes `block_m` query rows and
+    TF32 products split in `_dot`, float32-level accuracy: Triton's own tf32x3, the same split,
+    gave about 1e-6 relative to the largest impact on an H200), `ieee` (plain float32 FMAs, about
+    twice as slow) or `tf32` (one product, about 2e-3 relative). The interpreter computes every
+    product in float32. A program takes `block_m` query rows and
     `block_c` channels (a power of two; None: as many as keep its value-product accumulator of
     block_c·block_m rows × head_dim at 128 × 128 floats), looping over key tiles of `block_n`.
     Tiles, warps and `num_stages` (Triton's software pipelining; None: `default_stages`) are tuning
