@@ -273,10 +273,13 @@ def sweep(shape: str, t: int) -> str:
              "|---|---|---|---|---|---|---|---|"]
     # (precision, BLOCK_M, BLOCK_N, BLOCK_C, warps, num_stages; None: the defaults): the default
     # first, then neighbours that kernel_resources.py finds with few register spills.
-    configs = [("tf32x3", 16, 32, None, 8, None), ("tf32x3", 16, 32, None, 8, 2), ("tf32x3", 16, 64, None, 8, 2),
-               ("tf32x3", 16, 16, None, 8, None), ("tf32x3", 32, 32, None, 8, None), ("tf32x3", 16, 32, 4, 4, None),
-               ("tf32x3", 16, 32, 2, 8, None),
-               ("tf32", 16, 32, None, 8, None), ("ieee", 16, 32, None, 8, None)]
+    if x["spec"].head_dim <= 128:
+        configs = [("tf32x3", 16, 32, None, 8, None), ("tf32x3", 16, 32, None, 8, 2), ("tf32x3", 16, 64, None, 8, 2),
+                   ("tf32x3", 16, 16, None, 8, None), ("tf32x3", 32, 32, None, 8, None), ("tf32x3", 16, 32, 4, 4, None),
+                   ("tf32", 16, 32, None, 8, None), ("ieee", 16, 32, None, 8, None)]
+    else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
+        configs = [("tf32x3", 16, 32, None, 8, None), ("tf32x3", 16, 32, 2, 8, None), ("tf32x3", 16, 32, 2, 8, 1),
+                   ("tf32", 16, 32, None, 8, None)]
     for precision, block_m, block_n, block_c, warps, stages in configs:
         fn = lambda y: qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"],  # noqa: E731
                                         precision=precision, block_m=block_m, block_n=block_n, block_c=block_c,
@@ -358,7 +361,7 @@ def main():
     parser.add_argument("--ops", default="qk,ffn,select",
                         help="operations (qk, ffn, select) or implementations (qk/triton, ...) to time")
     parser.add_argument("--sweep", action="store_true",
-                        help="CUDA: Q/K tiles and precisions, FFN tiles (the first of --shapes)")
+                        help="CUDA: FFN tiles (the first of --shapes), Q/K tiles and precisions (each shape)")
     parser.add_argument("--sweep-t", type=int, default=1024)
     parser.add_argument("--accuracy", action="store_true", help="CUDA: Q/K precisions against float64")
     parser.add_argument("--out", help="also write the table (Markdown) here")
@@ -374,8 +377,8 @@ def main():
     if args.accuracy:
         parts.append(accuracy(args.shapes))
     if args.sweep:
-        parts.append(sweep(args.shapes.split(",")[0], args.sweep_t))
         parts.append(ffn_sweep(args.shapes.split(",")[0], 2048))
+        parts += [sweep(shape, args.sweep_t) for shape in args.shapes.split(",")]
     if args.ops:
         parts.append(run(args))
     text = "\n\n".join(parts)
