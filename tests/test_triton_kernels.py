@@ -48,16 +48,18 @@ def test_qk_kernel_matches_float64_reference(case, metric, precision):
     torch.testing.assert_close(tri_k.double(), ref_k, rtol=1e-5, atol=max(1e-7 * float(ref_k.max()), 1e-12))
 
 
-@pytest.mark.parametrize("block_c", [None, 2, 4])
-def test_qk_kernel_tiles_longer_than_one_block(block_c):
+@pytest.mark.parametrize("block_m, block_n, block_c", [(16, 32, None), (16, 32, 2), (16, 16, 4), (32, 16, 4)])
+def test_qk_kernel_tiles_longer_than_one_block(block_m, block_n, block_c):
     """T spans several query and key tiles, with a window shorter than a tile; the head's channels
-    in one block (of 8, two past head_dim), in three, or in two with the last one half empty."""
+    in one block (of 8, two past head_dim), in three, or in two with the last one half empty; key
+    tiles as long as, or shorter than, query tiles."""
     hq, hk, d, t = 3, 1, 6, 37
     q, k, v, mask = inputs(hq, hk, d, t, 5)
     cos, sin = rope(t, d, torch.float64)
     spec = spec_for(hq, hk, d, 4.0, 7, True, 5)
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec)
-    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, block_c=block_c)
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, block_m=block_m, block_n=block_n,
+                           block_c=block_c)
     for a, r in zip((t.cpu() for t in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
