@@ -79,7 +79,7 @@ def implementations(device: str):
         from kernels import masked_column_sumsq_triton, qk_impact_triton, select_count_triton
 
         impls["qk/triton"] = lambda x: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"])
-        for precision in ("ieee", "tf32"):
+        for precision in ("ieee", "tf32", "fp16x3"):
             impls[f"qk/triton-{precision}"] = (
                 lambda x, precision=precision: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"],
                                                                 x["spec"], precision=precision))
@@ -274,11 +274,11 @@ def sweep(shape: str, t: int) -> str:
     # (precision, BLOCK_M, BLOCK_N, BLOCK_C, warps, num_stages; None: the defaults): the default
     # first, then neighbours that kernel_resources.py finds with few register spills.
     if x["spec"].head_dim <= 128:
-        configs = [("tf32x3", 16, 32, None, 8, None), ("tf32x3", 16, 32, None, 8, 2), ("tf32x3", 16, 64, None, 8, 2),
-                   ("tf32x3", 16, 16, None, 8, None), ("tf32x3", 32, 32, None, 8, None), ("tf32x3", 16, 32, 4, 4, None),
+        configs = [("tf32x3", 16, 32, None, 8, None), ("fp16x3", 16, 32, None, 8, None), ("fp16x3", 16, 64, None, 8, None),
+                   ("fp16x3", 32, 32, None, 8, None), ("tf32x3", 16, 32, None, 8, 2), ("tf32x3", 16, 32, 4, 4, None),
                    ("tf32", 16, 32, None, 8, None), ("ieee", 16, 32, None, 8, None)]
     else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
-        configs = [("tf32x3", 16, 32, None, 8, None), ("tf32x3", 16, 32, 2, 8, None), ("tf32x3", 16, 32, 2, 8, 1),
+        configs = [("tf32x3", 16, 32, None, 8, None), ("fp16x3", 16, 32, None, 8, None), ("tf32x3", 16, 32, 2, 8, None),
                    ("tf32", 16, 32, None, 8, None)]
     for precision, block_m, block_n, block_c, warps, stages in configs:
         fn = lambda y: qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"],  # noqa: E731

@@ -10,6 +10,7 @@ memory and usually cost time, so this narrows what a (scarce) GPU session should
     python benchmarks/kernel_resources.py --every-variant  # every specialisation compiles, within limits
 """
 import argparse
+import inspect
 import itertools
 import os
 import re
@@ -25,13 +26,14 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kernels.qk_impact import _qk_kernel, _qk_rough_kernel, default_channel_block, default_stages  # noqa: E402
 
-POINTERS = ("QN", "QR", "KN", "KR", "V", "COS", "SIN", "R", "RM1", "LSE", "OUT")
-SCALARS = dict(TOKENS="*i32", PARTIAL="*fp32", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32",
-               softcap="fp32", window="i32")
+OPERANDS = ("QB", "QS", "KB", "KS", "VB", "VS")  # float16 halves under fp16x3, else the float32 values
+TYPES = dict(TOKENS="*i32", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32", softcap="fp32",
+             window="i32")
 SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KiB)
 # (precision, BLOCK_M, BLOCK_N, BLOCK_C, warps)
 CONFIGS = [("tf32x3", 16, 32, 8, 8), ("tf32x3", 16, 16, 8, 8), ("tf32x3", 16, 64, 8, 8), ("tf32x3", 32, 32, 4, 8),
-           ("tf32x3", 16, 32, 4, 4), ("tf32x3", 16, 32, 8, 4), ("tf32", 16, 32, 8, 8), ("ieee", 16, 32, 8, 8)]
+           ("tf32x3", 16, 32, 4, 4), ("tf32x3", 16, 32, 8, 4), ("fp16x3", 16, 32, 8, 8), ("fp16x3", 16, 64, 8, 8),
+           ("fp16x3", 32, 32, 4, 8), ("tf32", 16, 32, 8, 8), ("ieee", 16, 32, 8, 8)]
 
 
 def ptxas_path(arch: int) -> str:
@@ -49,9 +51,15 @@ def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, blo
     constants = dict(IS_KEY=False, HAS_NORM=False, HAS_CAP=False, HAS_WINDOW=False, PROBS=False) | flags | dict(
         PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
-    signature = {name: "*fp32" for name in POINTERS} | SCALARS | {name: "constexpr" for name in constants}
+    params = list(inspect.signature(kernel.fn).parameters)
+    operand = "*fp16" if precision == "fp16x3" else "*fp32"
+    signature = {name: "constexpr" if name in constants else TYPES.get(name, operand if name in OPERANDS else "*fp32")
+                 for name in params}
+    # As the runtime specialises a launch: pointers (and head_dim 128/256, T) divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(params)
+             if signature[name].startswith("*") or name in ("T", "D")}
     options = {"num_warps": warps} | ({} if stages is None else {"num_stages": stages})
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
@@ -64,7 +72,7 @@ def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, blo
             "shared_bytes": compiled.metadata.shared}
 
 
-def every_variant(arch: int, head_dim: int) -> None:
+def every_variant(arch: int, head_dim: int, precision: str) -> None:
     """Compile both kernels in all 32 specialisations (query/key channel, q/k norm, soft-cap,
     window, metric) at the defaults `qk_impact_triton` uses for this head_dim; report the worst."""
     block_c, stages = default_channel_block(16, head_dim), default_stages(max(16, triton.next_power_of_2(head_dim)))
@@ -75,12 +83,12 @@ def every_variant(arch: int, head_dim: int) -> None:
         for bits in itertools.product((False, True), repeat=len(names)):
             flags = dict(zip(names, bits))
             label = f"{kernel.fn.__name__} " + " ".join(n for n, on in flags.items() if on)
-            r = resources(kernel, arch, "tf32x3", 16, 32, block_c, 8, stages, head_dim, **flags)
+            r = resources(kernel, arch, precision, 16, 32, block_c, 8, stages, head_dim, **flags)
             count += 1
             for key in worst:
                 if r[key] > worst[key][0]:
                     worst[key] = (r[key], label)
-    print(f"head_dim {head_dim} (tf32x3, 16 × 32, BLOCK_C {block_c}, 8 warps, {stages} stages): {count} "
+    print(f"head_dim {head_dim} ({precision}, 16 × 32, BLOCK_C {block_c}, 8 warps, {stages} stages): {count} "
           f"specialisations compiled; most registers {worst['registers'][0]} ({worst['registers'][1]}), most spills "
           f"{worst['spill_bytes'][0]} B ({worst['spill_bytes'][1]}), most shared memory "
           f"{worst['shared_bytes'][0]} B ({worst['shared_bytes'][1]}; sm_90 allows {SM90_SHARED_BYTES} B)", flush=True)
@@ -93,10 +101,12 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--every-variant", action="store_true",
                         help="compile all specialisations at the defaults, head_dim 128 and 256")
+    parser.add_argument("--precisions", default="tf32x3,fp16x3", help="with --every-variant: comma list")
     args = parser.parse_args()
     if args.every_variant:
-        for head_dim in (128, 256):
-            every_variant(args.arch, head_dim)
+        for precision in args.precisions.split(","):
+            for head_dim in (128, 256):
+                every_variant(args.arch, head_dim, precision)
         return
     stages = [None if s == "default" else int(s) for s in args.stages.split(",")]
     print(f"Q/K kernel on sm_{args.arch}a (compiled offline, triton {triton.__version__}), head_dim {args.head_dim}, "

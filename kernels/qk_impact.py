@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 METRICS = ("output", "probs")
-PRECISIONS = ("ieee", "tf32x3", "tf32")
+PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16x3")
 
 
 @dataclass(frozen=True)
@@ -371,23 +371,52 @@ if triton is not None:
         return tl.where(y < 0, -t, t)
 
     @triton.jit
-    def _dot(a, b, acc, PRECISION: tl.constexpr):
-        """acc + a @ b. `tf32x3` is done here rather than by Triton: each operand splits into a part
-        with TF32's 10-bit mantissa (rounded to nearest, ties away, on its bits: exact in a TF32
-        product) and the rest, and three TF32 products add up (small parts first) — as Triton's
-        own split, less its per-element guards against inf and NaN, which these finite operands
-        never are (about a third of the key loop's instructions in sm_90a SASS)."""
+    def _split(x, PRECISION: tl.constexpr):
+        """x (float32) as (big, small) parts for `_dot`. tf32x3: a part with TF32's 10-bit mantissa
+        (rounded to nearest, ties away, on its bits: exact in a TF32 product) and the rest — as
+        Triton's own split, less its per-element guards against inf and NaN, which these finite
+        operands never are (about a third of the key loop's instructions in sm_90a SASS). fp16x3:
+        x·2^15 as a float16 and the float16 of the rest, for probability-like x (|x| ≤ 1.5 wherever
+        the result is used; larger values make inf or NaN, which stay in their own rows)."""
         if PRECISION == "tf32x3":
-            a_big = ((a.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
-            b_big = ((b.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
-            acc = tl.dot(a - a_big, b_big, acc, input_precision="tf32")
-            acc = tl.dot(a_big, b - b_big, acc, input_precision="tf32")
-            return tl.dot(a_big, b_big, acc, input_precision="tf32")
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+            big = ((x.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+            return big, x - big
+        elif PRECISION == "fp16x3":
+            scaled = x * 32768.0
+            big = scaled.to(tl.float16)
+            return big, (scaled - big.to(tl.float32)).to(tl.float16)
+        else:
+            return x, x
 
     @triton.jit
-    def _block(QN, QR, COS, SIN, R, RM1, LSE, TOKENS, T, D, n_heads, group, scaling, window,
-               IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    def _load_operand(BIG, SMALL, offsets, mask, PRECISION: tl.constexpr):
+        """A tile of q, k or v as (big, small) parts for `_dot`: fp16x3 reads the two float16 halves
+        `_operand_parts` made on the host; the others read the float32 values and `_split` them."""
+        if PRECISION == "fp16x3":
+            return tl.load(BIG + offsets, mask=mask, other=0.0), tl.load(SMALL + offsets, mask=mask, other=0.0)
+        else:
+            return _split(tl.load(BIG + offsets, mask=mask, other=0.0), PRECISION)
+
+    @triton.jit
+    def _dot(a_big, a_small, b_big, b_small, acc, PRECISION: tl.constexpr):
+        """acc + a @ b from the parts of `_split` / `_load_operand`. tf32x3 and fp16x3: three
+        products (small parts first), each part carrying 11 significant bits, so float32-level
+        accuracy (fp16x3 on the float16 units, twice the TF32 rate); ieee and tf32: one product of
+        the values themselves (the small parts are the same tensors, unused)."""
+        if PRECISION == "tf32x3":
+            acc = tl.dot(a_small, b_big, acc, input_precision="tf32")
+            acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
+            return tl.dot(a_big, b_big, acc, input_precision="tf32")
+        elif PRECISION == "fp16x3":
+            acc = tl.dot(a_small, b_big, acc)
+            acc = tl.dot(a_big, b_small, acc)
+            return tl.dot(a_big, b_big, acc)
+        else:
+            return tl.dot(a_big, b_big, acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _block(QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, TOKENS, T, D, n_heads, group, scaling, window,
+               IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
         """What a program (sentence·head, query tile, channel block) needs before its key loop."""
         bh = tl.program_id(0)
@@ -406,8 +435,12 @@ if triton is not None:
         q_base = (b * n_heads + h) * T * D
         k_base = (b * (n_heads // group) + g) * T * D
         cs_base = b * T * D
-        qr = tl.load(QR + q_base + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims < D)[None, :],
-                     other=0.0)
+        q_big, q_small = _load_operand(QB, QS, q_base + rows[:, None] * D + dims[None, :],
+                                       row_ok[:, None] & (dims < D)[None, :], PRECISION)
+        # What undoes the host's scaling of the operand parts (fp16x3; 1 otherwise): of Q·Kᵀ, folded
+        # into the logits' scaling, and of the value product.
+        logit_scale = scaling * tl.load(UNSCALE + 2 * bh)
+        value_unscale = tl.load(UNSCALE + 2 * bh + 1)
         lse = tl.load(LSE + (b * n_heads + h) * T + rows, mask=row_ok, other=0.0)
         row_valid = tl.load(TOKENS + b * T + rows, mask=row_ok, other=0) != 0
         # Row-side factors [channels, rows] of the rank-2 change Δ = row_c·col_c + row_p·col_p: the
@@ -434,12 +467,13 @@ if triton is not None:
         lo = 0
         if HAS_WINDOW:
             lo = tl.maximum(0, m_tile * BLOCK_M - window + 1)
-        return (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, qr, lse, row_valid,
-                row_c, row_p, r_row, rm1_row, lo, hi)
+        return (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
+                value_unscale, lse, row_valid, row_c, row_p, r_row, rm1_row, lo, hi)
 
     @triton.jit
-    def _tile_change(qr, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners, sign,
-                     row_c, row_p, r_row, rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+    def _tile_change(q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
+                     sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling,
+                     softcap, window,
                      IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """For one key tile: the allowed mask and base log-probabilities [rows, keys], shared by
@@ -447,9 +481,10 @@ if triton is not None:
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < T
         dims = tl.arange(0, BLOCK_D)
-        kr = tl.load(KR + k_base + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims < D)[None, :],
-                     other=0.0)
-        x = scaling * _dot(qr, tl.trans(kr), tl.zeros([qr.shape[0], BLOCK_N], dtype=tl.float32), PRECISION)
+        k_big, k_small = _load_operand(KB, KS, k_base + cols[:, None] * D + dims[None, :],
+                                       col_ok[:, None] & (dims < D)[None, :], PRECISION)
+        x = logit_scale * _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small),
+                               tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION)
         key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
         allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
         if HAS_WINDOW:
@@ -490,7 +525,7 @@ if triton is not None:
 
     @triton.jit
     def _qk_kernel(
-        QN, QR, KN, KR, V, COS, SIN, R, RM1, LSE, OUT, TOKENS, PARTIAL, ROUGH,
+        QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, PARTIAL, ROUGH,
         T, D, n_heads, group, scaling, softcap, window,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr,
@@ -498,10 +533,10 @@ if triton is not None:
     ):
         """The common case, rows that move gently: W_i = Σ_j A_ij·e_ij and ‖ΔO_i‖ (or ‖ΔA_i‖²) by
         the expm1 form. Rows that move a lot are flagged in ROUGH for `_qk_rough_kernel`."""
-        (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, qr, lse, row_valid,
-         row_c, row_p, r_row, rm1_row, lo, hi) = _block(
-            QN, QR, COS, SIN, R, RM1, LSE, TOKENS, T, D, n_heads, group, scaling, window,
-            IS_KEY, HAS_NORM, HAS_WINDOW, BLOCK_M, BLOCK_C, BLOCK_D)
+        (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
+         value_unscale, lse, row_valid, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
+            QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, TOKENS, T, D, n_heads, group, scaling, window,
+            IS_KEY, HAS_NORM, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
         dims = tl.arange(0, BLOCK_D)
         # W and the keys seen accumulate element-wise, reduced over keys once after the loop (per
         # tile, the reductions cost 160 shuffles a thread in sm_90a SASS).
@@ -510,9 +545,9 @@ if triton is not None:
         u_acc = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
         for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             allowed, logp, dl = _tile_change(
-                qr, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners, sign, row_c, row_p, r_row,
-                rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
+                sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
+                window, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
             # A logit up by more than 20 makes W infinite (or NaN where A underflowed to 0): the
             # row is not gentle, and the rough kernel redoes it.
             pe = tl.exp(logp)[None, :, :] * tl.where(dl > 20.0, float("inf"), _expm1(dl))
@@ -520,9 +555,10 @@ if triton is not None:
             n_acc += allowed.to(tl.int32)
             if not PROBS:
                 cols = n0 + tl.arange(0, BLOCK_N)
-                vt = tl.load(V + k_base + cols[:, None] * D + dims[None, :],
-                             mask=(cols < T)[:, None] & (dims < D)[None, :], other=0.0)
-                u_acc = _dot(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), vt, u_acc, PRECISION)
+                v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
+                                               (cols < T)[:, None] & (dims < D)[None, :], PRECISION)
+                pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION)
+                u_acc = _dot(pe_big, pe_small, v_big, v_small, u_acc, PRECISION)
         w_sum = tl.sum(w_acc, axis=2)
         n_keys = tl.sum(n_acc, axis=1)
         # A row that sees one key keeps A = 1 whatever the logits: exactly no change (not the
@@ -536,16 +572,16 @@ if triton is not None:
             per_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
             for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                 allowed, logp, dl = _tile_change(
-                    qr, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners, sign, row_c, row_p,
-                    r_row, rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                    IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                    q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
+                    sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
+                    window, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
                 change = tl.exp(logp)[None, :, :] * (_expm1(tl.minimum(dl, 20.0)) - w_sum[:, :, None]) \
                     / (1.0 + w_sum[:, :, None])
                 per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
         else:
             out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
                           mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
-            u = tl.reshape(u_acc, [BLOCK_C, BLOCK_M, BLOCK_D])
+            u = tl.reshape(u_acc, [BLOCK_C, BLOCK_M, BLOCK_D]) * value_unscale
             change = (u - w_sum[:, :, None] * out[None, :, :]) / (1.0 + w_sum[:, :, None])
             per_row = tl.sum(change * change, axis=2)  # columns past D are 0 in u and out
         total = tl.sum(tl.where(counted & gentle, per_row, 0.0), axis=1)
@@ -553,7 +589,7 @@ if triton is not None:
 
     @triton.jit
     def _qk_rough_kernel(
-        QN, QR, KN, KR, V, COS, SIN, R, RM1, LSE, OUT, TOKENS, PARTIAL, ROUGH,
+        QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, PARTIAL, ROUGH,
         T, D, n_heads, group, scaling, softcap, window,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr,
@@ -568,19 +604,19 @@ if triton is not None:
         flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
         rough = tl.load(flags, mask=(chans < D)[:, None] & (rows < T)[None, :], other=0) != 0
         if tl.sum(tl.sum(rough.to(tl.int32), axis=1), axis=0) > 0:
-            (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, qr, lse, row_valid,
-             row_c, row_p, r_row, rm1_row, lo, hi) = _block(
-                QN, QR, COS, SIN, R, RM1, LSE, TOKENS, T, D, n_heads, group, scaling, window,
-                IS_KEY, HAS_NORM, HAS_WINDOW, BLOCK_M, BLOCK_C, BLOCK_D)
+            (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
+             value_unscale, lse, row_valid, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
+                QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, TOKENS, T, D, n_heads, group, scaling, window,
+                IS_KEY, HAS_NORM, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
             dims = tl.arange(0, BLOCK_D)
             m_new = tl.full([BLOCK_C, BLOCK_M], -float("inf"), dtype=tl.float32)
             l_new = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
             a_new = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
             for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                 allowed, logp, dl = _tile_change(
-                    qr, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners, sign, row_c, row_p,
-                    r_row, rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                    IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                    q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
+                    sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
+                    window, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
                 z = logp[None, :, :] + dl
                 m_next = tl.maximum(m_new, tl.max(z, axis=2))
                 m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
@@ -589,9 +625,10 @@ if triton is not None:
                 l_new = l_new * shift + tl.sum(pz, axis=2)
                 if not PROBS:
                     cols = n0 + tl.arange(0, BLOCK_N)
-                    vt = tl.load(V + k_base + cols[:, None] * D + dims[None, :],
-                                 mask=(cols < T)[:, None] & (dims < D)[None, :], other=0.0)
-                    a_new = _dot(tl.reshape(pz, [BLOCK_C * BLOCK_M, BLOCK_N]), vt,
+                    v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
+                                                   (cols < T)[:, None] & (dims < D)[None, :], PRECISION)
+                    pz_big, pz_small = _split(tl.reshape(pz, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION)
+                    a_new = _dot(pz_big, pz_small, v_big, v_small,
                                  a_new * tl.reshape(shift, [BLOCK_C * BLOCK_M])[:, None], PRECISION)
                 m_new = m_next
             m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows past T: keep them finite
@@ -600,16 +637,17 @@ if triton is not None:
                 per_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
                 for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                     allowed, logp, dl = _tile_change(
-                        qr, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners, sign, row_c, row_p,
-                        r_row, rm1_row, KN, KR, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                        IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                        q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
+                        sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
+                        window, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
                     change = tl.exp(logp[None, :, :] + dl - m_new[:, :, None]) / l_new[:, :, None] \
                         - tl.exp(logp)[None, :, :]
                     per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
             else:
                 out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
                               mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
-                change = tl.reshape(a_new, [BLOCK_C, BLOCK_M, BLOCK_D]) / l_new[:, :, None] - out[None, :, :]
+                change = tl.reshape(a_new, [BLOCK_C, BLOCK_M, BLOCK_D]) * value_unscale / l_new[:, :, None] \
+                    - out[None, :, :]
                 per_row = tl.sum(change * change, axis=2)
             total = tl.sum(tl.where(rough, per_row, 0.0), axis=1)
             tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + chans, total,
@@ -634,6 +672,25 @@ def _base_stats(qr, kr, vv, token_mask, spec, acc):
     return lse, out
 
 
+def _operand_parts(x: torch.Tensor, token_mask: torch.Tensor, precision: str):
+    """What the kernels' tile products read of x [B, H, T, D] (float32): (big, small, unscale [B, H]).
+
+    fp16x3 splits x here, once per layer, into two float16 halves of x·2^s, one power of two s per
+    head that puts its largest entry over real tokens just below 2^15: 11 significant bits each, so
+    the pair carries x to about 2^-22 of that largest entry, as tf32x3's TF32 pair does (float16's
+    narrower range costs only entries under 2^-39 of it). Padding tokens become 0 (they would
+    overflow a scale they took no part in; they never count). The other precisions read x itself.
+    """
+    if precision != "fp16x3":
+        return x, x, torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+    real = token_mask[:, None, :, None]
+    _, exponent = torch.frexp(torch.where(real, x.abs(), 0.0).amax((2, 3)))  # largest < 2^exponent
+    scale = torch.ldexp(torch.ones_like(x[:, :, 0, 0]), 15 - exponent)
+    scaled = torch.where(real, x * scale[..., None, None], 0.0)
+    big = scaled.half()
+    return big, (scaled - big.float()).half(), 1 / scale
+
+
 def default_channel_block(block_m: int, head_dim: int) -> int:
     """Channels per program: the power of two that makes the stacked value product 128 × 128
     floats (8 channels of 16 rows at head_dim 128, 4 at 256), never more than the head has."""
@@ -654,10 +711,12 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     """The Triton kernel of `qk_impact_torch` (same arguments and results), in float32.
 
     `precision` is how the tile products use the GPU's matrix units: `tf32x3` (the default: three
-    TF32 products split in `_dot`, float32-level accuracy: Triton's own tf32x3, the same split,
-    gave about 1e-6 relative to the largest impact on an H200), `ieee` (plain float32 FMAs, about
-    twice as slow) or `tf32` (one product, about 2e-3 relative). The interpreter computes every
-    product in float32. A program takes `block_m` query rows and
+    TF32 products of operands split in `_split`, float32-level accuracy: Triton's own tf32x3, the
+    same split, gave about 1e-6 relative to the largest impact on an H200), `fp16x3` (the same
+    three products of 11-bit parts on the float16 units, twice the TF32 rate: q, k and v split
+    once on the host, see `_operand_parts`; not yet timed on a GPU), `ieee` (plain float32 FMAs,
+    about twice as slow as tf32x3) or `tf32` (one product, about 2e-3 relative). The interpreter
+    computes every product in float32. A program takes `block_m` query rows and
     `block_c` channels (a power of two; None: as many as keep its value-product accumulator of
     block_c·block_m rows × head_dim at 128 × 128 floats), looping over key tiles of `block_n`.
     Tiles, warps and `num_stages` (Triton's software pipelining; None: `default_stages`) are tuning
@@ -686,6 +745,13 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     kr = (kn * cos[:, None] + _rotate_half(kn) * sin[:, None]).contiguous()
     qn, kn = qn.contiguous(), kn.contiguous()
     lse, out = _base_stats(qr, kr, vv, token_mask, spec, acc)
+    q_big, q_small, q_unscale = _operand_parts(qr, token_mask, precision)
+    k_big, k_small, k_unscale = _operand_parts(kr, token_mask, precision)
+    v_big, v_small, v_unscale = _operand_parts(vv, token_mask, precision)
+    # Per (sentence, query head): what undoes the scaling of Q·Kᵀ and of (probabilities·2^15)·V.
+    kv_head = torch.arange(hq, device=q.device) // spec.group_size
+    unscale = torch.stack((q_unscale * k_unscale[:, kv_head],
+                           v_unscale[:, kv_head] * (2.0 ** -15 if precision == "fp16x3" else 1.0)), -1).contiguous()
     tokens = token_mask.to(torch.int32).contiguous()
     n_tiles = triton.cdiv(t, block_m)
     block_d = max(16, triton.next_power_of_2(d))
@@ -701,9 +767,9 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         dummy = qn  # never read when the norm is absent
         for kernel, part in ((_qk_kernel, partial[0]), (_qk_rough_kernel, partial[1])):
             kernel[(b * hq, n_tiles, triton.cdiv(d, block_c))](
-                qn, qr, kn, kr, vv, cos, sin,
+                qn, qr, kn, kr, q_big, q_small, k_big, k_small, v_big, v_small, cos, sin,
                 r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
-                lse, out, tokens, part, rough,
+                lse, out, unscale, tokens, part, rough,
                 t, d, hq, spec.group_size, float(spec.scaling), float(spec.softcap or 1.0),
                 int(spec.sliding_window or 0),
                 IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,

@@ -17,7 +17,7 @@ DEVICE = "cuda" if os.environ.get("NEUROLANG_GPU_TESTS") == "1" and torch.cuda.i
 # The interpreter computes every dot in float32, so there `tf32x3` checks the kernels' own split
 # of each operand into three products; on a GPU it also checks the TF32 products themselves.
 # (One-TF32 `tf32` is about 1e-3 relative: benchmarks/bench_kernels.py --accuracy reports it.)
-PRECISIONS = ("ieee", "tf32x3")
+PRECISIONS = ("ieee", "tf32x3", "fp16x3")
 
 
 @triton.jit
@@ -46,6 +46,27 @@ def test_qk_kernel_matches_float64_reference(case, metric, precision):
     # The float32 twin's bound: relative 1e-5, or 1e-7 of the largest impact (1e-12 when all are 0).
     torch.testing.assert_close(tri_q.double(), ref_q, rtol=1e-5, atol=max(1e-7 * float(ref_q.max()), 1e-12))
     torch.testing.assert_close(tri_k.double(), ref_k, rtol=1e-5, atol=max(1e-7 * float(ref_k.max()), 1e-12))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_qk_kernel_heads_of_any_scale_and_huge_padding(precision):
+    """Values 1e-4 and 1e4 in two KV heads, a query head at 1e-3 (near-uniform attention), and
+    padding tokens 1e9 times larger than the real ones: fp16x3 scales each head on its own
+    and ignores the padding (which would otherwise set, and overflow, the scale)."""
+    hq, hk, d, t = 4, 2, 8, 11
+    q, k, v, mask = inputs(hq, hk, d, t, 9)
+    v = v.view(3, t, hk, d) * torch.tensor([1e-4, 1e4], dtype=v.dtype)[:, None]
+    q = q.view(3, t, hq, d) * torch.tensor([1e-3, 1, 1, 1], dtype=q.dtype)[:, None]
+    pad = torch.where(mask, 1.0, 1e9).to(q.dtype)[:, :, None]
+    q, k, v = q.reshape(3, t, -1) * pad, k * pad, v.reshape(3, t, -1) * pad
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, None, None, False, 9)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec)
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, precision=precision)
+    for a, r in zip((x.cpu() for x in tri), ref):
+        # Head by head: each to 1e-7 of its own largest impact, whatever the other heads' scale.
+        for a_head, r_head in zip(a.view(3, -1, d).unbind(1), r.view(3, -1, d).unbind(1)):
+            torch.testing.assert_close(a_head.double(), r_head, rtol=1e-5, atol=1e-7 * float(r_head.max()))
 
 
 @pytest.mark.parametrize("block_m, block_n, block_c", [(16, 32, None), (16, 32, 2), (16, 16, 4), (32, 16, 4)])
