@@ -349,11 +349,25 @@ except ImportError:  # pragma: no cover - the torch twin stays available
     triton = None
 
 if triton is not None:
+    # Triton's interpreter (the tests on a CPU) runs no inline PTX: there `_exp` imitates it.
+    _PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
     @triton.jit
-    def _expm1(x):
-        """exp(x) − 1 to float32 rounding: degree-8 Taylor (error < 1.5e-8 relative) for |x| ≤ ½,
-        where exp(x) − 1 would cancel; exp(x) − 1 beyond, where it does not. FMAs, one exp."""
+    def _exp(x):
+        """exp(x). On a GPU one ex2.approx.ftz: results under 2^-126 flush to 0, which costs
+        nothing here (they are only ever added to, or multiply, numbers that dwarf them) and saves
+        the three instructions per exp that Triton's exp spends keeping them subnormal. The
+        interpreter flushes the same results, so that the tests see what the GPU does."""
+        x2 = x * 1.4426950408889634
+        if _PTX:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x2], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.where(x2 < -126.0, 0.0, tl.exp2(x2))
+
+    @triton.jit
+    def _expm1_small(x):
+        """exp(x) − 1 for |x| ≤ ½ to float32 rounding: degree-8 Taylor (error < 1.5e-8 relative), FMAs."""
         poly = 1.0 / 40320.0
         poly = poly * x + 1.0 / 5040.0
         poly = poly * x + 1.0 / 720.0
@@ -362,12 +376,27 @@ if triton is not None:
         poly = poly * x + 1.0 / 6.0
         poly = poly * x + 0.5
         poly = poly * x + 1.0
-        return tl.where(tl.abs(x) <= 0.5, poly * x, tl.exp(x) - 1.0)
+        return poly * x
+
+    @triton.jit
+    def _expm1(x):
+        """exp(x) − 1 to float32 rounding: the polynomial for |x| ≤ ½, where exp(x) − 1 would
+        cancel; exp(x) − 1 beyond, where it does not."""
+        return tl.where(tl.abs(x) <= 0.5, _expm1_small(x), _exp(x) - 1.0)
+
+    @triton.jit
+    def _weighted_expm1(p, logp, dl):
+        """A·(exp(Δ) − 1), A = exp(logp) = p, for logit changes Δ = dl: p times the polynomial for
+        |Δ| ≤ ½; exp(logp + Δ) − p beyond, which stays exact where A is tiny (subnormal, or 0
+        on a GPU) but A' = A·exp(Δ) is not. Where A' overflows, inf (NaN where logp = −inf)."""
+        return tl.where(tl.abs(dl) <= 0.5, p * _expm1_small(dl), _exp(logp + dl) - p)
 
     @triton.jit
     def _tanh(y):
+        """tanh(y) = −e / (2 + e), e = exp(−2|y|) − 1, with the sign of y; the division is the
+        GPU's fast one (2 ulp: the exp already costs as much), not an IEEE division's ten steps."""
         e = _expm1(-2.0 * tl.abs(y))
-        t = -e / (2.0 + e)
+        t = tl.fdiv(-e, 2.0 + e)
         return tl.where(y < 0, -t, t)
 
     @triton.jit
@@ -491,7 +520,8 @@ if triton is not None:
             allowed = allowed & (rows[:, None] - cols[None, :] < window)
         allowed = (allowed | (cols[None, :] == rows[:, None])) & col_ok[None, :] & row_ok[:, None]
         if HAS_CAP:
-            tanh_x = _tanh(x / softcap)
+            inv_cap = 1.0 / softcap  # once: per element, a multiplication instead of a division
+            tanh_x = _tanh(x * inv_cap)
             logit = softcap * tanh_x
         else:
             logit = x
@@ -518,7 +548,7 @@ if triton is not None:
         else:
             dx = -delta
         if HAS_CAP:
-            dl = softcap * _tanh(dx / softcap) * (1.0 - tanh_x[None, :, :] * _tanh((x[None, :, :] + dx) / softcap))
+            dl = softcap * _tanh(dx * inv_cap) * (1.0 - tanh_x[None, :, :] * _tanh((x[None, :, :] + dx) * inv_cap))
         else:
             dl = dx
         return allowed, logp, tl.where(allowed[None, :, :], dl, 0.0)
@@ -548,10 +578,10 @@ if triton is not None:
                 q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                 sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
                 window, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
-            # No cap on the logit change is needed: A·e is exact to rounding however large e is,
-            # and where e overflows (a change over ~88) W becomes infinite, or NaN where A
-            # underflowed to 0, so the row fails the gentle test and the rough kernel redoes it.
-            pe = tl.exp(logp)[None, :, :] * _expm1(dl)
+            # However large the logit change, A·e is exact to rounding; where A' overflows, W
+            # becomes infinite (or NaN), so the row fails the gentle test and the rough kernel
+            # redoes it.
+            pe = _weighted_expm1(_exp(logp)[None, :, :], logp[None, :, :], dl)
             w_acc += pe
             n_acc += allowed.to(tl.int32)
             if not PROBS:
@@ -569,15 +599,15 @@ if triton is not None:
         flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
         tl.store(flags, (counted & ~gentle).to(tl.int8), mask=chan_ok[:, None] & row_ok[None, :])
         if PROBS:
-            # Σ_j (A'_ij − A_ij)² = Σ_j (A_ij·(e_ij − W_i) / (1 + W_i))², now that W is known.
+            # Σ_j (A'_ij − A_ij)² = Σ_j ((A_ij·e_ij − A_ij·W_i) / (1 + W_i))², now that W is known.
             per_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
             for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                 allowed, logp, dl = _tile_change(
                     q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                     sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
                     window, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
-                change = tl.exp(logp)[None, :, :] * (_expm1(dl) - w_sum[:, :, None]) \
-                    / (1.0 + w_sum[:, :, None])
+                p = _exp(logp)[None, :, :]
+                change = (_weighted_expm1(p, logp[None, :, :], dl) - p * w_sum[:, :, None]) / (1.0 + w_sum[:, :, None])
                 per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
         else:
             out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from kernels import masked_column_sumsq_torch, masked_column_sumsq_triton, qk_impact_reference, qk_impact_triton
 from kernels.dispatch import resolve_backend
-from kernels.qk_impact import METRICS, _expm1
+from kernels.qk_impact import METRICS, AttentionSpec, _expm1
 from neurolang.cli import main
 from test_qk_impact import CASES, inputs, rope, spec_for
 
@@ -82,6 +82,28 @@ def test_qk_kernel_tiles_longer_than_one_block(block_m, block_n, block_c):
     tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, block_m=block_m, block_n=block_n,
                            block_c=block_c)
     for a, r in zip((t.cpu() for t in tri), ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("from_channel", [85.0, 95.0])
+def test_qk_kernel_brings_back_a_key_whose_probability_underflowed(from_channel, metric, precision):
+    """Query 2 gives key 1 a logit of −5 − `from_channel` (its probability is subnormal in float32,
+    and 0 on a GPU), `from_channel` of which comes from channel 0: zeroing that channel (of q or
+    of k) brings key 1 back to e^-5 of the others. At 85 that is a gentle change which only
+    exp(log A + Δ) gets right (A·(e^Δ − 1) would use A's few bits, or 0 on a GPU); at 95, e^Δ
+    overflows float32 and the row is the rough kernel's."""
+    q = torch.tensor([[0.0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.float64)[None]
+    k = torch.tensor([[0.0, 0, 0, 0], [-from_channel, -5, 0, 0], [0, 0, 0, 0]], dtype=torch.float64)[None]
+    v = torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    cos, sin = torch.ones(1, 3, 4, dtype=torch.float64), torch.zeros(1, 3, 4, dtype=torch.float64)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    spec = AttentionSpec(1, 1, 4, 1.0)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
+    assert float(ref[0][0, 0]) > 1e-3 * float(ref[0].max())  # the case is not negligible
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, precision)
+    for a, r in zip((x.cpu() for x in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
 
