@@ -87,6 +87,24 @@ def test_qk_kernel_tiles_longer_than_one_block(block_m, block_n, block_c):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("precision", PRECISIONS)
+def test_qk_kernel_soft_cap_far_below_the_logits(metric, precision):
+    """As the twin's test: logits around ten times the cap, where cap·tanh saturates."""
+    hq, hk, d, t = 4, 2, 8, 13
+    q, k, v, mask = inputs(hq, hk, d, t, 21)
+    q, k = q.abs() + 2, k.abs() + 2  # every logit around 10 caps (no rotation: all stay positive)
+    cos, sin = torch.ones(1, t, d, dtype=torch.float64), torch.zeros(1, t, d, dtype=torch.float64)
+    spec = spec_for(hq, hk, d, 2.0, None, False, 21)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, precision)
+    for a, r in zip((x.cpu() for x in tri), ref):
+        # Every impact here is tiny (~1e-6: saturated logits barely move). fp16x3 resolves each
+        # A·(e^Δ − 1) to 2^-40 absolute (one fixed scale for all rows), ~1e-11 on these impacts.
+        atol = 1e-10 if precision == "fp16x3" else 1e-7 * float(r.max())
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("from_channel", [85.0, 95.0])
 def test_qk_kernel_brings_back_a_key_whose_probability_underflowed(from_channel, metric, precision):
     """Query 2 gives key 1 a logit of −5 − `from_channel` (its probability is subnormal in float32,
