@@ -109,8 +109,12 @@ def _tanh_change(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     s = a + d, E = e^(−2·min(|a|, |s|)) where a and s have one sign, else 1. (The shorter
     tanh(d)·(1 − tanh a·tanh s) cancels once |a| passes 2: 1e-4 relative at 4, all digits at 10.)"""
     s = a + d
-    e = torch.where(a * s > 0, torch.exp(-2 * torch.minimum(a.abs(), s.abs())), 1.0)
-    return 2 * torch.sign(d) * e * -torch.expm1(-2 * d.abs()) / ((1 + torch.exp(-2 * a.abs())) * (1 + torch.exp(-2 * s.abs())))
+    same_sign = a * s > 0
+    u = torch.exp(-2 * a.abs())  # a: [B, 1, I, K], shared by the channels
+    v = s.abs_().mul_(-2).exp_()  # e^-2|s|; in place from here on (the eager twin's time and memory)
+    out = torch.maximum(u, v).masked_fill_(~same_sign, 1.0)  # E: the larger of e^-2|a|, e^-2|s|
+    out.mul_(d.abs().mul_(-2).expm1_()).mul_(torch.sign(d)).mul_(-2)
+    return out.div_(v.add_(1).mul_(1 + u))
 
 
 def _capped(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
