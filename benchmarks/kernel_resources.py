@@ -33,7 +33,7 @@ SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 
 # (precision, BLOCK_M, BLOCK_N, BLOCK_C, warps)
 CONFIGS = [("tf32x3", 16, 32, 8, 8), ("tf32x3", 16, 16, 8, 8), ("tf32x3", 16, 64, 8, 8), ("tf32x3", 32, 32, 4, 8),
            ("tf32x3", 16, 32, 4, 4), ("tf32x3", 16, 32, 8, 4), ("fp16x3", 16, 32, 8, 8), ("fp16x3", 16, 64, 8, 8),
-           ("fp16x3", 32, 32, 4, 8), ("tf32", 16, 32, 8, 8), ("ieee", 16, 32, 8, 8)]
+           ("fp16x3", 32, 32, 4, 8), ("fp16x3", 16, 32, 4, 4), ("tf32", 16, 32, 8, 8), ("ieee", 16, 32, 8, 8)]
 
 
 def ptxas_path(arch: int) -> str:
