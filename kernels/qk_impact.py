@@ -409,13 +409,14 @@ if triton is not None:
         return tl.where(tl.abs(dl) <= 0.5, p * _expm1_small(dl), _exp(logp + dl) - p)
 
     @triton.jit
-    def _tile_tanh_change(a, one_plus_ea, d):
-        """tanh(a + d) − tanh(a), as the torch twin's `_tanh_change`; one_plus_ea = 1 + e^-2|a|
-        comes from the caller (shared by a block's channels). The division is the fast one."""
+    def _tile_tanh_change(a, u, d):
+        """tanh(a + d) − tanh(a), as the torch twin's `_tanh_change`; u = e^-2|a| comes from the
+        caller (shared by a block's channels). The division is the fast one."""
         s = a + d
-        e = tl.where(a * s > 0, _exp(-2.0 * tl.minimum(tl.abs(a), tl.abs(s))), 1.0)
+        v = _exp(-2.0 * tl.abs(s))
+        e = tl.where(a * s > 0, tl.maximum(u, v), 1.0)
         em = _expm1(-2.0 * tl.abs(d))  # −(1 − e^-2|d|)
-        return tl.fdiv(2.0 * e * tl.where(d < 0, em, -em), one_plus_ea * (1.0 + _exp(-2.0 * tl.abs(s))))
+        return tl.fdiv(2.0 * e * tl.where(d < 0, em, -em), (1.0 + u) * (1.0 + v))
 
     @triton.jit
     def _tanh(y):
@@ -574,7 +575,7 @@ if triton is not None:
         else:
             dx = -delta
         if HAS_CAP:
-            dl = softcap * _tile_tanh_change(a[None, :, :], (1.0 + _exp(-2.0 * tl.abs(a)))[None, :, :], dx * inv_cap)
+            dl = softcap * _tile_tanh_change(a[None, :, :], _exp(-2.0 * tl.abs(a))[None, :, :], dx * inv_cap)
         else:
             dl = dx
         return allowed, logp, tl.where(allowed[None, :, :], dl, 0.0)

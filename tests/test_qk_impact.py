@@ -96,16 +96,21 @@ def test_large_logit_changes_stay_finite():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def saturated_soft_cap_case():
+    """(q, k, v, cos, sin, mask, spec) with every logit around ten times the soft-cap."""
+    hq, hk, d, t = 4, 2, 8, 13
+    q, k, v, mask = inputs(hq, hk, d, t, 21)
+    q, k = q.abs() + 2, k.abs() + 2  # no rotation below: all logits stay positive
+    cos, sin = torch.ones(1, t, d, dtype=torch.float64), torch.zeros(1, t, d, dtype=torch.float64)
+    return q, k, v, cos, sin, mask, spec_for(hq, hk, d, 2.0, None, False, 21)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_soft_cap_far_below_the_logits(metric):
     """Logits around ten times the cap (a soft-capped head saturates): the change of cap·tanh
     must not come from subtracting two tanh near ±1 (the shorter tanh(d)·(1 − tanh a·tanh(a+d))
     misses by 1e-4 relative at 4 times the cap and all digits by 10)."""
-    hq, hk, d, t = 4, 2, 8, 13
-    q, k, v, mask = inputs(hq, hk, d, t, 21)
-    q, k = q.abs() + 2, k.abs() + 2  # every logit around 10 caps (no rotation: all stay positive)
-    cos, sin = torch.ones(1, t, d, dtype=torch.float64), torch.zeros(1, t, d, dtype=torch.float64)
-    spec = spec_for(hq, hk, d, 2.0, None, False, 21)
+    q, k, v, cos, sin, mask, spec = saturated_soft_cap_case()
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
     twin = qk_impact_torch(*(x.float() for x in (q, k, v, cos, sin)), mask, spec, metric)
     for a, r in zip(twin, ref):

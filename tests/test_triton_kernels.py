@@ -11,7 +11,7 @@ from kernels import masked_column_sumsq_torch, masked_column_sumsq_triton, qk_im
 from kernels.dispatch import resolve_backend
 from kernels.qk_impact import METRICS, AttentionSpec, _expm1
 from neurolang.cli import main
-from test_qk_impact import CASES, inputs, rope, spec_for
+from test_qk_impact import CASES, inputs, rope, saturated_soft_cap_case, spec_for
 
 DEVICE = "cuda" if os.environ.get("NEUROLANG_GPU_TESTS") == "1" and torch.cuda.is_available() else "cpu"
 # The interpreter computes every dot in float32, so there `tf32x3` checks the kernels' own split
@@ -93,11 +93,7 @@ def test_qk_kernel_tiles_longer_than_one_block(block_m, block_n, block_c):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_qk_kernel_soft_cap_far_below_the_logits(metric, precision):
     """As the twin's test: logits around ten times the cap, where cap·tanh saturates."""
-    hq, hk, d, t = 4, 2, 8, 13
-    q, k, v, mask = inputs(hq, hk, d, t, 21)
-    q, k = q.abs() + 2, k.abs() + 2  # every logit around 10 caps (no rotation: all stay positive)
-    cos, sin = torch.ones(1, t, d, dtype=torch.float64), torch.zeros(1, t, d, dtype=torch.float64)
-    spec = spec_for(hq, hk, d, 2.0, None, False, 21)
+    q, k, v, cos, sin, mask, spec = saturated_soft_cap_case()
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
     tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, precision)
     for a, r in zip((x.cpu() for x in tri), ref):
