@@ -304,20 +304,21 @@ def ffn_sweep(shape: str, t: int) -> str:
     floor = x["h"].numel() * x["h"].element_size() / copy_bandwidth()
     base = masked_column_sumsq_triton(x["h"], x["h_mask"])
     lines = [f"FFN kernel sweep, {shape}, T = {t}, {FFN_BATCH} sentences (read H once: {floor * 1e3:.3f} ms):", "",
-             "| BLOCK_T | BLOCK_C | warps | programs | median | time ÷ floor |", "|---|---|---|---|---|---|"]
-    # (BLOCK_T, BLOCK_C, warps, programs): the default first, then more bytes in flight per program or more programs.
-    configs = [(32, 256, 4, 2048), (64, 256, 4, 2048), (64, 256, 8, 2048), (128, 256, 8, 2048), (32, 512, 8, 2048),
-               (64, 128, 4, 4096), (32, 256, 4, 8192), (128, 512, 8, 1024)]
-    for block_t, block_c, warps, programs in configs:
+             "| BLOCK_T | warps | stages | programs | median | time ÷ floor |", "|---|---|---|---|---|---|"]
+    # (BLOCK_T, warps, stages, programs): the default first, then more bytes in flight per program,
+    # more or fewer programs, and plain loads (1 stage) with larger tiles.
+    configs = [(8, 4, 3, 2048), (16, 4, 3, 2048), (8, 4, 4, 2048), (4, 4, 5, 2048), (8, 8, 3, 2048), (8, 4, 3, 1024),
+               (8, 4, 3, 4096), (16, 4, 1, 2048), (32, 4, 1, 2048)]
+    for block_t, warps, stages, programs in configs:
         fn = lambda y: masked_column_sumsq_triton(y["h"], y["h_mask"], programs=programs, block_t=block_t,  # noqa: E731
-                                                  block_c=block_c, num_warps=warps)
+                                                  num_warps=warps, stages=stages)
         try:
             assert torch.allclose(fn(x), base, rtol=1e-5)
             seconds = time_cuda(fn, x)[0]
             cell = f"{seconds * 1e3:.3f} ms | {seconds / floor:.2f}"
         except Exception as err:  # noqa: BLE001
             cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
-        lines.append(f"| {block_t} | {block_c} | {warps} | {programs} | {cell} |")
+        lines.append(f"| {block_t} | {warps} | {stages} | {programs} | {cell} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 

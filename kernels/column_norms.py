@@ -41,32 +41,35 @@ if triton is not None:
 
     @triton.jit
     def _column_sumsq_kernel(X, TOKENS, PARTIAL, T, C, span, stride_b, stride_t,
-                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
         """Program (sentence b, column block, token span s): Σ x² over the real tokens of span s.
 
-        Squares accumulate element-wise in a [BLOCK_T, BLOCK_C] tile, reduced over tokens once at
-        the end: no cross-thread reduction (and barrier) per tile in the streaming loop."""
+        BLOCK_C is 16 bytes × 32 threads × warps wide, so every thread holds one 16-byte piece of
+        every row of a tile: the sum over a tile's tokens stays in the thread (no barrier) and
+        the accumulator is a few registers. Tiles stream through shared memory STAGES deep
+        (asynchronous copies), so a program keeps STAGES − 1 tiles of H in flight."""
         b = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         s = tl.program_id(2)
         col_ok = cols < C
-        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-        for t0 in range(s * span, tl.minimum(T, (s + 1) * span), BLOCK_T):
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for t0 in tl.range(s * span, tl.minimum(T, (s + 1) * span), BLOCK_T, num_stages=STAGES):
             ts = t0 + tl.arange(0, BLOCK_T)
             keep = tl.load(TOKENS + b * T + ts, mask=ts < T, other=0) != 0
             x = tl.load(X + b * stride_b + ts[:, None] * stride_t + cols[None, :],
                         mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            acc += x * x
-        tl.store(PARTIAL + (s * tl.num_programs(0) + b) * C + cols, tl.sum(acc, axis=0), mask=col_ok)
+            acc += tl.sum(x * x, axis=0)
+        tl.store(PARTIAL + (s * tl.num_programs(0) + b) * C + cols, acc, mask=col_ok)
 
 
-def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, programs: int = 2048, block_t: int = 32,
-                               block_c: int = 256, num_warps: int = 4) -> torch.Tensor:
+def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, programs: int = 2048, block_t: int = 8,
+                               num_warps: int = 4, stages: int = 3, block_c: int | None = None) -> torch.Tensor:
     """The Triton kernel of `masked_column_sumsq_torch`: one pass over x, float32 accumulation.
 
     Tokens are split into spans so that about `programs` programs share the read even for one
     sentence; the spans' partial sums (a few rows of [B, C]) are added at the end. A program
-    reads tiles of `block_t` tokens × `block_c` columns; these and `num_warps` are tuning knobs
+    reads tiles of `block_t` tokens × `block_c` columns (by default 16 bytes a thread: 1024
+    bf16 columns at 4 warps), `stages` deep; these are tuning knobs
     (`benchmarks/bench_kernels.py --sweep` times them on a GPU).
     """
     if triton is None:
@@ -74,12 +77,13 @@ def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, progra
     b, t, c = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     tokens = token_mask.to(torch.int32).contiguous()
-    block_c = min(block_c, triton.next_power_of_2(c))
+    block_c = min(block_c or 16 // x.element_size() * 32 * num_warps, triton.next_power_of_2(c))
     column_blocks = triton.cdiv(c, block_c)
     spans = max(1, min(triton.cdiv(t, block_t), programs // (b * column_blocks)))
     span = triton.cdiv(triton.cdiv(t, spans), block_t) * block_t
     spans = triton.cdiv(t, span)
     partial = torch.empty(spans, b, c, dtype=torch.float32, device=x.device)
     _column_sumsq_kernel[(b, column_blocks, spans)](x, tokens, partial, t, c, span, x.stride(0), x.stride(1),
-                                                   BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps)
+                                                   BLOCK_T=block_t, BLOCK_C=block_c, STAGES=stages,
+                                                   num_warps=num_warps)
     return partial.sum(0)

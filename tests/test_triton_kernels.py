@@ -169,16 +169,21 @@ def test_kernel_expm1_is_accurate_to_float32_rounding():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("shape", [(3, 37, 50), (1, 1, 7), (2, 70, 300)])
+@pytest.mark.parametrize("shape", [(3, 37, 50), (1, 1, 7), (2, 70, 300), (2, 45, 1100)])
 def test_column_sumsq_kernel(dtype, shape):
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(*shape, generator=gen).to(dtype)
     mask = torch.ones(shape[:2], dtype=torch.bool)
-    mask[0, shape[1] // 2 + 1:] = False
+    mask[0, shape[1] // 2 + 1:] = False  # right padding
+    mask[-1, :shape[1] // 3] = shape[0] == 1  # left padding (another sentence)
     expected = masked_column_sumsq_torch(x.double(), mask)
     got = masked_column_sumsq_triton(x.to(DEVICE), mask.to(DEVICE)).cpu()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    # The tuning knobs change the tiling (several column blocks and token spans, no pipelining), not the sums.
+    tiled = masked_column_sumsq_triton(x.to(DEVICE), mask.to(DEVICE), programs=8, block_t=4, num_warps=1, stages=1,
+                                       block_c=32).cpu()
+    torch.testing.assert_close(tiled.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, masked_column_sumsq_torch(x, mask).float(), rtol=1e-5, atol=1e-6)
     # The twin a few tokens at a time (here one or two per step) adds up the same.
     few = masked_column_sumsq_torch(x, mask, chunk_elements=2 * shape[0] * shape[2])
