@@ -168,7 +168,7 @@ def test_kernel_expm1_is_accurate_to_float32_rounding():
     assert bool((relative[~poly] < 7e-7 + 1e-7 * x[~poly].abs().cpu()).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("shape", [(3, 37, 50), (1, 1, 7), (2, 70, 300), (2, 45, 1100)])
 def test_column_sumsq_kernel(dtype, shape):
     gen = torch.Generator().manual_seed(sum(shape))
