@@ -46,17 +46,19 @@ if triton is not None:
 
         BLOCK_C is 16 bytes × 32 threads × warps wide, so every thread holds one 16-byte piece of
         every row of a tile: the sum over a tile's tokens stays in the thread (no barrier) and
-        the accumulator is a few registers. Tiles stream through shared memory STAGES deep
-        (asynchronous copies), so a program keeps STAGES − 1 tiles of H in flight."""
+        the accumulator is a few registers. Tiles stream through shared memory by asynchronous
+        copies issued ahead of their use (Triton's pipelining, STAGES deep; at 3 the token mask is
+        copied two tiles ahead and H one, so a tile's copy overlaps the previous tile's sum)."""
         b = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         s = tl.program_id(2)
         col_ok = cols < C
+        sentence = X + b.to(tl.int64) * stride_b  # a batch may hold over 2^31 elements; a sentence does not
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for t0 in tl.range(s * span, tl.minimum(T, (s + 1) * span), BLOCK_T, num_stages=STAGES):
             ts = t0 + tl.arange(0, BLOCK_T)
             keep = tl.load(TOKENS + b * T + ts, mask=ts < T, other=0) != 0
-            x = tl.load(X + b * stride_b + ts[:, None] * stride_t + cols[None, :],
+            x = tl.load(sentence + ts[:, None] * stride_t + cols[None, :],
                         mask=keep[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(x * x, axis=0)
         tl.store(PARTIAL + (s * tl.num_programs(0) + b) * C + cols, acc, mask=col_ok)
