@@ -763,6 +763,9 @@ def default_stages(block_d: int) -> int:
     return 2 if block_d > 128 else 3
 
 
+MAX_KERNEL_OFFSET = 2 ** 31  # the Q/K kernels' offsets are int32
+
+
 def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
                      precision: str = "tf32x3", block_m: int = 16, block_n: int = 32, block_c: int | None = None,
                      num_warps: int = 8, num_stages: int | None = None):
@@ -795,6 +798,18 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     acc = torch.float32
     b, t, _ = q.shape
     d, hq, hk = spec.head_dim, spec.n_heads, spec.n_kv_heads
+    # The kernels index q, the base output and the row flags with 32-bit offsets (B·heads·T·D):
+    # a batch past that runs a few sentences at a time.
+    per_call = (MAX_KERNEL_OFFSET - 1) // (hq * t * d)
+    if per_call < 1:
+        raise ValueError(f"a sentence of {t} tokens is too long for the Q/K kernel ({hq} heads × {d} channels × "
+                         f"{t} tokens ≥ 2^31 offsets)")
+    if b > per_call:
+        sub = lambda x, i: x if x.shape[0] == 1 else x[i:i + per_call]  # noqa: E731 (cos/sin may be [1, T, D])
+        parts = [qk_impact_triton(sub(q, i), sub(k, i), sub(v, i), sub(cos, i), sub(sin, i), token_mask[i:i + per_call],
+                                  spec, metric, precision, block_m, block_n, block_c, num_warps, num_stages)
+                 for i in range(0, b, per_call)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     token_mask = token_mask.bool()
     cos = cos.to(acc).expand(b, t, d).contiguous()
     sin = sin.to(acc).expand(b, t, d).contiguous()

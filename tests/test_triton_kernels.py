@@ -139,6 +139,27 @@ def test_qk_kernel_rows_that_change_a_lot(metric):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-7 * float(r.max()))
 
 
+def test_qk_kernel_runs_a_batch_past_its_offsets_a_few_sentences_at_a_time(monkeypatch):
+    """A batch whose B·heads·T·D passes the kernels' 32-bit offsets is split by sentences (here
+    the limit is lowered to two sentences a call): the same impacts as in one call."""
+    import kernels.qk_impact as qk
+
+    hq, hk, d, t = 4, 2, 6, 5
+    q, k, v, mask = inputs(hq, hk, d, t, 3)  # 3 sentences
+    cos, sin = rope(t, d, torch.float64)
+    cos, sin = (torch.cat([x.expand(1, t, d).roll(shift, 1) for shift in range(3)]) for x in (cos, sin))  # positions per sentence
+    spec = spec_for(hq, hk, d, None, None, False, 3)
+    args = (*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec)
+    whole = qk_impact_triton(*args)
+    monkeypatch.setattr(qk, "MAX_KERNEL_OFFSET", 2 * hq * t * d + 1)
+    split = qk_impact_triton(*args)
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
+    monkeypatch.setattr(qk, "MAX_KERNEL_OFFSET", hq * t * d)
+    with pytest.raises(ValueError, match="too long for the Q/K kernel"):
+        qk_impact_triton(*args)
+
+
 def test_qk_channel_blocks():
     from kernels.qk_impact import default_channel_block
 
