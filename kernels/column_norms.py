@@ -78,7 +78,7 @@ def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, progra
         raise RuntimeError("triton is not installed")
     b, t, c = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
-    tokens = token_mask.to(torch.int32).contiguous()
+    tokens = token_mask.contiguous()  # bool, read as it is: no conversion launch
     block_c = min(block_c or 16 // x.element_size() * 32 * num_warps, triton.next_power_of_2(c))
     column_blocks = triton.cdiv(c, block_c)
     spans = max(1, min(triton.cdiv(t, block_t), programs // (b * column_blocks)))
