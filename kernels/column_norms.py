@@ -88,4 +88,4 @@ def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, progra
     _column_sumsq_kernel[(b, column_blocks, spans)](x, tokens, partial, t, c, span, x.stride(0), x.stride(1),
                                                    BLOCK_T=block_t, BLOCK_C=block_c, STAGES=stages,
                                                    num_warps=num_warps)
-    return partial.sum(0)
+    return partial[0] if spans == 1 else partial.sum(0)
