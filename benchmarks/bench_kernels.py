@@ -304,13 +304,17 @@ def ffn_sweep(shape: str, t: int) -> str:
     floor = x["h"].numel() * x["h"].element_size() / copy_bandwidth()
     base = masked_column_sumsq_triton(x["h"], x["h_mask"])
     lines = [f"FFN kernel sweep, {shape}, T = {t}, {FFN_BATCH} sentences (read H once: {floor * 1e3:.3f} ms):", "",
-             "| BLOCK_T | warps | stages | programs | median | time ÷ floor |", "|---|---|---|---|---|---|"]
-    # (BLOCK_T, warps, stages, programs): the default first, then more bytes in flight per program,
-    # more or fewer programs, and plain loads (1 stage) with larger tiles.
-    configs = [(8, 4, 3, 2048), (16, 4, 3, 2048), (8, 4, 4, 2048), (4, 4, 5, 2048), (8, 8, 3, 2048), (8, 4, 3, 1024),
-               (8, 4, 3, 4096), (16, 4, 1, 2048), (32, 4, 1, 2048)]
-    for block_t, warps, stages, programs in configs:
-        fn = lambda y: masked_column_sumsq_triton(y["h"], y["h_mask"], programs=programs, block_t=block_t,  # noqa: E731
+             "| BLOCK_T | warps | stages | programs | mask | median | time ÷ floor |", "|---|---|---|---|---|---|---|"]
+    # (BLOCK_T, warps, stages, programs, mask dtype): the default first, then more bytes in flight
+    # per program, more or fewer programs, plain loads (1 stage) with larger tiles, and an int32
+    # mask (copied asynchronously with the tiles; a bool one is loaded into registers).
+    configs = [(8, 4, 3, 2048, torch.bool), (16, 4, 3, 2048, torch.bool), (8, 4, 4, 2048, torch.bool),
+               (4, 4, 5, 2048, torch.bool), (8, 8, 3, 2048, torch.bool), (8, 4, 3, 1024, torch.bool),
+               (8, 4, 3, 4096, torch.bool), (16, 4, 1, 2048, torch.bool), (32, 4, 1, 2048, torch.bool),
+               (8, 4, 3, 2048, torch.int32)]
+    for block_t, warps, stages, programs, mask_dtype in configs:
+        mask = x["h_mask"].to(mask_dtype)
+        fn = lambda y: masked_column_sumsq_triton(y["h"], mask, programs=programs, block_t=block_t,  # noqa: E731
                                                   num_warps=warps, stages=stages)
         try:
             assert torch.allclose(fn(x), base, rtol=1e-5)
@@ -318,7 +322,7 @@ def ffn_sweep(shape: str, t: int) -> str:
             cell = f"{seconds * 1e3:.3f} ms | {seconds / floor:.2f}"
         except Exception as err:  # noqa: BLE001
             cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
-        lines.append(f"| {block_t} | {warps} | {stages} | {programs} | {cell} |")
+        lines.append(f"| {block_t} | {warps} | {stages} | {programs} | {str(mask_dtype)[6:]} | {cell} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 

@@ -67,6 +67,7 @@ if triton is not None:
 def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, programs: int = 2048, block_t: int = 8,
                                num_warps: int = 4, stages: int = 3, block_c: int | None = None) -> torch.Tensor:
     """The Triton kernel of `masked_column_sumsq_torch`: one pass over x, float32 accumulation.
+    token_mask may also be an int32 tensor of 0 and 1 (then copied asynchronously with the tiles).
 
     Tokens are split into spans so that about `programs` programs share the read even for one
     sentence; the spans' partial sums (a few rows of [B, C]) are added at the end. A program

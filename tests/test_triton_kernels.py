@@ -205,6 +205,8 @@ def test_column_sumsq_kernel(dtype, shape):
     tiled = masked_column_sumsq_triton(x.to(DEVICE), mask.to(DEVICE), programs=8, block_t=4, num_warps=1, stages=1,
                                        block_c=32).cpu()
     torch.testing.assert_close(tiled.double(), expected, rtol=1e-5, atol=1e-6)
+    as_int = masked_column_sumsq_triton(x.to(DEVICE), mask.int().to(DEVICE)).cpu()  # an int32 mask of 0 and 1
+    torch.testing.assert_close(as_int, got, rtol=0, atol=0)
     torch.testing.assert_close(got, masked_column_sumsq_torch(x, mask).float(), rtol=1e-5, atol=1e-6)
     # The twin a few tokens at a time (here one or two per step) adds up the same.
     few = masked_column_sumsq_torch(x, mask, chunk_elements=2 * shape[0] * shape[2])
