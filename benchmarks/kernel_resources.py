@@ -8,6 +8,7 @@ memory and usually cost time, so this narrows what a (scarce) GPU session should
     python benchmarks/kernel_resources.py                  # the default tile configurations
     python benchmarks/kernel_resources.py --stages 1,2     # also with fewer pipeline stages
     python benchmarks/kernel_resources.py --every-variant  # every specialisation compiles, within limits
+    python benchmarks/kernel_resources.py --column         # the FFN/O/V column-norm kernel
 """
 import argparse
 import inspect
@@ -24,6 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from kernels.column_norms import _column_sumsq_kernel  # noqa: E402
 from kernels.qk_impact import _qk_kernel, _qk_rough_kernel, default_channel_block, default_stages  # noqa: E402
 
 OPERANDS = ("QB", "QS", "KB", "KS", "VB", "VS")  # float16 halves under fp16x3, else the float32 values
@@ -34,6 +36,10 @@ SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 
 CONFIGS = [("tf32x3", 16, 32, 8, 8), ("tf32x3", 16, 16, 8, 8), ("tf32x3", 16, 64, 8, 8), ("tf32x3", 32, 32, 4, 8),
            ("tf32x3", 16, 32, 4, 4), ("tf32x3", 16, 32, 8, 4), ("fp16x3", 16, 32, 8, 8), ("fp16x3", 16, 64, 8, 8),
            ("fp16x3", 32, 32, 4, 8), ("fp16x3", 16, 32, 4, 4), ("tf32", 16, 32, 8, 8), ("ieee", 16, 32, 8, 8)]
+
+# Column-norm kernel (BLOCK_T, warps, stages, mask pointer type): as bench_kernels.ffn_sweep times them.
+COLUMN_CONFIGS = [(8, 4, 3, "*i1"), (16, 4, 3, "*i1"), (8, 4, 4, "*i1"), (4, 4, 5, "*i1"), (8, 8, 3, "*i1"),
+                  (16, 4, 1, "*i1"), (32, 4, 1, "*i1"), (8, 4, 3, "*i32")]
 
 
 def ptxas_path(arch: int) -> str:
@@ -59,6 +65,11 @@ def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, blo
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(params)
              if signature[name].startswith("*") or name in ("T", "D")}
     options = {"num_warps": warps} | ({} if stages is None else {"num_stages": stages})
+    return compile_report(kernel, signature, constants, attrs, options, arch)
+
+
+def compile_report(kernel, signature: dict, constants: dict, attrs: dict, options: dict, arch: int) -> dict:
+    """Compile one specialisation for sm_{arch}a; ptxas's registers and spills, Triton's shared memory."""
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,6 +105,25 @@ def every_variant(arch: int, head_dim: int, precision: str) -> None:
           f"{worst['shared_bytes'][0]} B ({worst['shared_bytes'][1]}; sm_90 allows {SM90_SHARED_BYTES} B)", flush=True)
 
 
+def column_resources(arch: int) -> None:
+    """The FFN/O/V column-norm kernel at the configurations `bench_kernels.py --sweep` times
+    (bf16 H; the mask bool or int32)."""
+    params = list(inspect.signature(_column_sumsq_kernel.fn).parameters)
+    print(f"Column-norm kernel on sm_{arch}a (compiled offline, triton {triton.__version__}), bf16 H\n")
+    print("| BLOCK_T | BLOCK_C | warps | stages | mask | registers / thread | spill stores | shared memory |")
+    print("|---|---|---|---|---|---|---|---|")
+    for block_t, warps, stages, mask in COLUMN_CONFIGS:
+        block_c = 8 * 32 * warps  # the wrapper's default: 16 bytes a thread
+        signature = dict(X="*bf16", TOKENS=mask, PARTIAL="*fp32", T="i32", C="i32", span="i32", stride_b="i32",
+                         stride_t="i32", BLOCK_T="constexpr", BLOCK_C="constexpr", STAGES="constexpr")
+        attrs = {(params.index(name),): [["tt.divisibility", 16]]
+                 for name in ("X", "TOKENS", "PARTIAL", "T", "C", "span", "stride_b", "stride_t")}
+        r = compile_report(_column_sumsq_kernel, signature, dict(BLOCK_T=block_t, BLOCK_C=block_c, STAGES=stages),
+                           attrs, {"num_warps": warps}, arch)
+        print(f"| {block_t} | {block_c} | {warps} | {stages} | {mask[1:]} | {r['registers']} | {r['spill_bytes']} B | "
+              f"{r['shared_bytes'] // 1024} KiB |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
@@ -102,7 +132,11 @@ def main():
     parser.add_argument("--every-variant", action="store_true",
                         help="compile all specialisations at the defaults, head_dim 128 and 256")
     parser.add_argument("--precisions", default="tf32x3,fp16x3", help="with --every-variant: comma list")
+    parser.add_argument("--column", action="store_true", help="the FFN/O/V column-norm kernel instead")
     args = parser.parse_args()
+    if args.column:
+        column_resources(args.arch)
+        return
     if args.every_variant:
         for precision in args.precisions.split(","):
             for head_dim in (128, 256):
