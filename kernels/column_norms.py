@@ -48,7 +48,8 @@ if triton is not None:
         every row of a tile: the sum over a tile's tokens stays in the thread (no barrier) and
         the accumulator is a few registers. Tiles stream through shared memory by asynchronous
         copies issued ahead of their use (Triton's pipelining, STAGES deep; at 3 the token mask is
-        copied two tiles ahead and H one, so a tile's copy overlaps the previous tile's sum)."""
+        read two tiles ahead and H copied one ahead, so a tile's copy overlaps the previous
+        tile's sum)."""
         b = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         s = tl.program_id(2)
@@ -79,7 +80,7 @@ def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, progra
         raise RuntimeError("triton is not installed")
     b, t, c = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
-    tokens = token_mask.contiguous()  # bool, read as it is: no conversion launch
+    tokens = token_mask.contiguous()  # bool (or int32) as it is: no conversion launch
     block_c = min(block_c or 16 // x.element_size() * 32 * num_warps, triton.next_power_of_2(c))
     column_blocks = triton.cdiv(c, block_c)
     spans = max(1, min(triton.cdiv(t, block_t), programs // (b * column_blocks)))
