@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks: kernel tests on the device, accuracy, Q/K and FFN tile sweeps, kernel table.
 # Usage (on a CUDA machine, from the repository root): bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
-# STEPS is a comma list of tests, sweep, table (default: all three, about 13 minutes at most;
-# a remote runner with a 10-minute limit per command should run "tests,sweep" then "table").
-# Each step has its own time limit (TEST_S, SWEEP_S, TABLE_S) and writes its log to OUT_DIR as it goes.
+# STEPS is a comma list of tests, sweep, table, profile (default: the first three, about 13 minutes
+# at most; a remote runner with a 10-minute limit per command should run "tests,sweep" then "table").
+# profile: Nsight Compute on warm launches of the Q/K and column-norm kernels (llama, T = 512),
+# when `ncu` is on the machine (about 1–2 minutes).
+# Each step has its own time limit (TEST_S, SWEEP_S, TABLE_S, PROFILE_S) and writes its log to OUT_DIR as it goes.
 set -u
-out=${1:?usage: run_gpu.sh OUT_DIR [tests,sweep,table]}
+out=${1:?usage: run_gpu.sh OUT_DIR [tests,sweep,table,profile]}
 steps=",${2:-tests,sweep,table},"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -26,4 +28,14 @@ fi
 if [[ $steps == *,table,* ]]; then
   timeout "${TABLE_S:-300}" python3 benchmarks/bench_kernels.py --ops qk/reference,qk/triton,ffn,select --out "$out/kernels.md" \
     2>&1 | tee "$out/kernels.log" | grep -v "^{" | tail -45
+fi
+if [[ $steps == *,profile,* ]]; then
+  if command -v ncu >/dev/null; then
+    timeout "${PROFILE_S:-180}" ncu --profile-from-start off --kernel-name regex:'^(_qk_kernel|_column_sumsq_kernel)$' \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      python3 benchmarks/profile_kernels.py >"$out/ncu.txt" 2>&1; tail -60 "$out/ncu.txt"
+  else
+    echo "profile: no ncu (Nsight Compute) on this machine" | tee "$out/ncu.txt"
+  fi
 fi
