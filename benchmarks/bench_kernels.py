@@ -296,6 +296,16 @@ def sweep(shape: str, t: int) -> str:
     return "\n".join(lines)
 
 
+# The FFN sweep's (BLOCK_T, warps, stages, programs, mask dtype): the default first, then more bytes
+# in flight per program, more or fewer programs, plain loads (1 stage) with larger tiles, and an
+# int32 mask (copied asynchronously with the tiles; a bool one is loaded into registers).
+# kernel_resources.py --column compiles the same ones.
+FFN_SWEEP = [(8, 4, 3, 2048, torch.bool), (16, 4, 3, 2048, torch.bool), (8, 4, 4, 2048, torch.bool),
+             (4, 4, 5, 2048, torch.bool), (8, 8, 3, 2048, torch.bool), (8, 4, 3, 1024, torch.bool),
+             (8, 4, 3, 4096, torch.bool), (16, 4, 1, 2048, torch.bool), (32, 4, 1, 2048, torch.bool),
+             (8, 4, 3, 2048, torch.int32)]
+
+
 def ffn_sweep(shape: str, t: int) -> str:
     """FFN-impact kernel time for each tile and warp count (CUDA), as a multiple of reading H once."""
     from kernels import masked_column_sumsq_triton
@@ -305,14 +315,7 @@ def ffn_sweep(shape: str, t: int) -> str:
     base = masked_column_sumsq_triton(x["h"], x["h_mask"])
     lines = [f"FFN kernel sweep, {shape}, T = {t}, {FFN_BATCH} sentences (read H once: {floor * 1e3:.3f} ms):", "",
              "| BLOCK_T | warps | stages | programs | mask | median | time ÷ floor |", "|---|---|---|---|---|---|---|"]
-    # (BLOCK_T, warps, stages, programs, mask dtype): the default first, then more bytes in flight
-    # per program, more or fewer programs, plain loads (1 stage) with larger tiles, and an int32
-    # mask (copied asynchronously with the tiles; a bool one is loaded into registers).
-    configs = [(8, 4, 3, 2048, torch.bool), (16, 4, 3, 2048, torch.bool), (8, 4, 4, 2048, torch.bool),
-               (4, 4, 5, 2048, torch.bool), (8, 8, 3, 2048, torch.bool), (8, 4, 3, 1024, torch.bool),
-               (8, 4, 3, 4096, torch.bool), (16, 4, 1, 2048, torch.bool), (32, 4, 1, 2048, torch.bool),
-               (8, 4, 3, 2048, torch.int32)]
-    for block_t, warps, stages, programs, mask_dtype in configs:
+    for block_t, warps, stages, programs, mask_dtype in FFN_SWEEP:
         mask = x["h_mask"].to(mask_dtype)
         fn = lambda y: masked_column_sumsq_triton(y["h"], mask, programs=programs, block_t=block_t,  # noqa: E731
                                                   num_warps=warps, stages=stages)

@@ -25,7 +25,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.column_norms import _column_sumsq_kernel  # noqa: E402
+import torch  # noqa: E402
+from bench_kernels import FFN_SWEEP  # noqa: E402
+from kernels.column_norms import _column_sumsq_kernel, default_column_block  # noqa: E402
 from kernels.qk_impact import _qk_kernel, _qk_rough_kernel, default_channel_block, default_stages  # noqa: E402
 
 OPERANDS = ("QB", "QS", "KB", "KS", "VB", "VS")  # float16 halves under fp16x3, else the float32 values
@@ -36,10 +38,6 @@ SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 
 CONFIGS = [("tf32x3", 16, 32, 8, 8), ("tf32x3", 16, 16, 8, 8), ("tf32x3", 16, 64, 8, 8), ("tf32x3", 32, 32, 4, 8),
            ("tf32x3", 16, 32, 4, 4), ("tf32x3", 16, 32, 8, 4), ("fp16x3", 16, 32, 8, 8), ("fp16x3", 16, 64, 8, 8),
            ("fp16x3", 32, 32, 4, 8), ("fp16x3", 16, 32, 4, 4), ("tf32", 16, 32, 8, 8), ("ieee", 16, 32, 8, 8)]
-
-# Column-norm kernel (BLOCK_T, warps, stages, mask pointer type): as bench_kernels.ffn_sweep times them.
-COLUMN_CONFIGS = [(8, 4, 3, "*i1"), (16, 4, 3, "*i1"), (8, 4, 4, "*i1"), (4, 4, 5, "*i1"), (8, 8, 3, "*i1"),
-                  (16, 4, 1, "*i1"), (32, 4, 1, "*i1"), (8, 4, 3, "*i32")]
 
 
 def ptxas_path(arch: int) -> str:
@@ -112,8 +110,11 @@ def column_resources(arch: int) -> None:
     print(f"Column-norm kernel on sm_{arch}a (compiled offline, triton {triton.__version__}), bf16 H\n")
     print("| BLOCK_T | BLOCK_C | warps | stages | mask | registers / thread | spill stores | shared memory |")
     print("|---|---|---|---|---|---|---|---|")
-    for block_t, warps, stages, mask in COLUMN_CONFIGS:
-        block_c = 8 * 32 * warps  # the wrapper's default: 16 bytes a thread
+    # The sweep's configurations; the program count changes only the grid, not the compiled code.
+    configs = dict.fromkeys((block_t, warps, stages, mask) for block_t, warps, stages, _, mask in FFN_SWEEP)
+    for block_t, warps, stages, mask_dtype in configs:
+        block_c = default_column_block(2, warps)  # bf16
+        mask = "*i1" if mask_dtype == torch.bool else "*i32"
         signature = dict(X="*bf16", TOKENS=mask, PARTIAL="*fp32", T="i32", C="i32", span="i32", stride_b="i32",
                          stride_t="i32", BLOCK_T="constexpr", BLOCK_C="constexpr", STAGES="constexpr")
         attrs = {(params.index(name),): [["tt.divisibility", 16]]

@@ -65,6 +65,11 @@ if triton is not None:
         tl.store(PARTIAL + (s * tl.num_programs(0) + b) * C + cols, acc, mask=col_ok)
 
 
+def default_column_block(element_size: int, num_warps: int) -> int:
+    """Columns a program reads: 16 bytes a thread, 32 threads a warp (1024 bf16 at 4 warps)."""
+    return 16 // element_size * 32 * num_warps
+
+
 def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, programs: int = 2048, block_t: int = 8,
                                num_warps: int = 4, stages: int = 3, block_c: int | None = None) -> torch.Tensor:
     """The Triton kernel of `masked_column_sumsq_torch`: one pass over x, float32 accumulation.
@@ -81,7 +86,7 @@ def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, progra
     b, t, c = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     tokens = token_mask.contiguous()  # bool (or int32) as it is: no conversion launch
-    block_c = min(block_c or 16 // x.element_size() * 32 * num_warps, triton.next_power_of_2(c))
+    block_c = min(block_c or default_column_block(x.element_size(), num_warps), triton.next_power_of_2(c))
     column_blocks = triton.cdiv(c, block_c)
     spans = max(1, min(triton.cdiv(t, block_t), programs // (b * column_blocks)))
     span = triton.cdiv(triton.cdiv(t, spans), block_t) * block_t
