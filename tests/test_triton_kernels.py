@@ -174,7 +174,7 @@ def test_qk_channel_blocks():
 
 def test_kernel_expm1_is_accurate_to_float32_rounding():
     """The kernels' expm1 (a polynomial near 0, exp − 1 beyond) against float64, across the
-    range the impacts use (logit changes are clamped at 20), including the switch at ±½."""
+    range the soft-cap's tanh uses (its argument is −2|y|), including the switch at ±½."""
     x = torch.cat([torch.linspace(-20, 20, 4001), torch.linspace(-0.6, 0.6, 2401), torch.logspace(-30, -1, 200),
                    -torch.logspace(-30, -1, 200), torch.tensor([0.0, 0.5, -0.5])]).to(DEVICE)
     y = torch.empty_like(x)
