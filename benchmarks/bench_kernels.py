@@ -18,7 +18,7 @@ On CUDA every row runs in this one process (peak memory from max_memory_allocate
 adds two floors: for Q/K, one FlashAttention forward of the same layer (bf16, causal, SDPA's flash
 backend) times head_dim, the work the kernel must do; for the FFN impact (a batch of 8 sentences,
 H in bf16), the time to read H once at the bandwidth of a device-to-device copy measured in the
-same run. `--sweep` times the Q/K kernel's tile sizes and dot precisions at one shape, and
+same run. `--sweep [ffn,qk]` times the kernels' tile sizes (and Q/K dot precisions) at one T, and
 `--accuracy` compares each precision with the float64 reference (T = 256).
 """
 import argparse
@@ -121,20 +121,23 @@ def measure_one(name: str, shape: str, t: int, device: str, repeats: int) -> dic
 def time_cuda(fn, inputs) -> tuple[float, int]:
     """Median seconds and peak extra bytes of fn(inputs) on CUDA, in this process.
 
-    A first call compiles and measures peak memory; slow calls (over 0.2 s) are then timed twice
-    with the host clock, fast ones with `triton.testing.do_bench` (median, L2 flushed each run).
+    A first call compiles and measures peak memory; a second decides the clock: calls over 0.2 s
+    are timed twice with the host clock, faster ones with `triton.testing.do_bench` (median, L2
+    flushed each run). (Deciding on the first call timed a kernel's first use, compilation
+    included, with the host clock and launch overhead: 3× the floor for FFN, H200.)
     """
     import triton.testing
 
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    fn(inputs)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
     start = time.perf_counter()
     fn(inputs)
     torch.cuda.synchronize()
-    first = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() - base
-    if first > 0.2:
+    if time.perf_counter() - start > 0.2:
         times = []
         for _ in range(2):
             start = time.perf_counter()
@@ -272,15 +275,15 @@ def sweep(shape: str, t: int) -> str:
              "| precision | BLOCK_M | BLOCK_N | BLOCK_C | warps | stages | median | max diff from ieee ÷ max |",
              "|---|---|---|---|---|---|---|---|"]
     # (precision, BLOCK_M, BLOCK_N, BLOCK_C, warps, num_stages; None: the defaults): the default
-    # first, then neighbours that kernel_resources.py finds with few register spills (fp16x3 with
-    # 4 channels and 4 warps: no spills, and registers and shared memory for two programs an SM).
+    # first, then its neighbours (longer key tiles, fewer channels or warps a program) and the
+    # float32-level alternative, tf32x3.
     if x["spec"].head_dim <= 128:
-        configs = [("tf32x3", 16, 32, None, 8, None), ("fp16x3", 16, 32, None, 8, None), ("fp16x3", 16, 64, None, 8, None),
-                   ("fp16x3", 32, 32, None, 8, None), ("fp16x3", 16, 32, 4, 4, None), ("tf32x3", 16, 32, 4, 4, None),
-                   ("tf32", 16, 32, None, 8, None), ("ieee", 16, 32, None, 8, None)]
+        configs = [("fp16x3", 16, None, None, 8, None), ("fp16x3", 16, 128, None, 8, None),
+                   ("fp16x3", 16, 64, 4, 4, None), ("fp16x3", 16, 64, None, 4, None),
+                   ("fp16x3", 32, 64, None, 8, None), ("fp16x3", 16, 64, None, 8, 2), ("tf32x3", 16, 64, None, 8, None)]
     else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
-        configs = [("tf32x3", 16, 32, None, 8, None), ("fp16x3", 16, 32, None, 8, None), ("tf32x3", 16, 32, 2, 8, None),
-                   ("tf32", 16, 32, None, 8, None)]
+        configs = [("fp16x3", 16, None, None, 8, None), ("fp16x3", 16, 32, 2, 8, None), ("fp16x3", 16, 64, 2, 8, 1),
+                   ("fp16x3", 16, 32, 2, 4, None), ("fp16x3", 16, 64, None, 8, 1)]
     for precision, block_m, block_n, block_c, warps, stages in configs:
         fn = lambda y: qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"],  # noqa: E731
                                         precision=precision, block_m=block_m, block_n=block_n, block_c=block_c,
@@ -290,7 +293,7 @@ def sweep(shape: str, t: int) -> str:
             cell = f"{time_cuda(fn, x)[0] * 1e3:.1f} ms | {diff:.1e}"
         except Exception as err:  # noqa: BLE001
             cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
-        lines.append(f"| {precision} | {block_m} | {block_n} | {block_c or 'auto'} | {warps} | {stages or 'default'} "
+        lines.append(f"| {precision} | {block_m} | {block_n or 'auto'} | {block_c or 'auto'} | {warps} | {stages or 'default'} "
                      f"| {cell} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
@@ -369,8 +372,9 @@ def main():
     parser.add_argument("--max-reference-t", type=int, default=2048, help="skip the reference above this T")
     parser.add_argument("--ops", default="qk,ffn,select",
                         help="operations (qk, ffn, select) or implementations (qk/triton, ...) to time")
-    parser.add_argument("--sweep", action="store_true",
-                        help="CUDA: FFN tiles (the first of --shapes), Q/K tiles and precisions (each shape)")
+    parser.add_argument("--sweep", nargs="?", const="ffn,qk", default="",
+                        help="CUDA: ffn (FFN tiles, the first of --shapes) and/or qk (Q/K tiles and precisions, "
+                             "each shape); bare: both")
     parser.add_argument("--sweep-t", type=int, default=1024)
     parser.add_argument("--accuracy", action="store_true", help="CUDA: Q/K precisions against float64")
     parser.add_argument("--out", help="also write the table (Markdown) here")
@@ -385,8 +389,9 @@ def main():
     parts = []
     if args.accuracy:
         parts.append(accuracy(args.shapes))
-    if args.sweep:
+    if "ffn" in args.sweep:
         parts.append(ffn_sweep(args.shapes.split(",")[0], 2048))
+    if "qk" in args.sweep:
         parts += [sweep(shape, args.sweep_t) for shape in args.shapes.split(",")]
     if args.ops:
         parts.append(run(args))

@@ -757,6 +757,12 @@ def default_channel_block(block_m: int, head_dim: int) -> int:
     return min(1 << (fit.bit_length() - 1), channels)
 
 
+def default_key_block(block_d: int) -> int:
+    """Keys per tile: 64 up to head_dim 128 (24.0 ms against 27.3 ms for 32 at llama T = 1024,
+    fp16x3, H200), 32 above, where K and V tiles of 64 keys overflow shared memory."""
+    return 64 if block_d <= 128 else 32
+
+
 def default_stages(block_d: int) -> int:
     """Software-pipelining depth: Triton's usual 3, but 2 for head_dim 256, whose K and V tiles
     in three stages need more shared memory than an H100 has (about 228 KiB, sm_90a compile)."""
@@ -767,21 +773,23 @@ MAX_KERNEL_OFFSET = 2 ** 31  # the Q/K kernels' offsets are int32
 
 
 def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
-                     precision: str = "tf32x3", block_m: int = 16, block_n: int = 32, block_c: int | None = None,
+                     precision: str = "fp16x3", block_m: int = 16, block_n: int | None = None, block_c: int | None = None,
                      num_warps: int = 8, num_stages: int | None = None):
     """The Triton kernel of `qk_impact_torch` (same arguments and results), in float32.
 
-    `precision` is how the tile products use the GPU's matrix units: `tf32x3` (the default: three
-    TF32 products of operands split in `_split`, float32-level accuracy: Triton's own tf32x3, the
-    same split, gave about 1e-6 relative to the largest impact on an H200), `fp16x3` (the same
-    three products of 11-bit parts on the float16 units, twice the TF32 rate: q, k and v split
-    once on the host, see `_operand_parts`; the probability changes A·(e^Δ − 1) with one fixed
-    scale, so to 2^-40 absolute: a neuron that moves attention by less than about 1e-7 keeps
-    less relative precision than with tf32x3; not yet timed on a GPU), `ieee` (plain float32 FMAs,
-    about twice as slow as tf32x3) or `tf32` (one product, about 2e-3 relative). The interpreter
+    `precision` is how the tile products use the GPU's matrix units: `fp16x3` (the default: three
+    products of 11-bit parts on the float16 units, q, k and v split once on the host, see
+    `_operand_parts`; the probability changes A·(e^Δ − 1) carry one fixed scale, so to 2^-40
+    absolute: a neuron that moves attention by less than about 1e-7 keeps less relative precision),
+    `tf32x3` (three TF32 products of operands split in `_split`, float32-level accuracy), `ieee`
+    (plain float32 FMAs) or `tf32` (one product, about 2e-3 relative). On an H200 at T = 1024
+    (llama shape) they took 24.0, 54.3, 77.5 and 34.9 ms, and fp16x3 and tf32x3 came within
+    1.2e-6 and 1.6e-6 of the float64 impacts (relative to the largest), with the same top 1 %
+    (`benchmarks/results/h200-kernels.md`). The interpreter
     computes every product in float32. A program takes `block_m` query rows and
     `block_c` channels (a power of two; None: as many as keep its value-product accumulator of
-    block_c·block_m rows × head_dim at 128 × 128 floats), looping over key tiles of `block_n`.
+    block_c·block_m rows × head_dim at 128 × 128 floats), looping over key tiles of `block_n`
+    (None: `default_key_block`).
     Tiles, warps and `num_stages` (Triton's software pipelining; None: `default_stages`) are tuning
     knobs: `benchmarks/bench_kernels.py --sweep` times them on a GPU and
     `benchmarks/kernel_resources.py` reports their registers and spills without one.
@@ -832,6 +840,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     block_d = max(16, triton.next_power_of_2(d))
     if block_c is None:
         block_c = default_channel_block(block_m, d)
+    if block_n is None:
+        block_n = default_key_block(block_d)
     if block_c < 1 or block_c & (block_c - 1) or block_c * block_m < 16:
         raise ValueError(f"block_c must be a power of two with block_c·block_m ≥ 16, not {block_c}")
     has_norm_q, has_norm_k = rq is not None, rk is not None
