@@ -278,12 +278,12 @@ def sweep(shape: str, t: int) -> str:
     # first, then its neighbours (longer key tiles, fewer channels or warps a program) and the
     # float32-level alternative, tf32x3.
     if x["spec"].head_dim <= 128:
-        configs = [("fp16x3", 16, None, None, 8, None), ("fp16x3", 16, 128, None, 8, None),
+        configs = [("fp16x3", 16, None, None, None, None), ("fp16x3", 16, 128, None, 8, None),
                    ("fp16x3", 16, 64, 4, 4, None), ("fp16x3", 16, 64, None, 4, None),
                    ("fp16x3", 32, 64, None, 8, None), ("fp16x3", 16, 64, None, 8, 2), ("tf32x3", 16, 64, None, 8, None)]
     else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
-        configs = [("fp16x3", 16, None, None, 8, None), ("fp16x3", 16, 32, 2, 8, None), ("fp16x3", 16, 64, 2, 8, 1),
-                   ("fp16x3", 16, 32, 2, 4, None), ("fp16x3", 16, 64, None, 8, 1)]
+        configs = [("fp16x3", 16, None, None, None, None), ("fp16x3", 16, 32, 4, 4, None), ("fp16x3", 16, 32, 1, 4, None),
+                   ("fp16x3", 16, 64, 2, 4, 1), ("fp16x3", 16, 32, 2, 8, None), ("tf32x3", 16, 32, 2, 4, None)]
     for precision, block_m, block_n, block_c, warps, stages in configs:
         fn = lambda y: qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"],  # noqa: E731
                                         precision=precision, block_m=block_m, block_n=block_n, block_c=block_c,
@@ -293,7 +293,7 @@ def sweep(shape: str, t: int) -> str:
             cell = f"{time_cuda(fn, x)[0] * 1e3:.1f} ms | {diff:.1e}"
         except Exception as err:  # noqa: BLE001
             cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
-        lines.append(f"| {precision} | {block_m} | {block_n or 'auto'} | {block_c or 'auto'} | {warps} | {stages or 'default'} "
+        lines.append(f"| {precision} | {block_m} | {block_n or 'auto'} | {block_c or 'auto'} | {warps or 'auto'} | {stages or 'default'} "
                      f"| {cell} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)

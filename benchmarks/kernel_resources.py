@@ -28,7 +28,8 @@ from triton.compiler import ASTSource  # noqa: E402
 import torch  # noqa: E402
 from bench_kernels import FFN_SWEEP  # noqa: E402
 from kernels.column_norms import _column_sumsq_kernel, default_column_block  # noqa: E402
-from kernels.qk_impact import _qk_kernel, _qk_rough_kernel, default_channel_block, default_stages  # noqa: E402
+from kernels.qk_impact import (_qk_kernel, _qk_rough_kernel, default_channel_block, default_key_block,  # noqa: E402
+                               default_stages, default_warps)
 
 OPERANDS = ("QB", "QS", "KB", "KS", "VB", "VS")  # float16 halves under fp16x3, else the float32 values
 TYPES = dict(TOKENS="*i32", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32", softcap="fp32",
@@ -84,7 +85,9 @@ def compile_report(kernel, signature: dict, constants: dict, attrs: dict, option
 def every_variant(arch: int, head_dim: int, precision: str) -> None:
     """Compile both kernels in all 32 specialisations (query/key channel, q/k norm, soft-cap,
     window, metric) at the defaults `qk_impact_triton` uses for this head_dim; report the worst."""
-    block_c, stages = default_channel_block(16, head_dim), default_stages(max(16, triton.next_power_of_2(head_dim)))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    warps, block_n, stages = default_warps(block_d), default_key_block(block_d), default_stages(block_d)
+    block_c = default_channel_block(16, head_dim, warps)
     names = ("IS_KEY", "HAS_NORM", "HAS_CAP", "HAS_WINDOW", "PROBS")
     worst = {"registers": (0, ""), "spill_bytes": (0, ""), "shared_bytes": (0, "")}
     count = 0
@@ -92,12 +95,12 @@ def every_variant(arch: int, head_dim: int, precision: str) -> None:
         for bits in itertools.product((False, True), repeat=len(names)):
             flags = dict(zip(names, bits))
             label = f"{kernel.fn.__name__} " + " ".join(n for n, on in flags.items() if on)
-            r = resources(kernel, arch, precision, 16, 32, block_c, 8, stages, head_dim, **flags)
+            r = resources(kernel, arch, precision, 16, block_n, block_c, warps, stages, head_dim, **flags)
             count += 1
             for key in worst:
                 if r[key] > worst[key][0]:
                     worst[key] = (r[key], label)
-    print(f"head_dim {head_dim} ({precision}, 16 × 32, BLOCK_C {block_c}, 8 warps, {stages} stages): {count} "
+    print(f"head_dim {head_dim} ({precision}, 16 × {block_n}, BLOCK_C {block_c}, {warps} warps, {stages} stages): {count} "
           f"specialisations compiled; most registers {worst['registers'][0]} ({worst['registers'][1]}), most spills "
           f"{worst['spill_bytes'][0]} B ({worst['spill_bytes'][1]}), most shared memory "
           f"{worst['shared_bytes'][0]} B ({worst['shared_bytes'][1]}; sm_90 allows {SM90_SHARED_BYTES} B)", flush=True)

@@ -741,25 +741,34 @@ def _operand_parts(x: torch.Tensor, token_mask: torch.Tensor, precision: str):
     """
     if precision != "fp16x3":
         return x, x, torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
-    real = token_mask[:, None, :, None]
-    _, exponent = torch.frexp(torch.where(real, x.abs(), 0.0).amax((2, 3)))  # largest < 2^exponent
+    # In place where it can be: one float32 temporary the size of x, not three (the peak memory of
+    # the whole Q/K call was this function's, 116 MiB at llama T = 1024 on an H200).
+    padding = ~token_mask[:, None, :, None]
+    _, exponent = torch.frexp(x.abs().masked_fill_(padding, 0.0).amax((2, 3)))  # largest < 2^exponent
     scale = torch.ldexp(torch.ones_like(x[:, :, 0, 0]), 15 - exponent)
-    scaled = torch.where(real, x * scale[..., None, None], 0.0)
+    scaled = (x * scale[..., None, None]).masked_fill_(padding, 0.0)
     big = scaled.half()
-    return big, (scaled - big.float()).half(), 1 / scale
+    return big, scaled.sub_(big).half(), 1 / scale  # the subtraction is exact
 
 
-def default_channel_block(block_m: int, head_dim: int) -> int:
-    """Channels per program: the power of two that makes the stacked value product 128 × 128
-    floats (8 channels of 16 rows at head_dim 128, 4 at 256), never more than the head has."""
+def default_warps(block_d: int) -> int:
+    """Warps per program: 8, but 4 for head_dim 256 (H200, fp16x3, T = 1024: gemma2-9b 72.2 ms
+    with 2 channels and 4 warps, 118.2 ms with 8; llama3.1-8b 23.8 ms with 8, 48.1 ms with 4)."""
+    return 4 if block_d > 128 else 8
+
+
+def default_channel_block(block_m: int, head_dim: int, num_warps: int) -> int:
+    """Channels per program: the power of two that makes the stacked value-product accumulator
+    (block_c·block_m rows × head_dim floats) 2048 floats a warp, 64 registers a thread (8 channels
+    of 16 rows at head_dim 128 and 8 warps, 2 at 256 and 4 warps), never more than the head has."""
     channels = 1 << (head_dim - 1).bit_length()
-    fit = max(1, (128 * 128) // (block_m * max(16, channels)))
+    fit = max(1, (2048 * num_warps) // (block_m * max(16, channels)))
     return min(1 << (fit.bit_length() - 1), channels)
 
 
 def default_key_block(block_d: int) -> int:
-    """Keys per tile: 64 up to head_dim 128 (24.0 ms against 27.3 ms for 32 at llama T = 1024,
-    fp16x3, H200), 32 above, where K and V tiles of 64 keys overflow shared memory."""
+    """Keys per tile: 64 up to head_dim 128 (H200, fp16x3, llama3.1-8b T = 1024: 23.8 ms, 32 keys
+    27.3 ms; 128 keys overflow shared memory), 32 above, where 64 keys need a single stage."""
     return 64 if block_d <= 128 else 32
 
 
@@ -774,7 +783,7 @@ MAX_KERNEL_OFFSET = 2 ** 31  # the Q/K kernels' offsets are int32
 
 def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
                      precision: str = "fp16x3", block_m: int = 16, block_n: int | None = None, block_c: int | None = None,
-                     num_warps: int = 8, num_stages: int | None = None):
+                     num_warps: int | None = None, num_stages: int | None = None):
     """The Triton kernel of `qk_impact_torch` (same arguments and results), in float32.
 
     `precision` is how the tile products use the GPU's matrix units: `fp16x3` (the default: three
@@ -783,13 +792,12 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     absolute: a neuron that moves attention by less than about 1e-7 keeps less relative precision),
     `tf32x3` (three TF32 products of operands split in `_split`, float32-level accuracy), `ieee`
     (plain float32 FMAs) or `tf32` (one product, about 2e-3 relative). On an H200 at T = 1024
-    (llama shape) they took 24.0, 54.3, 77.5 and 34.9 ms, and fp16x3 and tf32x3 came within
-    1.2e-6 and 1.6e-6 of the float64 impacts (relative to the largest), with the same top 1 %
-    (`benchmarks/results/h200-kernels.md`). The interpreter
-    computes every product in float32. A program takes `block_m` query rows and
-    `block_c` channels (a power of two; None: as many as keep its value-product accumulator of
-    block_c·block_m rows × head_dim at 128 × 128 floats), looping over key tiles of `block_n`
-    (None: `default_key_block`).
+    (llama shape) fp16x3 took 23.8 ms with 64-key tiles, tf32x3, ieee and tf32 54.3, 77.5 and
+    34.9 ms with 32-key tiles (64 overflow shared memory with tf32x3); fp16x3 and tf32x3 came
+    within 1.2e-6 and 1.6e-6 of the float64 impacts (relative to the largest), with the same top 1 %
+    (`benchmarks/results/h200-kernels.md`). The interpreter computes every product in float32. A program takes `block_m` query rows and
+    `block_c` channels (a power of two; None: `default_channel_block`), looping over key tiles of `block_n`
+    (None: `default_key_block`), with `num_warps` warps (None: `default_warps`).
     Tiles, warps and `num_stages` (Triton's software pipelining; None: `default_stages`) are tuning
     knobs: `benchmarks/bench_kernels.py --sweep` times them on a GPU and
     `benchmarks/kernel_resources.py` reports their registers and spills without one.
@@ -838,10 +846,9 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     tokens = token_mask.to(torch.int32).contiguous()
     n_tiles = triton.cdiv(t, block_m)
     block_d = max(16, triton.next_power_of_2(d))
-    if block_c is None:
-        block_c = default_channel_block(block_m, d)
-    if block_n is None:
-        block_n = default_key_block(block_d)
+    num_warps = default_warps(block_d) if num_warps is None else num_warps
+    block_c = default_channel_block(block_m, d, num_warps) if block_c is None else block_c
+    block_n = default_key_block(block_d) if block_n is None else block_n
     if block_c < 1 or block_c & (block_c - 1) or block_c * block_m < 16:
         raise ValueError(f"block_c must be a power of two with block_c·block_m ≥ 16, not {block_c}")
     has_norm_q, has_norm_k = rq is not None, rk is not None

@@ -163,8 +163,8 @@ def test_qk_kernel_runs_a_batch_past_its_offsets_a_few_sentences_at_a_time(monke
 def test_qk_channel_blocks():
     from kernels.qk_impact import default_channel_block
 
-    assert [default_channel_block(16, d) for d in (6, 64, 128, 256)] == [8, 16, 8, 4]
-    assert default_channel_block(32, 128) == 4
+    assert [default_channel_block(16, d, 8) for d in (6, 64, 128, 256)] == [8, 16, 8, 4]
+    assert [default_channel_block(16, 256, 4), default_channel_block(32, 128, 8)] == [2, 4]
     q, k, v, mask = inputs(2, 1, 8, 3, 0)
     cos, sin = rope(3, 8, torch.float64)
     with pytest.raises(ValueError, match="block_c must be a power of two"):
