@@ -23,6 +23,7 @@ tanh(a + d) − tanh(a) = sinh(d) / (cosh a · cosh(a + d)) (`_tanh_change`).
 Two metrics: `output`, ‖(A − A')V‖_F (the paper's, the default), and `probs`, ‖A − A'‖²_F (what
 the authors' released code computes). Both are summed over the query heads a neuron reaches.
 """
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -712,22 +713,38 @@ if triton is not None:
                      mask=chan_ok)
 
 
-def _base_stats(qr, kr, vv, token_mask, spec, acc):
-    """Log-sum-exp [B, H, T] and output [B, H, T, D] of the unperturbed attention, chunked by rows."""
+def _base_stats(qr, kr, vv, token_mask, spec, acc, budget: int = 1 << 22):
+    """Log-sum-exp [B, H, T] and output [B, H, T, D] of the unperturbed attention.
+
+    All heads at once (a KV group's query heads stacked as rows of one product), in chunks of
+    query rows holding at most `budget` scores (16 MiB of float32) in one buffer worked in place:
+    a few dozen launches a layer, not a few per head, and memory O(T·D) beside the chunk.
+    """
     b, hq, t, d = qr.shape
-    lse = torch.empty(b, hq, t, dtype=acc, device=qr.device)
-    out = torch.empty(b, hq, t, d, dtype=acc, device=qr.device)
-    rows_per_chunk = max(1, (1 << 22) // max(1, b * t))
-    for h in range(hq):
-        g = h // spec.group_size
-        for i0 in range(0, t, rows_per_chunk):
-            rows = slice(i0, min(t, i0 + rows_per_chunk))
-            keys = _key_range(rows, spec.sliding_window)
-            x = spec.scaling * qr[:, h, rows] @ kr[:, g, keys].transpose(-1, -2)
-            logits = _base_logits(x, token_mask, rows, keys, spec)
-            lse[:, h, rows] = torch.logsumexp(logits, -1)
-            out[:, h, rows] = torch.softmax(logits, -1) @ vv[:, g, keys]
-    return lse, out
+    hk, group = kr.shape[1], spec.group_size
+    lse = torch.empty(b, hk, group, t, dtype=acc, device=qr.device)
+    out = torch.empty(b, hk, group, t, d, dtype=acc, device=qr.device)
+    q_groups = qr.view(b, hk, group, t, d)
+    per_row = b * hq  # scores per (query row, key)
+    i0 = 0
+    while i0 < t:
+        # The most rows n whose n × (keys they see) scores fit the budget (causal: the keys grow with n).
+        seen_before = i0 - _key_range(slice(i0, i0 + 1), spec.sliding_window).start
+        n = (math.isqrt(seen_before ** 2 + 4 * (budget // per_row)) - seen_before) // 2
+        rows = slice(i0, min(t, i0 + max(1, n)))
+        keys = _key_range(rows, spec.sliding_window)
+        n, k = rows.stop - rows.start, keys.stop - keys.start
+        q_rows = (q_groups[:, :, :, rows] * spec.scaling).view(b, hk, group * n, d)
+        x = torch.matmul(q_rows, kr[:, :, keys].transpose(-1, -2)).view(b, hk, group, n, k)
+        if spec.softcap is not None:
+            x.div_(spec.softcap).tanh_().mul_(spec.softcap)
+        x.masked_fill_(~_allowed(token_mask, rows, keys, spec.sliding_window)[:, None, None], float("-inf"))
+        row_lse = torch.logsumexp(x, -1)
+        lse[:, :, :, rows] = row_lse
+        probs = x.sub_(row_lse[..., None]).exp_().view(b, hk, group * n, k)
+        out[:, :, :, rows] = torch.matmul(probs, vv[:, :, keys]).view(b, hk, group, n, d)
+        i0 = rows.stop
+    return lse.view(b, hq, t), out.view(b, hq, t, d)
 
 
 def _operand_parts(x: torch.Tensor, token_mask: torch.Tensor, precision: str):
