@@ -875,17 +875,19 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         rough = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
         dummy = qn  # never read when the norm is absent
         for kernel, part in ((_qk_kernel, partial[0]), (_qk_rough_kernel, partial[1])):
-            kernel[(b * hq, n_tiles, triton.cdiv(d, block_c))](
-                qn, qr, kn, kr, q_big, q_small, k_big, k_small, v_big, v_small, cos, sin,
-                r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
-                lse, out, unscale, tokens, part, rough,
-                t, d, hq, spec.group_size, float(spec.scaling), float(spec.softcap or 1.0),
-                int(spec.sliding_window or 0),
-                IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
-                HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs", PRECISION=precision,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps,
-                num_stages=default_stages(block_d) if num_stages is None else num_stages,
-            )
+            with warnings.catch_warnings():  # TRITON_INTERPRET's numpy warns where rows overflow on purpose
+                warnings.filterwarnings("ignore", "(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
+                kernel[(b * hq, n_tiles, triton.cdiv(d, block_c))](
+                    qn, qr, kn, kr, q_big, q_small, k_big, k_small, v_big, v_small, cos, sin,
+                    r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
+                    lse, out, unscale, tokens, part, rough,
+                    t, d, hq, spec.group_size, float(spec.scaling), float(spec.softcap or 1.0),
+                    int(spec.sliding_window or 0),
+                    IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
+                    HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs", PRECISION=precision,
+                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps,
+                    num_stages=default_stages(block_d) if num_stages is None else num_stages,
+                )
         per_head = partial.sum((0, 2)).view(b, hq, d)
         if is_key:
             per_head = per_head.view(b, hk, spec.group_size, d).sum(2)

@@ -18,10 +18,6 @@ DEVICE = "cuda" if os.environ.get("NEUROLANG_GPU_TESTS") == "1" and torch.cuda.i
 # of each operand into three products; on a GPU it also checks the TF32 products themselves.
 # (One-TF32 `tf32` is about 1e-3 relative: benchmarks/bench_kernels.py --accuracy reports it.)
 PRECISIONS = ("ieee", "tf32x3", "fp16x3")
-# The interpreter's numpy warns where the kernels overflow on purpose: rows that change a lot
-# (their W becomes inf or NaN and the rough kernel redoes them) and padding rows (dropped).
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 
 @triton.jit
