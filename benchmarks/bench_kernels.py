@@ -18,7 +18,8 @@ On CUDA every row runs in this one process (peak memory from max_memory_allocate
 adds two floors: for Q/K, one FlashAttention forward of the same layer (bf16, causal, SDPA's flash
 backend) times head_dim, the work the kernel must do; for the FFN impact (a batch of 8 sentences,
 H in bf16), the time to read H once at the bandwidth of a device-to-device copy measured in the
-same run. `--sweep [ffn,qk]` times the kernels' tile sizes (and Q/K dot precisions) at one T, and
+same run. `--sweep [ffn,qk]` times the kernels' tile sizes (and Q/K dot precisions) at one T,
+`--breakdown` splits one Q/K call's time by GPU kernel, and
 `--accuracy` compares each precision with the float64 reference (T = 256).
 """
 import argparse
@@ -333,6 +334,36 @@ def ffn_sweep(shape: str, t: int) -> str:
     return "\n".join(lines)
 
 
+def breakdown(shape: str, t: int) -> str:
+    """Where one Q/K call's time goes on CUDA: each GPU kernel's time (torch.profiler), and the
+    wall time the GPU spent idle (the host's launches and Python between the kernels)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    x = make_inputs(shape, t, "cuda")
+    fn = implementations("cuda")["qk/triton"]
+    fn(x), fn(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn(x)
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            count, total = kernels.get(e.name, (0, 0.0))
+            kernels[e.name] = (count + 1, total + e.time_range.elapsed_us())
+    busy = sum(total for _, total in kernels.values())
+    lines = [f"Q/K call breakdown, {shape}, T = {t}: wall {wall_us / 1e3:.2f} ms (profiled), GPU busy "
+             f"{busy / 1e3:.2f} ms, idle {(wall_us - busy) / 1e3:.2f} ms; {sum(c for c, _ in kernels.values())} "
+             "kernel launches", "", "| kernel | launches | total | share of wall |", "|---|---|---|---|"]
+    for name, (count, total) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]:
+        lines.append(f"| {name[:80].replace('|', '/')} | {count} | {total / 1e3:.3f} ms | {total / wall_us:.1%} |")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def accuracy(shapes: str, t: int = 256) -> str:
     """Each Q/K fast path against the float64 reference: max relative error and top-1 % overlap."""
     from kernels import qk_impact_triton
@@ -377,6 +408,8 @@ def main():
                              "each shape); bare: both")
     parser.add_argument("--sweep-t", type=int, default=1024)
     parser.add_argument("--accuracy", action="store_true", help="CUDA: Q/K precisions against float64")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="CUDA: each GPU kernel's share of one Q/K call (each shape, at --sweep-t)")
     parser.add_argument("--out", help="also write the table (Markdown) here")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -391,6 +424,8 @@ def main():
         parts.append(accuracy(args.shapes))
     if "ffn" in args.sweep:
         parts.append(ffn_sweep(args.shapes.split(",")[0], 2048))
+    if args.breakdown:
+        parts += [breakdown(shape, args.sweep_t) for shape in args.shapes.split(",")]
     if "qk" in args.sweep:
         parts += [sweep(shape, args.sweep_t) for shape in args.shapes.split(",")]
     if args.ops:
