@@ -718,7 +718,8 @@ def _base_stats(qr, kr, vv, token_mask, spec, acc, budget: int = 1 << 22):
 
     All heads at once (a KV group's query heads stacked as rows of one product), in chunks of
     query rows holding at most `budget` scores (16 MiB of float32) in one buffer worked in place:
-    a few dozen launches a layer, not a few per head, and memory O(T·D) beside the chunk.
+    about twenty launches a chunk (5 chunks for llama3.1-8b at T = 1024), where a loop over heads
+    made as many a head, and memory O(T·D) beside the chunk.
     """
     b, hq, t, d = qr.shape
     hk, group = kr.shape[1], spec.group_size
@@ -812,9 +813,10 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     (llama shape) fp16x3 took 23.8 ms with 64-key tiles, tf32x3, ieee and tf32 54.3, 77.5 and
     34.9 ms with 32-key tiles (64 overflow shared memory with tf32x3); fp16x3 and tf32x3 came
     within 1.2e-6 and 1.6e-6 of the float64 impacts (relative to the largest), with the same top 1 %
-    (`benchmarks/results/h200-kernels.md`). The interpreter computes every product in float32. A program takes `block_m` query rows and
-    `block_c` channels (a power of two; None: `default_channel_block`), looping over key tiles of `block_n`
-    (None: `default_key_block`), with `num_warps` warps (None: `default_warps`).
+    (`benchmarks/results/h200-kernels.md`). The interpreter computes every product in float32.
+    A program takes `block_m` query rows and `block_c` channels (a power of two; None:
+    `default_channel_block`), looping over key tiles of `block_n` (None: `default_key_block`),
+    with `num_warps` warps (None: `default_warps`).
     Tiles, warps and `num_stages` (Triton's software pipelining; None: `default_stages`) are tuning
     knobs: `benchmarks/bench_kernels.py --sweep` times them on a GPU and
     `benchmarks/kernel_resources.py` reports their registers and spills without one.
