@@ -7,7 +7,10 @@ the V impact all reduce to per-sentence column sums of squares over the real tok
 """
 import torch
 
+from kernels.dispatch import full_float32_matmuls
 
+
+@full_float32_matmuls()
 def masked_column_sumsq_torch(x: torch.Tensor, token_mask: torch.Tensor, chunk_elements: int = 1 << 20) -> torch.Tensor:
     """Σ_t x[b, t, c]² over the real tokens (token_mask[b, t] true), in float32 (float64 stays).
 

@@ -4,11 +4,38 @@
 environment variable NEUROLANG_BACKEND. With TRITON_INTERPRET=1 the Triton kernels run on the CPU
 through Triton's interpreter (slowly: for tests on small shapes).
 """
+import contextlib
 import os
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+# The float32 matrix-product settings that trade precision for speed (TF32 on a GPU, bf16 on some
+# CPUs), where this torch has them (2.9 and later; before, only the GPU's allow_tf32).
+_MATMUL_SETTINGS = [m for m in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+                    if m is not None and hasattr(m, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def full_float32_matmuls():
+    """Float32 matrix products at full precision inside, whatever the process chose:
+    `torch.set_float32_matmul_precision("high")`, common in training scripts, makes them TF32 on a
+    GPU (about 1e-3 relative), and the impacts are promised to float32 rounding. Restored after."""
+    if _MATMUL_SETTINGS:
+        previous = [m.fp32_precision for m in _MATMUL_SETTINGS]
+        for m in _MATMUL_SETTINGS:
+            m.fp32_precision = "ieee"
+    else:  # pragma: no cover - torch before 2.9
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if _MATMUL_SETTINGS:
+            for m, value in zip(_MATMUL_SETTINGS, previous):
+                m.fp32_precision = value
+        else:  # pragma: no cover
+            torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def triton_available() -> bool:

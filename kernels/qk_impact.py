@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.dispatch import full_float32_matmuls
+
 METRICS = ("output", "probs")
 PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16x3")
 
@@ -214,6 +216,7 @@ def _chunks(b: int, t: int, d: int, budget: int) -> tuple[int, int]:
     return channels, rows
 
 
+@full_float32_matmuls()
 def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
                     chunk_elements: int = 1 << 21):
     """Exact impacts of every Q and K neuron of one layer, per sentence.
@@ -298,6 +301,7 @@ def _finish(sq: torch.Tensor, metric: str) -> torch.Tensor:
     return (sq.sqrt() if metric == "output" else sq).reshape(sq.shape[0], -1)
 
 
+@full_float32_matmuls()
 def qk_impact_reference(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output"):
     """The straightforward Appendix-A form: for every channel at once, literally zero it in the raw
     projection, redo norm, RoPE, scores, soft-cap, masks and softmax, and compare (A − A')V.
@@ -799,6 +803,7 @@ def default_stages(block_d: int) -> int:
 MAX_KERNEL_OFFSET = 2 ** 31  # the Q/K kernels' offsets are int32
 
 
+@full_float32_matmuls()
 def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
                      precision: str = "fp16x3", block_m: int = 16, block_n: int | None = None, block_c: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None):

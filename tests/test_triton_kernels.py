@@ -285,3 +285,39 @@ def test_detect_with_the_triton_backend_equals_the_twin(monkeypatch, max_top_k):
         for g in runs[0].counts[lang]:
             assert torch.equal(runs[0].counts[lang][g], runs[1].counts[lang][g])
             assert torch.equal(runs[0].ranks[lang][g], runs[1].ranks[lang][g])
+
+
+def test_impacts_multiply_in_full_float32_whatever_the_process_chose(monkeypatch):
+    """`torch.set_float32_matmul_precision("high")` (TF32 products on a GPU, ~1e-3 relative) must
+    not reach the impacts' matrix products, in the twins or the Triton wrapper; it is back after."""
+    import kernels.column_norms as column_norms
+    import kernels.qk_impact as qk
+
+    seen = []
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def record(*args, **kwargs):
+            seen.append((name, torch.backends.cuda.matmul.fp32_precision))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, record)
+
+    spy(qk, "_run_chunk")  # the twin's fused chunk (its products with V)
+    spy(qk, "_base_stats")  # the Triton wrapper's base attention
+    spy(column_norms.torch, "einsum")  # the column twin's masked sum
+    hq, hk, d, t = 4, 2, 8, 5
+    q, k, v, mask = inputs(hq, hk, d, t, 3)
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, None, None, False, 3)
+    torch.set_float32_matmul_precision("high")
+    try:
+        qk.qk_impact_torch(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec)
+        qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec)
+        masked_column_sumsq_torch(q.float(), mask)
+        after = torch.get_float32_matmul_precision()
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert {name for name, _ in seen} == {"_run_chunk", "_base_stats", "einsum"}
+    assert {precision for _, precision in seen} == {"ieee"}
+    assert after == "high"
