@@ -11,9 +11,12 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 # The float32 matrix-product settings that trade precision for speed (TF32 on a GPU, bf16 on some
-# CPUs), where this torch has them (2.9 and later; before, only the GPU's allow_tf32).
-_MATMUL_SETTINGS = [m for m in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
-                    if m is not None and hasattr(m, "fp32_precision")]
+# CPUs) and their full-precision values: torch 2.9's per-backend `fp32_precision` where it has
+# them (mixing it with the older switches makes torch raise), else the GPU's `allow_tf32`.
+_FULL_FLOAT32 = ([(m, "fp32_precision", "ieee") for m in (torch.backends.cuda.matmul,
+                                                            getattr(torch.backends.mkldnn, "matmul", None))
+                  if hasattr(m, "fp32_precision")]
+                 or [(torch.backends.cuda.matmul, "allow_tf32", False)])
 
 
 @contextlib.contextmanager
@@ -21,21 +24,14 @@ def full_float32_matmuls():
     """Float32 matrix products at full precision inside, whatever the process chose:
     `torch.set_float32_matmul_precision("high")`, common in training scripts, makes them TF32 on a
     GPU (about 1e-3 relative), and the impacts are promised to float32 rounding. Restored after."""
-    if _MATMUL_SETTINGS:
-        previous = [m.fp32_precision for m in _MATMUL_SETTINGS]
-        for m in _MATMUL_SETTINGS:
-            m.fp32_precision = "ieee"
-    else:  # pragma: no cover - torch before 2.9
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
+    previous = [getattr(owner, name) for owner, name, _ in _FULL_FLOAT32]
+    for owner, name, value in _FULL_FLOAT32:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        if _MATMUL_SETTINGS:
-            for m, value in zip(_MATMUL_SETTINGS, previous):
-                m.fp32_precision = value
-        else:  # pragma: no cover
-            torch.backends.cuda.matmul.allow_tf32 = previous
+        for (owner, name, _), value in zip(_FULL_FLOAT32, previous):
+            setattr(owner, name, value)
 
 
 def triton_available() -> bool:

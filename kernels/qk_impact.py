@@ -121,7 +121,7 @@ def _tanh_change(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def _capped(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    return x if softcap is None else softcap * torch.tanh(x / softcap)
+    return x if softcap is None else (x / softcap).tanh_().mul_(softcap)  # one new tensor, x kept
 
 
 def _base_logits(x: torch.Tensor, token_mask: torch.Tensor, rows: slice, keys: slice, spec: AttentionSpec) -> torch.Tensor:
@@ -740,9 +740,7 @@ def _base_stats(qr, kr, vv, token_mask, spec, acc, budget: int = 1 << 22):
         keys = _key_range(rows, spec.sliding_window)
         n, k = rows.stop - rows.start, keys.stop - keys.start
         q_rows = (q_groups[:, :, :, rows] * spec.scaling).view(b, hk, group * n, d)
-        x = torch.matmul(q_rows, kr[:, :, keys].transpose(-1, -2)).view(b, hk, group, n, k)
-        if spec.softcap is not None:
-            x.div_(spec.softcap).tanh_().mul_(spec.softcap)
+        x = _capped(torch.matmul(q_rows, kr[:, :, keys].transpose(-1, -2)), spec.softcap).view(b, hk, group, n, k)
         x.masked_fill_(~_allowed(token_mask, rows, keys, spec.sliding_window)[:, None, None], float("-inf"))
         row_lse = torch.logsumexp(x, -1)
         lse[:, :, :, rows] = row_lse
