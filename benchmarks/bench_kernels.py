@@ -276,16 +276,17 @@ def sweep(shape: str, t: int) -> str:
              "| precision | BLOCK_M | BLOCK_N | BLOCK_C | warps | stages | median | max diff from ieee ÷ max |",
              "|---|---|---|---|---|---|---|---|"]
     # (precision, BLOCK_M, BLOCK_N, BLOCK_C, warps, num_stages; None: the defaults): the default
-    # first, then its neighbours (fewer channels and warps a program, so more programs an SM;
-    # fewer stages; taller tiles) and the float32-level alternative, tf32x3. (On the H200, 128-key
-    # tiles and tf32x3 with 64 overflowed shared memory at head_dim 128.)
+    # first, then the one-channel kernel (BLOCK_C 1: 64 or 128 query rows a program, sm_90a compile
+    # without spills or serialised wgmma at head_dim 128, two programs an SM at 64 × 32), then the
+    # default's neighbours (fewer channels and warps a program; fewer stages). On the H200 (fp16x3,
+    # llama, T = 1024) tf32x3 took 2.3× the default, 32-row tiles 1.4×; 128-key tiles and tf32x3
+    # with 64 overflowed shared memory at head_dim 128.
     if x["spec"].head_dim <= 128:
-        configs = [("fp16x3", 16, None, None, None, None), ("fp16x3", 16, 32, 4, 4, None), ("fp16x3", 16, 32, 4, 4, 2),
-                   ("fp16x3", 16, 32, 2, 4, None), ("fp16x3", 16, 64, None, 8, 2), ("fp16x3", 32, 64, None, 8, None),
-                   ("tf32x3", 16, 32, None, 8, None)]
+        configs = [("fp16x3", 16, None, None, None, None), ("fp16x3", 64, 32, 1, 4, 2), ("fp16x3", 128, 32, 1, 8, 2),
+                   ("fp16x3", 64, 64, 1, 4, 2), ("fp16x3", 16, 32, 4, 4, None), ("fp16x3", 16, 64, None, 8, 2)]
     else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
-        configs = [("fp16x3", 16, None, None, None, None), ("fp16x3", 16, 32, 4, 4, None), ("fp16x3", 16, 32, 1, 4, None),
-                   ("fp16x3", 16, 64, 2, 4, 1), ("fp16x3", 16, 32, 2, 8, None), ("tf32x3", 16, 32, 2, 4, None)]
+        configs = [("fp16x3", 16, None, None, None, None), ("fp16x3", 64, 16, 1, 4, 2), ("fp16x3", 16, 32, 4, 4, None),
+                   ("fp16x3", 16, 64, 2, 4, 1)]
     for precision, block_m, block_n, block_c, warps, stages in configs:
         fn = lambda y: qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"],  # noqa: E731
                                         precision=precision, block_m=block_m, block_n=block_n, block_c=block_c,

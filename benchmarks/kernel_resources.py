@@ -9,6 +9,7 @@ memory and usually cost time, so this narrows what a (scarce) GPU session should
     python benchmarks/kernel_resources.py --stages 1,2     # also with fewer pipeline stages
     python benchmarks/kernel_resources.py --every-variant  # every specialisation compiles, within limits
     python benchmarks/kernel_resources.py --column         # the FFN/O/V column-norm kernel
+    python benchmarks/kernel_resources.py --channel        # the one-channel Q/K kernel (block_c = 1)
 """
 import argparse
 import inspect
@@ -28,17 +29,16 @@ from triton.compiler import ASTSource  # noqa: E402
 import torch  # noqa: E402
 from bench_kernels import FFN_SWEEP  # noqa: E402
 from kernels.column_norms import _column_sumsq_kernel, default_column_block  # noqa: E402
-from kernels.qk_impact import (_qk_kernel, _qk_rough_kernel, default_channel_block, default_key_block,  # noqa: E402
-                               default_stages, default_warps)
+from kernels.qk_impact import (_qk_channel_kernel, _qk_channel_rough_kernel, _qk_kernel, _qk_rough_kernel,  # noqa: E402
+                               default_channel_block, default_key_block, default_stages, default_warps)
 
 OPERANDS = ("QB", "QS", "KB", "KS", "VB", "VS")  # float16 halves under fp16x3, else the float32 values
-TYPES = dict(TOKENS="*i32", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32", softcap="fp32",
+TYPES = dict(TOKENS="*i32", COUNTED="*i8", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32", softcap="fp32",
              window="i32")
 SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KiB)
 # (precision, BLOCK_M, BLOCK_N, BLOCK_C, warps)
-CONFIGS = [("tf32x3", 16, 32, 8, 8), ("tf32x3", 16, 16, 8, 8), ("tf32x3", 16, 64, 8, 8), ("tf32x3", 32, 32, 4, 8),
-           ("tf32x3", 16, 32, 4, 4), ("tf32x3", 16, 32, 8, 4), ("fp16x3", 16, 32, 8, 8), ("fp16x3", 16, 64, 8, 8),
-           ("fp16x3", 32, 32, 4, 8), ("fp16x3", 16, 32, 4, 4), ("tf32", 16, 32, 8, 8), ("ieee", 16, 32, 8, 8)]
+CONFIGS = [("fp16x3", 16, 64, 8, 8), ("fp16x3", 16, 32, 8, 8), ("fp16x3", 32, 32, 4, 8), ("fp16x3", 16, 32, 4, 4),
+           ("tf32x3", 16, 32, 8, 8), ("tf32", 16, 32, 8, 8), ("ieee", 16, 32, 8, 8)]
 
 
 def ptxas_path(arch: int) -> str:
@@ -52,11 +52,13 @@ def ptxas_path(arch: int) -> str:
 def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, block_c: int, warps: int, stages: int | None,
               head_dim: int = 128, **flags) -> dict:
     """Registers, spill bytes and shared memory of one specialisation (`flags`: IS_KEY, HAS_NORM,
-    HAS_CAP, HAS_WINDOW, PROBS; absent ones are False)."""
-    constants = dict(IS_KEY=False, HAS_NORM=False, HAS_CAP=False, HAS_WINDOW=False, PROBS=False) | flags | dict(
+    HAS_CAP, HAS_WINDOW, PROBS, MASK_KEYS; absent ones are False; block_c is ignored by the
+    one-channel kernels)."""
+    params = list(inspect.signature(kernel.fn).parameters)
+    constants = dict(IS_KEY=False, HAS_NORM=False, HAS_CAP=False, HAS_WINDOW=False, PROBS=False, MASK_KEYS=False) | flags | dict(
         PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
-    params = list(inspect.signature(kernel.fn).parameters)
+    constants = {name: value for name, value in constants.items() if name in params}
     operand = "*fp16" if precision == "fp16x3" else "*fp32"
     signature = {name: "constexpr" if name in constants else TYPES.get(name, operand if name in OPERANDS else "*fp32")
                  for name in params}
@@ -68,18 +70,38 @@ def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, blo
 
 
 def compile_report(kernel, signature: dict, constants: dict, attrs: dict, options: dict, arch: int) -> dict:
-    """Compile one specialisation for sm_{arch}a; ptxas's registers and spills, Triton's shared memory."""
+    """Compile one specialisation for sm_{arch}a; ptxas's registers and spills and whether it
+    serialised the wgmma (its warning C7515: a wait after every product), Triton's shared memory,
+    and the SASS instructions a thread runs in the kernel's longest loop (a key tile, `nvdisasm`)."""
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        report = subprocess.run([ptxas_path(arch), f"-arch=sm_{arch}a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+        report = subprocess.run([ptxas_path(arch), f"-arch=sm_{arch}a", "-v", ptx, "-o", cubin],
                                 capture_output=True, text=True).stderr
+        sass = subprocess.run([os.path.join(os.path.dirname(ptxas_path(arch)), "nvdisasm"), "-c", cubin],
+                              capture_output=True, text=True).stdout
     number = lambda pattern: int(re.search(pattern, report).group(1))  # noqa: E731
     return {"registers": number(r"Used (\d+) registers"), "spill_bytes": number(r"(\d+) bytes spill stores"),
-            "shared_bytes": compiled.metadata.shared}
+            "shared_bytes": compiled.metadata.shared, "serialised": "C7515" in report,
+            "loop_instructions": longest_loop(sass)}
+
+
+def longest_loop(sass: str) -> int:
+    """Instructions between a label and the furthest backward branch to it (0 without a loop)."""
+    labels, count, longest = {}, 0, 0
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = count
+        elif re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", line):
+            count += 1
+            target = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", line)
+            if target and target.group(1) in labels:
+                longest = max(longest, count - labels[target.group(1)])
+    return longest
 
 
 def every_variant(arch: int, head_dim: int, precision: str) -> None:
@@ -104,6 +126,28 @@ def every_variant(arch: int, head_dim: int, precision: str) -> None:
           f"specialisations compiled; most registers {worst['registers'][0]} ({worst['registers'][1]}), most spills "
           f"{worst['spill_bytes'][0]} B ({worst['spill_bytes'][1]}), most shared memory "
           f"{worst['shared_bytes'][0]} B ({worst['shared_bytes'][1]}; sm_90 allows {SM90_SHARED_BYTES} B)", flush=True)
+
+
+# The one-channel kernel's (head_dim, BLOCK_M, BLOCK_N, warps, stages): bench_kernels.py --sweep's.
+CHANNEL_CONFIGS = [(128, 64, 32, 4, 2), (128, 128, 32, 8, 2), (128, 64, 64, 4, 2), (256, 64, 16, 4, 2)]
+CHANNEL_VARIANTS = {"query channels": {}, "key channels": dict(IS_KEY=True), "padding before tokens": dict(MASK_KEYS=True),
+                    "q/k norm": dict(HAS_NORM=True), "soft-cap + window": dict(HAS_CAP=True, HAS_WINDOW=True)}
+
+
+def channel_resources(arch: int) -> None:
+    """The one-channel Q/K kernel (fp16x3, output metric) at the sweep's configurations."""
+    print(f"One-channel Q/K kernel on sm_{arch}a (compiled offline, triton {triton.__version__}), fp16x3, output "
+          "metric; loop: SASS instructions a thread runs per key tile (the longest of the kernel's loops)\n")
+    print("| head_dim | BLOCK_M × BLOCK_N | warps | stages | variant | registers | spills | shared memory | "
+          "wgmma serialised | loop | loop ÷ (rows × keys ÷ threads) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for head_dim, block_m, block_n, warps, stages in CHANNEL_CONFIGS:
+        for variant, flags in CHANNEL_VARIANTS.items():
+            r = resources(_qk_channel_kernel, arch, "fp16x3", block_m, block_n, 1, warps, stages, head_dim, **flags)
+            per_thread = block_m * block_n / (32 * warps)
+            print(f"| {head_dim} | {block_m} × {block_n} | {warps} | {stages} | {variant} | {r['registers']} | "
+                  f"{r['spill_bytes']} B | {r['shared_bytes'] // 1024} KiB | {'yes' if r['serialised'] else 'no'} | "
+                  f"{r['loop_instructions']} | {r['loop_instructions'] / per_thread:.1f} |", flush=True)
 
 
 def column_resources(arch: int) -> None:
@@ -137,9 +181,13 @@ def main():
                         help="compile all specialisations at the defaults, head_dim 128 and 256")
     parser.add_argument("--precisions", default="tf32x3,fp16x3", help="with --every-variant: comma list")
     parser.add_argument("--column", action="store_true", help="the FFN/O/V column-norm kernel instead")
+    parser.add_argument("--channel", action="store_true", help="the one-channel Q/K kernel (block_c = 1) instead")
     args = parser.parse_args()
     if args.column:
         column_resources(args.arch)
+        return
+    if args.channel:
+        channel_resources(args.arch)
         return
     if args.every_variant:
         for precision in args.precisions.split(","):
@@ -150,8 +198,8 @@ def main():
     print(f"Q/K kernel on sm_{args.arch}a (compiled offline, triton {triton.__version__}), head_dim {args.head_dim}, "
           "query channels, no soft-cap/window/norm\n")
     print("| kernel | precision | BLOCK_M | BLOCK_N | BLOCK_C | warps | stages | registers / thread | spill stores | "
-          "shared memory |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "shared memory | wgmma serialised | loop |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for stage in stages:
         for precision, block_m, block_n, block_c, warps in CONFIGS:
             if args.head_dim > 128:
@@ -160,7 +208,8 @@ def main():
                 r = resources(kernel, args.arch, precision, block_m, block_n, block_c, warps, stage, args.head_dim)
                 name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
                 print(f"| {name} | {precision} | {block_m} | {block_n} | {block_c} | {warps} | {stage or 'default'} | "
-                      f"{r['registers']} | {r['spill_bytes']} B | {r['shared_bytes'] // 1024} KiB |", flush=True)
+                      f"{r['registers']} | {r['spill_bytes']} B | {r['shared_bytes'] // 1024} KiB | "
+                      f"{'yes' if r['serialised'] else 'no'} | {r['loop_instructions']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -373,19 +373,24 @@ except ImportError:  # pragma: no cover - the torch twin stays available
 if triton is not None:
     # Triton's interpreter (the tests on a CPU) runs no inline PTX: there `_exp` imitates it.
     _PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+    LOG2_E = tl.constexpr(1.4426950408889634)
+
+    @triton.jit
+    def _exp2(x):
+        """2^x. On a GPU one ex2.approx.ftz: results under 2^-126 flush to 0, which costs nothing
+        here (they are only ever added to, or multiply, numbers that dwarf them) and saves the
+        three instructions per exp that Triton's exp spends keeping them subnormal. The
+        interpreter flushes the same results, so that the tests see what the GPU does."""
+        if _PTX:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.where(x < -126.0, 0.0, tl.exp2(x))
 
     @triton.jit
     def _exp(x):
-        """exp(x). On a GPU one ex2.approx.ftz: results under 2^-126 flush to 0, which costs
-        nothing here (they are only ever added to, or multiply, numbers that dwarf them) and saves
-        the three instructions per exp that Triton's exp spends keeping them subnormal. The
-        interpreter flushes the same results, so that the tests see what the GPU does."""
-        x2 = x * 1.4426950408889634
-        if _PTX:
-            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x2], dtype=tl.float32,
-                                             is_pure=True, pack=1)
-        else:
-            return tl.where(x2 < -126.0, 0.0, tl.exp2(x2))
+        """exp(x), as `_exp2`."""
+        return _exp2(x * LOG2_E)
 
     @triton.jit
     def _expm1_small(x):
@@ -716,6 +721,266 @@ if triton is not None:
             tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + chans, total,
                      mask=chan_ok)
 
+    # ------------------------------------------------------------------------------------------
+    # One channel a program (block_c = 1): the same impacts with plain [rows, keys] tiles. The
+    # logits come out of the Q·Kᵀ product in the layout the value product takes its left operand
+    # in, so nothing passes through shared memory and the value products are not serialised (in
+    # sm_90a SASS the stacked kernel waits after every wgmma, this one after each product); the
+    # price is a Q·Kᵀ product and the per-key work (mask, A) per channel instead of per block.
+    # Logits are kept in base 2 (log2 A) and only the tiles on the diagonal or the window's edge
+    # are masked.
+    # ------------------------------------------------------------------------------------------
+    @triton.jit
+    def _channel_program(QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling,
+                         window, IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """What a program (sentence·head, query tile, channel) needs before its key loop; the row
+        factors come negated (they make −Δ)."""
+        bh = tl.program_id(0)
+        m_tile = tl.program_id(1)
+        c = tl.program_id(2)
+        b = bh // n_heads
+        h = bh % n_heads
+        g = h // group
+        partner = (c + D // 2) % D
+        sign = tl.where(c < D // 2, 1.0, -1.0)
+        rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < T
+        q_base = (b * n_heads + h) * T * D
+        k_base = (b * (n_heads // group) + g) * T * D
+        cs_base = b * T * D
+        q_big, q_small = _load_operand(QB, QS, q_base + rows[:, None] * D + dims[None, :],
+                                       row_ok[:, None] & (dims < D)[None, :], PRECISION)
+        logit_scale = scaling * tl.load(UNSCALE + 2 * bh)
+        value_unscale = tl.load(UNSCALE + 2 * bh + 1)
+        lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
+        counted = tl.load(COUNTED + b * T + rows, mask=row_ok, other=0) != 0
+        r_row = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        rm1_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if IS_KEY:
+            row_c = -tl.load(QR + q_base + rows * D + c, mask=row_ok, other=0.0)
+            row_p = -tl.load(QR + q_base + rows * D + partner, mask=row_ok, other=0.0)
+        else:
+            qn_c = -scaling * tl.load(QN + q_base + rows * D + c, mask=row_ok, other=0.0)
+            row_c = qn_c * tl.load(COS + cs_base + rows * D + c, mask=row_ok, other=0.0)
+            row_p = qn_c * sign * tl.load(SIN + cs_base + rows * D + partner, mask=row_ok, other=0.0)
+            if HAS_NORM:
+                r_row = tl.load(R + q_base + rows * D + c, mask=row_ok, other=1.0)
+                rm1_row = tl.load(RM1 + q_base + rows * D + c, mask=row_ok, other=0.0)
+        # Key tiles: [first, inner_lo) on the window's edge, [inner_lo, inner_hi) seen by every row
+        # (no mask), [inner_hi, hi) on the diagonal.
+        m_start = m_tile * BLOCK_M
+        hi = tl.minimum(T, m_start + BLOCK_M)
+        return (b, c, partner, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
+                value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, m_start, hi)
+
+    @triton.jit
+    def _key_tiles(m_start, hi, window, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Where a query tile's key tiles start, where the unmasked ones start and end (see above)."""
+        inner_hi = m_start // BLOCK_N * BLOCK_N
+        first = 0
+        inner_lo = 0
+        if HAS_WINDOW:
+            first = tl.maximum(0, m_start - window + 1) // BLOCK_N * BLOCK_N
+            inner_lo = tl.minimum(tl.maximum(first, tl.cdiv(tl.maximum(0, m_start + BLOCK_M - window), BLOCK_N) * BLOCK_N),
+                                  inner_hi)
+        return first, inner_lo, inner_hi
+
+    @triton.jit
+    def _channel_tile(q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c, row_p,
+                      r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                      MASKED: tl.constexpr, MASK_KEYS: tl.constexpr, IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr,
+                      HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """For one key tile: log2 of the base probabilities [rows, keys] (−inf where not allowed)
+        and the channel's logit change."""
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < T
+        dims = tl.arange(0, BLOCK_D)
+        k_big, k_small = _load_operand(KB, KS, k_base + cols[:, None] * D + dims[None, :],
+                                       col_ok[:, None] & (dims < D)[None, :], PRECISION)
+        x = _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small),
+                 tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION)
+        if HAS_CAP or HAS_NORM:
+            x = x * logit_scale
+        if HAS_CAP:
+            inv_cap = 1.0 / softcap
+            a = x * inv_cap
+            logp2 = (softcap * _tanh(a) - lse[:, None]) * LOG2_E
+        elif HAS_NORM:
+            logp2 = x * LOG2_E - (lse * LOG2_E)[:, None]
+        else:
+            logp2 = x * (logit_scale * LOG2_E) - (lse * LOG2_E)[:, None]
+        if MASK_KEYS:  # padding before a real token (right padding needs no mask: the rows that count never see it)
+            key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
+            logp2 = logp2 + tl.where(key_valid, 0.0, -float("inf"))[None, :]
+        if MASKED:
+            allowed = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+            if HAS_WINDOW:
+                allowed = allowed & (rows[:, None] - cols[None, :] < window)
+            logp2 = tl.where(allowed, logp2, -float("inf"))
+        if IS_KEY:
+            kn_c = scaling * tl.load(KN + k_base + cols * D + c, mask=col_ok, other=0.0)
+            col_c = kn_c * tl.load(COS + cs_base + cols * D + c, mask=col_ok, other=0.0)
+            col_p = kn_c * sign * tl.load(SIN + cs_base + cols * D + partner, mask=col_ok, other=0.0)
+        else:
+            col_c = tl.load(KR + k_base + cols * D + c, mask=col_ok, other=0.0)
+            col_p = tl.load(KR + k_base + cols * D + partner, mask=col_ok, other=0.0)
+        dx = row_c[:, None] * col_c[None, :] + row_p[:, None] * col_p[None, :]  # −Δ
+        if HAS_NORM:
+            if IS_KEY:
+                r = tl.load(R + k_base + cols * D + c, mask=col_ok, other=1.0)[None, :]
+                rm1 = tl.load(RM1 + k_base + cols * D + c, mask=col_ok, other=0.0)[None, :]
+            else:
+                r = r_row[:, None]
+                rm1 = rm1_row[:, None]
+            dx = rm1 * x + r * dx
+        if HAS_CAP:
+            dl = softcap * _tile_tanh_change(a, _exp(-2.0 * tl.abs(a)), dx * inv_cap)
+        else:
+            dl = dx
+        return logp2, dl
+
+    @triton.jit
+    def _weighted_expm1_2(logp2, dl):
+        """`_weighted_expm1` from log2 A: A·(exp(Δ) − 1), and A."""
+        p = _exp2(logp2)
+        return tl.where(tl.abs(dl) <= 0.5, p * _expm1_small(dl), _exp2(logp2 + dl * LOG2_E) - p), p
+
+    @triton.jit
+    def _channel_step(w_sum, u_acc, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign,
+                      row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling,
+                      softcap, window, MASKED: tl.constexpr, MASK_KEYS: tl.constexpr, IS_KEY: tl.constexpr,
+                      HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PROBS: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One key tile of the gentle kernel: W and (output metric) Σ_j A·e·V_j accumulate."""
+        logp2, dl = _channel_tile(q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign,
+                                  row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D,
+                                  scaling, softcap, window, MASKED, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW,
+                                  PRECISION, BLOCK_N, BLOCK_D)
+        pe, _ = _weighted_expm1_2(logp2, dl)
+        w_sum += tl.sum(pe, axis=1)
+        if not PROBS:
+            cols = n0 + tl.arange(0, BLOCK_N)
+            dims = tl.arange(0, BLOCK_D)
+            v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
+                                           (cols < T)[:, None] & (dims < D)[None, :], PRECISION)
+            pe_big, pe_small = _split(pe, PRECISION)
+            u_acc = _dot(pe_big, pe_small, v_big, v_small, u_acc, PRECISION)
+        return w_sum, u_acc
+
+    @triton.jit
+    def _qk_channel_kernel(
+        QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, COUNTED, PARTIAL, ROUGH,
+        T, D, n_heads, group, scaling, softcap, window,
+        IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        MASK_KEYS: tl.constexpr, PROBS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """`_qk_kernel` for one channel a program: the gentle rows, the others flagged in ROUGH."""
+        (b, c, partner, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale, value_unscale, lse,
+         counted, row_c, row_p, r_row, rm1_row, m_start, hi) = _channel_program(
+            QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, window,
+            IS_KEY, HAS_NORM, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_D)
+        first, inner_lo, inner_hi = _key_tiles(m_start, hi, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
+        w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        u_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for n0 in range(first, inner_lo, BLOCK_N):
+            w_sum, u_acc = _channel_step(
+                w_sum, u_acc, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c,
+                row_p, r_row, rm1_row, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                True, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, BLOCK_N, BLOCK_D)
+        for n0 in range(inner_lo, inner_hi, BLOCK_N):
+            w_sum, u_acc = _channel_step(
+                w_sum, u_acc, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c,
+                row_p, r_row, rm1_row, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                False, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, BLOCK_N, BLOCK_D)
+        for n0 in range(inner_hi, hi, BLOCK_N):
+            w_sum, u_acc = _channel_step(
+                w_sum, u_acc, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c,
+                row_p, r_row, rm1_row, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                True, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, BLOCK_N, BLOCK_D)
+        gentle = tl.abs(w_sum) <= 0.5  # False for NaN
+        tl.store(ROUGH + (tl.program_id(0) * D + c) * T + rows, (counted & ~gentle).to(tl.int8), mask=row_ok)
+        if PROBS:
+            per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for n0 in range(first, hi, BLOCK_N):
+                logp2, dl = _channel_tile(
+                    q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c, row_p,
+                    r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                    True, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                pe, p = _weighted_expm1_2(logp2, dl)
+                change = (pe - p * w_sum[:, None]) / (1.0 + w_sum[:, None])  # 0 where not allowed
+                per_row += tl.sum(change * change, axis=1)
+        else:
+            dims = tl.arange(0, BLOCK_D)
+            out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
+                          mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
+            change = (u_acc * value_unscale - w_sum[:, None] * out) / (1.0 + w_sum[:, None])
+            per_row = tl.sum(change * change, axis=1)
+        total = tl.sum(tl.where(counted & gentle, per_row, 0.0), axis=0)
+        tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, total)
+
+    @triton.jit
+    def _qk_channel_rough_kernel(
+        QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, COUNTED, PARTIAL, ROUGH,
+        T, D, n_heads, group, scaling, softcap, window,
+        IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        MASK_KEYS: tl.constexpr, PROBS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """`_qk_rough_kernel` for one channel a program (every tile masked: it runs rarely)."""
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        flags = ROUGH + (tl.program_id(0) * D + tl.program_id(2)) * T + rows
+        rough = tl.load(flags, mask=rows < T, other=0) != 0
+        if tl.sum(rough.to(tl.int32), axis=0) > 0:
+            (b, c, partner, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale, value_unscale,
+             lse, counted, row_c, row_p, r_row, rm1_row, m_start, hi) = _channel_program(
+                QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, window,
+                IS_KEY, HAS_NORM, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_D)
+            first, inner_lo, inner_hi = _key_tiles(m_start, hi, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
+            dims = tl.arange(0, BLOCK_D)
+            m_new = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)  # in base 2
+            l_new = tl.zeros([BLOCK_M], dtype=tl.float32)
+            a_new = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for n0 in range(first, hi, BLOCK_N):
+                logp2, dl = _channel_tile(
+                    q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c, row_p,
+                    r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
+                    True, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                z = logp2 + dl * LOG2_E
+                m_next = tl.maximum(m_new, tl.max(z, axis=1))
+                m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
+                shift = tl.exp2(m_new - m_safe)
+                pz = tl.exp2(z - m_safe[:, None])
+                l_new = l_new * shift + tl.sum(pz, axis=1)
+                if not PROBS:
+                    cols = n0 + tl.arange(0, BLOCK_N)
+                    v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
+                                                   (cols < T)[:, None] & (dims < D)[None, :], PRECISION)
+                    pz_big, pz_small = _split(pz, PRECISION)
+                    a_new = _dot(pz_big, pz_small, v_big, v_small, a_new * shift[:, None], PRECISION)
+                m_new = m_next
+            m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows past T: keep them finite
+            l_new = tl.where(l_new == 0.0, 1.0, l_new)
+            if PROBS:
+                per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for n0 in range(first, hi, BLOCK_N):
+                    logp2, dl = _channel_tile(
+                        q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c,
+                        row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
+                        window, True, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                    change = tl.exp2(logp2 + dl * LOG2_E - m_new[:, None]) / l_new[:, None] - tl.exp2(logp2)
+                    per_row += tl.sum(change * change, axis=1)  # 0 where not allowed
+            else:
+                out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
+                              mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
+                change = a_new * value_unscale / l_new[:, None] - out
+                per_row = tl.sum(change * change, axis=1)
+            total = tl.sum(tl.where(rough, per_row, 0.0), axis=0)
+            tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, total)
+
 
 def _base_stats(qr, kr, vv, token_mask, spec, acc, budget: int = 1 << 22):
     """Log-sum-exp [B, H, T] and output [B, H, T, D] of the unperturbed attention.
@@ -749,6 +1014,15 @@ def _base_stats(qr, kr, vv, token_mask, spec, acc, budget: int = 1 << 22):
         i0 = rows.stop
     return lse.view(b, hq, t), out.view(b, hq, t, d)
 
+
+
+def _counted_rows(token_mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, T] int8: the query rows whose impacts count, real tokens that see more than one key (a
+    row that sees one key keeps A = 1 whatever the logits: exactly no change)."""
+    seen = token_mask.to(torch.int32).cumsum(1)  # real keys up to each row
+    if window is not None:
+        seen = seen - torch.nn.functional.pad(seen, (window, 0))[:, :seen.shape[1]]
+    return (token_mask & (seen > 1)).to(torch.int8).contiguous()
 
 def _operand_parts(x: torch.Tensor, token_mask: torch.Tensor, precision: str):
     """What the kernels' tile products read of x [B, H, T, D] (float32): (big, small, unscale [B, H]).
@@ -819,7 +1093,10 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     (`benchmarks/results/h200-kernels.md`). The interpreter computes every product in float32.
     A program takes `block_m` query rows and `block_c` channels (a power of two; None:
     `default_channel_block`), looping over key tiles of `block_n` (None: `default_key_block`),
-    with `num_warps` warps (None: `default_warps`).
+    with `num_warps` warps (None: `default_warps`). `block_c=1` runs the one-channel kernel
+    (`_qk_channel_kernel`: plain [rows, keys] tiles, meant for 64 or 128 rows a program; offline on
+    sm_90a its wgmma are not serialised and it has no spills at head_dim 128, where the default's
+    are; not yet timed on a GPU, `bench_kernels.py --sweep` times it).
     Tiles, warps and `num_stages` (Triton's software pipelining; None: `default_stages`) are tuning
     knobs: `benchmarks/bench_kernels.py --sweep` times them on a GPU and
     `benchmarks/kernel_resources.py` reports their registers and spills without one.
@@ -874,24 +1151,34 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     if block_c < 1 or block_c & (block_c - 1) or block_c * block_m < 16:
         raise ValueError(f"block_c must be a power of two with block_c·block_m ≥ 16, not {block_c}")
     has_norm_q, has_norm_k = rq is not None, rk is not None
+    if block_c == 1:  # one channel a program: plain tiles, the rows that count known beforehand
+        kernels = (_qk_channel_kernel, _qk_channel_rough_kernel)
+        counted = (_counted_rows(token_mask, spec.sliding_window),)
+        # Keys need the token mask only where padding comes before a real token (the pipeline pads on the
+        # right); with it, ptxas serialises the kernel's wgmma (sm_90a, triton 3.6), so it is kept off otherwise.
+        specialise = dict(MASK_KEYS=bool((token_mask[:, 1:] & ~token_mask[:, :-1]).any()))
+    else:
+        kernels = (_qk_kernel, _qk_rough_kernel)
+        counted = ()
+        specialise = dict(BLOCK_C=block_c)
     results = []
     for is_key, r, r_m1, has_norm in ((False, rq, rq_m1, has_norm_q), (True, rk, rk_m1, has_norm_k)):
         partial = torch.zeros(2, b * hq, n_tiles, d, dtype=acc, device=q.device)  # gentle rows, rough rows
         rough = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
         dummy = qn  # never read when the norm is absent
-        for kernel, part in ((_qk_kernel, partial[0]), (_qk_rough_kernel, partial[1])):
+        for kernel, part in zip(kernels, partial):
             with warnings.catch_warnings():  # TRITON_INTERPRET's numpy warns where rows overflow on purpose
                 warnings.filterwarnings("ignore", "(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
                 kernel[(b * hq, n_tiles, triton.cdiv(d, block_c))](
                     qn, qr, kn, kr, q_big, q_small, k_big, k_small, v_big, v_small, cos, sin,
                     r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
-                    lse, out, unscale, tokens, part, rough,
+                    lse, out, unscale, tokens, *counted, part, rough,
                     t, d, hq, spec.group_size, float(spec.scaling), float(spec.softcap or 1.0),
                     int(spec.sliding_window or 0),
                     IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
                     HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs", PRECISION=precision,
-                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=num_warps,
-                    num_stages=default_stages(block_d) if num_stages is None else num_stages,
+                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+                    num_stages=default_stages(block_d) if num_stages is None else num_stages, **specialise,
                 )
         per_head = partial.sum((0, 2)).view(b, hq, d)
         if is_key:
