@@ -273,31 +273,33 @@ def sweep(shape: str, t: int) -> str:
     x = make_inputs(shape, t, "cuda")
     base = qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"], precision="ieee")
     lines = [f"Q/K kernel sweep, {shape}, T = {t}:", "",
-             "| precision | BLOCK_M | BLOCK_N | BLOCK_C | warps | stages | median | max diff from ieee ÷ max |",
-             "|---|---|---|---|---|---|---|---|"]
-    # (precision, BLOCK_M, BLOCK_N, BLOCK_C, warps, num_stages; None: the defaults): the default
-    # first, then the one-channel kernel (BLOCK_C 1: 64 or 128 query rows a program, sm_90a compile
-    # without spills or serialised wgmma at head_dim 128, two programs an SM at 64 × 32), then the
-    # default's neighbours (fewer channels and warps a program; fewer stages). On the H200 (fp16x3,
-    # llama, T = 1024) tf32x3 took 2.3× the default, 32-row tiles 1.4×; 128-key tiles and tf32x3
-    # with 64 overflowed shared memory at head_dim 128.
+             "| layout | precision | BLOCK_M | BLOCK_N | BLOCK_C | warps | stages | median | max diff from ieee ÷ max |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    # (layout, precision, BLOCK_M, BLOCK_N, BLOCK_C, warps, num_stages; None: the defaults): the
+    # default first, then the plain-tile layouts ("pair": a channel and its rotary partner, "channel":
+    # one; 64 or 128 query rows a program; compiled for sm_90a, wgmma not serialised, at most 40 B of
+    # spills at head_dim 128: kernel_resources.py --channel), then one of the default's neighbours.
+    # On the H200 (fp16x3, llama, T = 1024) tf32x3 took 2.3× the default, 32-row tiles 1.4×; 128-key
+    # tiles and tf32x3 with 64 overflowed shared memory at head_dim 128.
     if x["spec"].head_dim <= 128:
-        configs = [("fp16x3", 16, None, None, None, None), ("fp16x3", 64, 32, 1, 4, 2), ("fp16x3", 128, 32, 1, 8, 2),
-                   ("fp16x3", 64, 64, 1, 4, 2), ("fp16x3", 16, 32, 4, 4, None), ("fp16x3", 16, 64, None, 8, 2)]
+        configs = [("stacked", "fp16x3", 16, None, None, None, None), ("pair", "fp16x3", 64, 32, None, 4, 2),
+                   ("pair", "fp16x3", 64, 16, None, 4, 2), ("channel", "fp16x3", 64, 32, None, 4, 2),
+                   ("pair", "fp16x3", 128, 32, None, 8, 2), ("channel", "fp16x3", 128, 32, None, 8, 2),
+                   ("channel", "fp16x3", 64, 64, None, 4, 2), ("stacked", "fp16x3", 16, 32, 4, 4, None)]
     else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
-        configs = [("fp16x3", 16, None, None, None, None), ("fp16x3", 64, 16, 1, 4, 2), ("fp16x3", 16, 32, 4, 4, None),
-                   ("fp16x3", 16, 64, 2, 4, 1)]
-    for precision, block_m, block_n, block_c, warps, stages in configs:
+        configs = [("stacked", "fp16x3", 16, None, None, None, None), ("channel", "fp16x3", 64, 16, None, 4, 2),
+                   ("stacked", "fp16x3", 16, 32, 4, 4, None), ("stacked", "fp16x3", 16, 64, 2, 4, 1)]
+    for layout, precision, block_m, block_n, block_c, warps, stages in configs:
         fn = lambda y: qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"],  # noqa: E731
                                         precision=precision, block_m=block_m, block_n=block_n, block_c=block_c,
-                                        num_warps=warps, num_stages=stages)
+                                        num_warps=warps, num_stages=stages, layout=layout)
         try:
             diff = max(float((a - r).abs().max() / r.abs().max()) for a, r in zip(fn(x), base))
             cell = f"{time_cuda(fn, x)[0] * 1e3:.1f} ms | {diff:.1e}"
         except Exception as err:  # noqa: BLE001
             cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
-        lines.append(f"| {precision} | {block_m} | {block_n or 'auto'} | {block_c or 'auto'} | {warps or 'auto'} | {stages or 'default'} "
-                     f"| {cell} |")
+        lines.append(f"| {layout} | {precision} | {block_m} | {block_n or 'auto'} | {block_c or 'auto'} | "
+                     f"{warps or 'auto'} | {stages or 'default'} | {cell} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 
@@ -422,18 +424,18 @@ def main():
         print(json.dumps(measure_one(args.one, args.shapes, int(args.seq_lens), "cuda" if on_cuda else "cpu",
                                      args.repeats)))
         return
-    parts = []
-    if args.accuracy:
-        parts.append(accuracy(args.shapes))
-    if "ffn" in args.sweep:
-        parts.append(ffn_sweep(args.shapes.split(",")[0], 2048))
+    parts = []  # the Q/K sweep first: on a time limit, what is still open comes first
+    if "qk" in args.sweep:
+        parts += [sweep(shape, args.sweep_t) for shape in args.shapes.split(",")]
     for shape in args.shapes.split(",") if args.breakdown else []:
         try:  # the profiler needs CUPTI; without it, say so and go on
             parts.append(breakdown(shape, args.sweep_t))
         except Exception as err:  # noqa: BLE001
             parts.append(f"Q/K call breakdown, {shape}: error: {type(err).__name__}: {str(err)[:200]}")
-    if "qk" in args.sweep:
-        parts += [sweep(shape, args.sweep_t) for shape in args.shapes.split(",")]
+    if args.accuracy:
+        parts.append(accuracy(args.shapes))
+    if "ffn" in args.sweep:
+        parts.append(ffn_sweep(args.shapes.split(",")[0], 2048))
     if args.ops:
         parts.append(run(args))
     text = "\n\n".join(parts)

@@ -52,10 +52,11 @@ def ptxas_path(arch: int) -> str:
 def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, block_c: int, warps: int, stages: int | None,
               head_dim: int = 128, **flags) -> dict:
     """Registers, spill bytes and shared memory of one specialisation (`flags`: IS_KEY, HAS_NORM,
-    HAS_CAP, HAS_WINDOW, PROBS, MASK_KEYS; absent ones are False; block_c is ignored by the
+    HAS_CAP, HAS_WINDOW, PROBS, MASK_KEYS, PAIR; absent ones are False; block_c is ignored by the
     one-channel kernels)."""
     params = list(inspect.signature(kernel.fn).parameters)
-    constants = dict(IS_KEY=False, HAS_NORM=False, HAS_CAP=False, HAS_WINDOW=False, PROBS=False, MASK_KEYS=False) | flags | dict(
+    constants = dict(IS_KEY=False, HAS_NORM=False, HAS_CAP=False, HAS_WINDOW=False, PROBS=False, MASK_KEYS=False,
+                     PAIR=False) | flags | dict(
         PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
     constants = {name: value for name, value in constants.items() if name in params}
@@ -128,25 +129,31 @@ def every_variant(arch: int, head_dim: int, precision: str) -> None:
           f"{worst['shared_bytes'][0]} B ({worst['shared_bytes'][1]}; sm_90 allows {SM90_SHARED_BYTES} B)", flush=True)
 
 
-# The one-channel kernel's (head_dim, BLOCK_M, BLOCK_N, warps, stages): bench_kernels.py --sweep's.
-CHANNEL_CONFIGS = [(128, 64, 32, 4, 2), (128, 128, 32, 8, 2), (128, 64, 64, 4, 2), (256, 64, 16, 4, 2)]
+# The one-channel kernel's (layout, head_dim, BLOCK_M, BLOCK_N, warps, stages): bench_kernels.py --sweep's.
+CHANNEL_CONFIGS = [("channel", 128, 64, 32, 4, 2), ("pair", 128, 64, 32, 4, 2), ("channel", 128, 128, 32, 8, 2),
+                   ("pair", 128, 128, 32, 8, 2), ("channel", 128, 64, 64, 4, 2), ("pair", 128, 64, 16, 4, 2),
+                   ("channel", 256, 64, 16, 4, 2)]
 CHANNEL_VARIANTS = {"query channels": {}, "key channels": dict(IS_KEY=True), "padding before tokens": dict(MASK_KEYS=True),
                     "q/k norm": dict(HAS_NORM=True), "soft-cap + window": dict(HAS_CAP=True, HAS_WINDOW=True)}
 
 
 def channel_resources(arch: int) -> None:
-    """The one-channel Q/K kernel (fp16x3, output metric) at the sweep's configurations."""
+    """The one-channel Q/K kernel (layouts "channel" and "pair"; fp16x3, output metric) at the
+    sweep's configurations."""
     print(f"One-channel Q/K kernel on sm_{arch}a (compiled offline, triton {triton.__version__}), fp16x3, output "
-          "metric; loop: SASS instructions a thread runs per key tile (the longest of the kernel's loops)\n")
-    print("| head_dim | BLOCK_M × BLOCK_N | warps | stages | variant | registers | spills | shared memory | "
-          "wgmma serialised | loop | loop ÷ (rows × keys ÷ threads) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for head_dim, block_m, block_n, warps, stages in CHANNEL_CONFIGS:
+          "metric; loop: SASS instructions a thread runs per key tile (the longest of the kernel's loops), and "
+          "per (channel, row, key) it covers\n")
+    print("| layout | head_dim | BLOCK_M × BLOCK_N | warps | stages | variant | registers | spills | shared memory | "
+          "wgmma serialised | loop | per element |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for layout, head_dim, block_m, block_n, warps, stages in CHANNEL_CONFIGS:
         for variant, flags in CHANNEL_VARIANTS.items():
-            r = resources(_qk_channel_kernel, arch, "fp16x3", block_m, block_n, 1, warps, stages, head_dim, **flags)
-            per_thread = block_m * block_n / (32 * warps)
-            print(f"| {head_dim} | {block_m} × {block_n} | {warps} | {stages} | {variant} | {r['registers']} | "
-                  f"{r['spill_bytes']} B | {r['shared_bytes'] // 1024} KiB | {'yes' if r['serialised'] else 'no'} | "
+            pair = layout == "pair"
+            r = resources(_qk_channel_kernel, arch, "fp16x3", block_m, block_n, 1, warps, stages, head_dim, PAIR=pair,
+                          **flags)
+            per_thread = block_m * block_n * (2 if pair else 1) / (32 * warps)
+            print(f"| {layout} | {head_dim} | {block_m} × {block_n} | {warps} | {stages} | {variant} | {r['registers']} "
+                  f"| {r['spill_bytes']} B | {r['shared_bytes'] // 1024} KiB | {'yes' if r['serialised'] else 'no'} | "
                   f"{r['loop_instructions']} | {r['loop_instructions'] / per_thread:.1f} |", flush=True)
 
 

@@ -34,6 +34,7 @@ from kernels.dispatch import full_float32_matmuls
 
 METRICS = ("output", "probs")
 PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16x3")
+LAYOUTS = ("stacked", "channel", "pair")  # the Triton kernels' programs: see `qk_impact_triton`
 
 
 @dataclass(frozen=True)
@@ -722,62 +723,59 @@ if triton is not None:
                      mask=chan_ok)
 
     # ------------------------------------------------------------------------------------------
-    # One channel a program (block_c = 1): the same impacts with plain [rows, keys] tiles. The
-    # logits come out of the Q·Kᵀ product in the layout the value product takes its left operand
-    # in, so nothing passes through shared memory and the value products are not serialised (in
-    # sm_90a SASS the stacked kernel waits after every wgmma, this one after each product); the
-    # price is a Q·Kᵀ product and the per-key work (mask, A) per channel instead of per block.
-    # Logits are kept in base 2 (log2 A) and only the tiles on the diagonal or the window's edge
-    # are masked.
+    # One channel, or a channel and its rotary partner, a program (block_c = 1 or 2): the same
+    # impacts with plain [rows, keys] tiles. The logits come out of the Q·Kᵀ product in the layout
+    # the value product takes its left operand in, so nothing passes through shared memory and
+    # the value products are not serialised (in sm_90a SASS the stacked kernel waits after every
+    # wgmma, this one after each product); the price is a Q·Kᵀ product and the per-key work (mask,
+    # A) for one or two channels instead of a block of eight. A partner pair shares them, and its
+    # rotary columns. Logits are kept in base 2 (log2 A); only the key tiles on the diagonal or
+    # the window's edge are masked.
     # ------------------------------------------------------------------------------------------
     @triton.jit
-    def _channel_program(QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling,
-                         window, IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """What a program (sentence·head, query tile, channel) needs before its key loop; the row
-        factors come negated (they make −Δ)."""
+    def _channel_program(QB, QS, LSE, UNSCALE, COUNTED, T, D, n_heads, group, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """What a program (sentence·head, query tile, channels) needs before its key loop, but the
+        channels' own factors (`_row_factors`)."""
         bh = tl.program_id(0)
-        m_tile = tl.program_id(1)
-        c = tl.program_id(2)
         b = bh // n_heads
-        h = bh % n_heads
-        g = h // group
-        partner = (c + D // 2) % D
-        sign = tl.where(c < D // 2, 1.0, -1.0)
-        rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        g = (bh % n_heads) // group
+        m_start = tl.program_id(1) * BLOCK_M
+        rows = m_start + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < T
-        q_base = (b * n_heads + h) * T * D
+        q_base = bh * T * D
         k_base = (b * (n_heads // group) + g) * T * D
-        cs_base = b * T * D
         q_big, q_small = _load_operand(QB, QS, q_base + rows[:, None] * D + dims[None, :],
                                        row_ok[:, None] & (dims < D)[None, :], PRECISION)
-        logit_scale = scaling * tl.load(UNSCALE + 2 * bh)
-        value_unscale = tl.load(UNSCALE + 2 * bh + 1)
         lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
         counted = tl.load(COUNTED + b * T + rows, mask=row_ok, other=0) != 0
+        return (b, rows, row_ok, q_base, k_base, q_big, q_small, tl.load(UNSCALE + 2 * bh),
+                tl.load(UNSCALE + 2 * bh + 1), lse, counted, m_start, tl.minimum(T, m_start + BLOCK_M))
+
+    @triton.jit
+    def _row_factors(QN, QR, COS, SIN, R, RM1, q_base, cs_base, rows, row_ok, c, partner, D, scaling,
+                     IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Channel c's row factors of −Δ (negated), and for a query channel with a q-norm, r and r − 1."""
         r_row = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         rm1_row = tl.zeros([BLOCK_M], dtype=tl.float32)
         if IS_KEY:
             row_c = -tl.load(QR + q_base + rows * D + c, mask=row_ok, other=0.0)
             row_p = -tl.load(QR + q_base + rows * D + partner, mask=row_ok, other=0.0)
         else:
+            sign = tl.where(c < D // 2, 1.0, -1.0)
             qn_c = -scaling * tl.load(QN + q_base + rows * D + c, mask=row_ok, other=0.0)
             row_c = qn_c * tl.load(COS + cs_base + rows * D + c, mask=row_ok, other=0.0)
             row_p = qn_c * sign * tl.load(SIN + cs_base + rows * D + partner, mask=row_ok, other=0.0)
             if HAS_NORM:
                 r_row = tl.load(R + q_base + rows * D + c, mask=row_ok, other=1.0)
                 rm1_row = tl.load(RM1 + q_base + rows * D + c, mask=row_ok, other=0.0)
-        # Key tiles: [first, inner_lo) on the window's edge, [inner_lo, inner_hi) seen by every row
-        # (no mask), [inner_hi, hi) on the diagonal.
-        m_start = m_tile * BLOCK_M
-        hi = tl.minimum(T, m_start + BLOCK_M)
-        return (b, c, partner, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
-                value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, m_start, hi)
+        return row_c, row_p, r_row, rm1_row
 
     @triton.jit
-    def _key_tiles(m_start, hi, window, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Where a query tile's key tiles start, where the unmasked ones start and end (see above)."""
+    def _key_tiles(m_start, window, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Where a query tile's key tiles start, and where the ones every row sees whole (no mask)
+        start and end: [first, inner_lo) is on the window's edge, [inner_hi, …) on the diagonal."""
         inner_hi = m_start // BLOCK_N * BLOCK_N
         first = 0
         inner_lo = 0
@@ -788,13 +786,12 @@ if triton is not None:
         return first, inner_lo, inner_hi
 
     @triton.jit
-    def _channel_tile(q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c, row_p,
-                      r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                      MASKED: tl.constexpr, MASK_KEYS: tl.constexpr, IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr,
-                      HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """For one key tile: log2 of the base probabilities [rows, keys] (−inf where not allowed)
-        and the channel's logit change."""
+    def _base_tile(q_big, q_small, logit_scale, lse, rows, n0, b, k_base, KB, KS, TOKENS, T, D, softcap, window,
+                   MASKED: tl.constexpr, MASK_KEYS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """For one key tile, what its channels share: log2 of the base probabilities [rows, keys]
+        (−inf where not allowed), the scaled logits x and, with a soft-cap, a = x / cap and e^-2|a|
+        (x otherwise: unused)."""
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < T
         dims = tl.arange(0, BLOCK_D)
@@ -802,11 +799,13 @@ if triton is not None:
                                        col_ok[:, None] & (dims < D)[None, :], PRECISION)
         x = _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small),
                  tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION)
+        a = x
+        cap_exp = x
         if HAS_CAP or HAS_NORM:
             x = x * logit_scale
         if HAS_CAP:
-            inv_cap = 1.0 / softcap
-            a = x * inv_cap
+            a = x * (1.0 / softcap)
+            cap_exp = _exp(-2.0 * tl.abs(a))
             logp2 = (softcap * _tanh(a) - lse[:, None]) * LOG2_E
         elif HAS_NORM:
             logp2 = x * LOG2_E - (lse * LOG2_E)[:, None]
@@ -820,7 +819,17 @@ if triton is not None:
             if HAS_WINDOW:
                 allowed = allowed & (rows[:, None] - cols[None, :] < window)
             logp2 = tl.where(allowed, logp2, -float("inf"))
+        return logp2, x, a, cap_exp
+
+    @triton.jit
+    def _logit_change(x, a, cap_exp, n0, k_base, cs_base, c, partner, row_c, row_p, r_row, rm1_row, KN, KR, COS, SIN,
+                      R, RM1, T, D, scaling, softcap, IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr,
+                      HAS_CAP: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Channel c's logit change [rows, keys] on one key tile."""
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < T
         if IS_KEY:
+            sign = tl.where(c < D // 2, 1.0, -1.0)
             kn_c = scaling * tl.load(KN + k_base + cols * D + c, mask=col_ok, other=0.0)
             col_c = kn_c * tl.load(COS + cs_base + cols * D + c, mask=col_ok, other=0.0)
             col_p = kn_c * sign * tl.load(SIN + cs_base + cols * D + partner, mask=col_ok, other=0.0)
@@ -837,119 +846,165 @@ if triton is not None:
                 rm1 = rm1_row[:, None]
             dx = rm1 * x + r * dx
         if HAS_CAP:
-            dl = softcap * _tile_tanh_change(a, _exp(-2.0 * tl.abs(a)), dx * inv_cap)
+            return softcap * _tile_tanh_change(a, cap_exp, dx * (1.0 / softcap))
         else:
-            dl = dx
-        return logp2, dl
+            return dx
 
     @triton.jit
-    def _weighted_expm1_2(logp2, dl):
-        """`_weighted_expm1` from log2 A: A·(exp(Δ) − 1), and A."""
+    def _weighted_expm1_2(p, logp2, dl):
+        """`_weighted_expm1` from A = p and log2 A."""
+        return tl.where(tl.abs(dl) <= 0.5, p * _expm1_small(dl), _exp2(logp2 + dl * LOG2_E) - p)
+
+    @triton.jit
+    def _channel_step(w0, u0, w1, u1, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner,
+                      rc0, rp0, r0, rm0, rc1, rp1, r1, rm1, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D,
+                      scaling, softcap, window, MASKED: tl.constexpr, MASK_KEYS: tl.constexpr, PAIR: tl.constexpr,
+                      IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      PROBS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One key tile of the gentle kernel: per channel (c, and its partner with PAIR), W and
+        (output metric) Σ_j A·e·V_j accumulate."""
+        logp2, x, a, cap_exp = _base_tile(q_big, q_small, logit_scale, lse, rows, n0, b, k_base, KB, KS, TOKENS, T, D,
+                                          softcap, window, MASKED, MASK_KEYS, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION,
+                                          BLOCK_N, BLOCK_D)
         p = _exp2(logp2)
-        return tl.where(tl.abs(dl) <= 0.5, p * _expm1_small(dl), _exp2(logp2 + dl * LOG2_E) - p), p
-
-    @triton.jit
-    def _channel_step(w_sum, u_acc, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign,
-                      row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling,
-                      softcap, window, MASKED: tl.constexpr, MASK_KEYS: tl.constexpr, IS_KEY: tl.constexpr,
-                      HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PROBS: tl.constexpr,
-                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One key tile of the gentle kernel: W and (output metric) Σ_j A·e·V_j accumulate."""
-        logp2, dl = _channel_tile(q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign,
-                                  row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D,
-                                  scaling, softcap, window, MASKED, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW,
-                                  PRECISION, BLOCK_N, BLOCK_D)
-        pe, _ = _weighted_expm1_2(logp2, dl)
-        w_sum += tl.sum(pe, axis=1)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, BLOCK_D)
         if not PROBS:
-            cols = n0 + tl.arange(0, BLOCK_N)
-            dims = tl.arange(0, BLOCK_D)
             v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
                                            (cols < T)[:, None] & (dims < D)[None, :], PRECISION)
+        dl = _logit_change(x, a, cap_exp, n0, k_base, cs_base, c, partner, rc0, rp0, r0, rm0, KN, KR, COS, SIN, R, RM1,
+                           T, D, scaling, softcap, IS_KEY, HAS_NORM, HAS_CAP, BLOCK_N)
+        pe = _weighted_expm1_2(p, logp2, dl)
+        w0 += tl.sum(pe, axis=1)
+        if not PROBS:
             pe_big, pe_small = _split(pe, PRECISION)
-            u_acc = _dot(pe_big, pe_small, v_big, v_small, u_acc, PRECISION)
-        return w_sum, u_acc
+            u0 = _dot(pe_big, pe_small, v_big, v_small, u0, PRECISION)
+        if PAIR:
+            dl = _logit_change(x, a, cap_exp, n0, k_base, cs_base, partner, c, rc1, rp1, r1, rm1, KN, KR, COS, SIN, R,
+                               RM1, T, D, scaling, softcap, IS_KEY, HAS_NORM, HAS_CAP, BLOCK_N)
+            pe = _weighted_expm1_2(p, logp2, dl)
+            w1 += tl.sum(pe, axis=1)
+            if not PROBS:
+                pe_big, pe_small = _split(pe, PRECISION)
+                u1 = _dot(pe_big, pe_small, v_big, v_small, u1, PRECISION)
+        return w0, u0, w1, u1
+
+    @triton.jit
+    def _channel_total(w_sum, per_row, counted, rows, row_ok, c, ROUGH, PARTIAL, T, D):
+        """Flag channel c's rows that moved a lot, and add up the others' squared changes."""
+        gentle = tl.abs(w_sum) <= 0.5  # False for NaN
+        tl.store(ROUGH + (tl.program_id(0) * D + c) * T + rows, (counted & ~gentle).to(tl.int8), mask=row_ok)
+        total = tl.sum(tl.where(counted & gentle, per_row, 0.0), axis=0)
+        tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, total)
+
+    @triton.jit
+    def _output_rows(u, w_sum, out, value_unscale):
+        """‖ΔO_i‖² from U = Σ_j A·e·V_j and W: (U − W·O) / (1 + W)."""
+        change = (u * value_unscale - w_sum[:, None] * out) / (1.0 + w_sum[:, None])
+        return tl.sum(change * change, axis=1)
 
     @triton.jit
     def _qk_channel_kernel(
         QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, COUNTED, PARTIAL, ROUGH,
         T, D, n_heads, group, scaling, softcap, window,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        MASK_KEYS: tl.constexpr, PROBS: tl.constexpr, PRECISION: tl.constexpr,
+        MASK_KEYS: tl.constexpr, PAIR: tl.constexpr, PROBS: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """`_qk_kernel` for one channel a program: the gentle rows, the others flagged in ROUGH."""
-        (b, c, partner, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale, value_unscale, lse,
-         counted, row_c, row_p, r_row, rm1_row, m_start, hi) = _channel_program(
-            QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, window,
-            IS_KEY, HAS_NORM, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_D)
-        first, inner_lo, inner_hi = _key_tiles(m_start, hi, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
-        w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        u_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        """`_qk_kernel` for one channel a program, or (PAIR) channel c < D/2 and its partner c + D/2:
+        the gentle rows, the others flagged in ROUGH."""
+        (b, rows, row_ok, q_base, k_base, q_big, q_small, logit_scale, value_unscale, lse, counted, m_start,
+         hi) = _channel_program(QB, QS, LSE, UNSCALE, COUNTED, T, D, n_heads, group, PRECISION, BLOCK_M, BLOCK_D)
+        logit_scale = scaling * logit_scale
+        c = tl.program_id(2)
+        partner = (c + D // 2) % D
+        cs_base = b * T * D
+        rc0, rp0, r0, rm0 = _row_factors(QN, QR, COS, SIN, R, RM1, q_base, cs_base, rows, row_ok, c, partner, D,
+                                         scaling, IS_KEY, HAS_NORM, BLOCK_M)
+        rc1, rp1, r1, rm1 = rc0, rp0, r0, rm0
+        if PAIR:
+            rc1, rp1, r1, rm1 = _row_factors(QN, QR, COS, SIN, R, RM1, q_base, cs_base, rows, row_ok, partner, c, D,
+                                             scaling, IS_KEY, HAS_NORM, BLOCK_M)
+        first, inner_lo, inner_hi = _key_tiles(m_start, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
+        w0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        u0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        w1 = w0
+        u1 = u0
         for n0 in range(first, inner_lo, BLOCK_N):
-            w_sum, u_acc = _channel_step(
-                w_sum, u_acc, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c,
-                row_p, r_row, rm1_row, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                True, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, BLOCK_N, BLOCK_D)
+            w0, u0, w1, u1 = _channel_step(
+                w0, u0, w1, u1, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, rc0, rp0,
+                r0, rm0, rc1, rp1, r1, rm1, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
+                window, True, MASK_KEYS, PAIR, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, BLOCK_N, BLOCK_D)
         for n0 in range(inner_lo, inner_hi, BLOCK_N):
-            w_sum, u_acc = _channel_step(
-                w_sum, u_acc, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c,
-                row_p, r_row, rm1_row, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                False, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, BLOCK_N, BLOCK_D)
+            w0, u0, w1, u1 = _channel_step(
+                w0, u0, w1, u1, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, rc0, rp0,
+                r0, rm0, rc1, rp1, r1, rm1, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
+                window, False, MASK_KEYS, PAIR, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, BLOCK_N, BLOCK_D)
         for n0 in range(inner_hi, hi, BLOCK_N):
-            w_sum, u_acc = _channel_step(
-                w_sum, u_acc, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c,
-                row_p, r_row, rm1_row, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                True, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, BLOCK_N, BLOCK_D)
-        gentle = tl.abs(w_sum) <= 0.5  # False for NaN
-        tl.store(ROUGH + (tl.program_id(0) * D + c) * T + rows, (counted & ~gentle).to(tl.int8), mask=row_ok)
+            w0, u0, w1, u1 = _channel_step(
+                w0, u0, w1, u1, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, rc0, rp0,
+                r0, rm0, rc1, rp1, r1, rm1, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
+                window, True, MASK_KEYS, PAIR, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, BLOCK_N, BLOCK_D)
         if PROBS:
-            per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+            # Σ_j (A'_ij − A_ij)² = Σ_j ((A_ij·e_ij − A_ij·W_i) / (1 + W_i))², now that W is known (0 where not allowed).
+            per0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            per1 = per0
             for n0 in range(first, hi, BLOCK_N):
-                logp2, dl = _channel_tile(
-                    q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c, row_p,
-                    r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                    True, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
-                pe, p = _weighted_expm1_2(logp2, dl)
-                change = (pe - p * w_sum[:, None]) / (1.0 + w_sum[:, None])  # 0 where not allowed
-                per_row += tl.sum(change * change, axis=1)
+                logp2, x, a, cap_exp = _base_tile(
+                    q_big, q_small, logit_scale, lse, rows, n0, b, k_base, KB, KS, TOKENS, T, D, softcap, window, True,
+                    MASK_KEYS, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                p = _exp2(logp2)
+                dl = _logit_change(x, a, cap_exp, n0, k_base, cs_base, c, partner, rc0, rp0, r0, rm0, KN, KR, COS, SIN,
+                                   R, RM1, T, D, scaling, softcap, IS_KEY, HAS_NORM, HAS_CAP, BLOCK_N)
+                change = (_weighted_expm1_2(p, logp2, dl) - p * w0[:, None]) / (1.0 + w0[:, None])
+                per0 += tl.sum(change * change, axis=1)
+                if PAIR:
+                    dl = _logit_change(x, a, cap_exp, n0, k_base, cs_base, partner, c, rc1, rp1, r1, rm1, KN, KR, COS,
+                                       SIN, R, RM1, T, D, scaling, softcap, IS_KEY, HAS_NORM, HAS_CAP, BLOCK_N)
+                    change = (_weighted_expm1_2(p, logp2, dl) - p * w1[:, None]) / (1.0 + w1[:, None])
+                    per1 += tl.sum(change * change, axis=1)
         else:
             dims = tl.arange(0, BLOCK_D)
             out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
                           mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
-            change = (u_acc * value_unscale - w_sum[:, None] * out) / (1.0 + w_sum[:, None])
-            per_row = tl.sum(change * change, axis=1)
-        total = tl.sum(tl.where(counted & gentle, per_row, 0.0), axis=0)
-        tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, total)
+            per0 = _output_rows(u0, w0, out, value_unscale)
+            per1 = _output_rows(u1, w1, out, value_unscale)
+        _channel_total(w0, per0, counted, rows, row_ok, c, ROUGH, PARTIAL, T, D)
+        if PAIR:
+            _channel_total(w1, per1, counted, rows, row_ok, partner, ROUGH, PARTIAL, T, D)
 
     @triton.jit
     def _qk_channel_rough_kernel(
         QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, COUNTED, PARTIAL, ROUGH,
         T, D, n_heads, group, scaling, softcap, window,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        MASK_KEYS: tl.constexpr, PROBS: tl.constexpr, PRECISION: tl.constexpr,
+        MASK_KEYS: tl.constexpr, PAIR: tl.constexpr, PROBS: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """`_qk_rough_kernel` for one channel a program (every tile masked: it runs rarely)."""
+        """`_qk_rough_kernel` for one channel a program, paired or not (every tile masked: it runs rarely)."""
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        flags = ROUGH + (tl.program_id(0) * D + tl.program_id(2)) * T + rows
-        rough = tl.load(flags, mask=rows < T, other=0) != 0
+        c = tl.program_id(2)
+        rough = tl.load(ROUGH + (tl.program_id(0) * D + c) * T + rows, mask=rows < T, other=0) != 0
         if tl.sum(rough.to(tl.int32), axis=0) > 0:
-            (b, c, partner, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale, value_unscale,
-             lse, counted, row_c, row_p, r_row, rm1_row, m_start, hi) = _channel_program(
-                QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, window,
-                IS_KEY, HAS_NORM, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_D)
-            first, inner_lo, inner_hi = _key_tiles(m_start, hi, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
+            (b, rows, row_ok, q_base, k_base, q_big, q_small, logit_scale, value_unscale, lse, counted, m_start,
+             hi) = _channel_program(QB, QS, LSE, UNSCALE, COUNTED, T, D, n_heads, group, PRECISION, BLOCK_M, BLOCK_D)
+            logit_scale = scaling * logit_scale
+            partner = (c + D // 2) % D
+            cs_base = b * T * D
+            row_c, row_p, r_row, rm1_row = _row_factors(QN, QR, COS, SIN, R, RM1, q_base, cs_base, rows, row_ok, c,
+                                                        partner, D, scaling, IS_KEY, HAS_NORM, BLOCK_M)
+            first, inner_lo, inner_hi = _key_tiles(m_start, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
             dims = tl.arange(0, BLOCK_D)
             m_new = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)  # in base 2
             l_new = tl.zeros([BLOCK_M], dtype=tl.float32)
             a_new = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             for n0 in range(first, hi, BLOCK_N):
-                logp2, dl = _channel_tile(
-                    q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c, row_p,
-                    r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap, window,
-                    True, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
-                z = logp2 + dl * LOG2_E
+                logp2, x, a, cap_exp = _base_tile(
+                    q_big, q_small, logit_scale, lse, rows, n0, b, k_base, KB, KS, TOKENS, T, D, softcap, window, True,
+                    MASK_KEYS, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                z = logp2 + LOG2_E * _logit_change(x, a, cap_exp, n0, k_base, cs_base, c, partner, row_c, row_p, r_row,
+                                                   rm1_row, KN, KR, COS, SIN, R, RM1, T, D, scaling, softcap, IS_KEY,
+                                                   HAS_NORM, HAS_CAP, BLOCK_N)
                 m_next = tl.maximum(m_new, tl.max(z, axis=1))
                 m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
                 shift = tl.exp2(m_new - m_safe)
@@ -967,10 +1022,11 @@ if triton is not None:
             if PROBS:
                 per_row = tl.zeros([BLOCK_M], dtype=tl.float32)
                 for n0 in range(first, hi, BLOCK_N):
-                    logp2, dl = _channel_tile(
-                        q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, sign, row_c,
-                        row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                        window, True, MASK_KEYS, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                    logp2, x, a, cap_exp = _base_tile(
+                        q_big, q_small, logit_scale, lse, rows, n0, b, k_base, KB, KS, TOKENS, T, D, softcap, window,
+                        True, MASK_KEYS, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                    dl = _logit_change(x, a, cap_exp, n0, k_base, cs_base, c, partner, row_c, row_p, r_row, rm1_row, KN,
+                                       KR, COS, SIN, R, RM1, T, D, scaling, softcap, IS_KEY, HAS_NORM, HAS_CAP, BLOCK_N)
                     change = tl.exp2(logp2 + dl * LOG2_E - m_new[:, None]) / l_new[:, None] - tl.exp2(logp2)
                     per_row += tl.sum(change * change, axis=1)  # 0 where not allowed
             else:
@@ -980,7 +1036,6 @@ if triton is not None:
                 per_row = tl.sum(change * change, axis=1)
             total = tl.sum(tl.where(rough, per_row, 0.0), axis=0)
             tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, total)
-
 
 def _base_stats(qr, kr, vv, token_mask, spec, acc, budget: int = 1 << 22):
     """Log-sum-exp [B, H, T] and output [B, H, T, D] of the unperturbed attention.
@@ -1078,7 +1133,7 @@ MAX_KERNEL_OFFSET = 2 ** 31  # the Q/K kernels' offsets are int32
 @full_float32_matmuls()
 def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
                      precision: str = "fp16x3", block_m: int = 16, block_n: int | None = None, block_c: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None):
+                     num_warps: int | None = None, num_stages: int | None = None, layout: str = "stacked"):
     """The Triton kernel of `qk_impact_torch` (same arguments and results), in float32.
 
     `precision` is how the tile products use the GPU's matrix units: `fp16x3` (the default: three
@@ -1093,10 +1148,11 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     (`benchmarks/results/h200-kernels.md`). The interpreter computes every product in float32.
     A program takes `block_m` query rows and `block_c` channels (a power of two; None:
     `default_channel_block`), looping over key tiles of `block_n` (None: `default_key_block`),
-    with `num_warps` warps (None: `default_warps`). `block_c=1` runs the one-channel kernel
-    (`_qk_channel_kernel`: plain [rows, keys] tiles, meant for 64 or 128 rows a program; offline on
-    sm_90a its wgmma are not serialised and it has no spills at head_dim 128, where the default's
-    are; not yet timed on a GPU, `bench_kernels.py --sweep` times it).
+    with `num_warps` warps (None: `default_warps`): `layout="stacked"`, the default. `layout="channel"`
+    (one channel a program) and `"pair"` (a channel and its rotary partner) run `_qk_channel_kernel`
+    instead: plain [rows, keys] tiles, meant for 64 or 128 rows a program (`block_c` unused); compiled
+    offline for sm_90a their wgmma are not serialised and they do not spill at head_dim 128, where
+    the default's are and do; not yet timed on a GPU (`bench_kernels.py --sweep` times them).
     Tiles, warps and `num_stages` (Triton's software pipelining; None: `default_stages`) are tuning
     knobs: `benchmarks/bench_kernels.py --sweep` times them on a GPU and
     `benchmarks/kernel_resources.py` reports their registers and spills without one.
@@ -1110,6 +1166,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         raise ValueError(f"unknown Q/K metric {metric!r}; choose one of {', '.join(METRICS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown dot precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown Q/K kernel layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     acc = torch.float32
     b, t, _ = q.shape
     d, hq, hk = spec.head_dim, spec.n_heads, spec.n_kv_heads
@@ -1122,7 +1180,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     if b > per_call:
         sub = lambda x, i: x if x.shape[0] == 1 else x[i:i + per_call]  # noqa: E731 (cos/sin may be [1, T, D])
         parts = [qk_impact_triton(sub(q, i), sub(k, i), sub(v, i), sub(cos, i), sub(sin, i), token_mask[i:i + per_call],
-                                  spec, metric, precision, block_m, block_n, block_c, num_warps, num_stages)
+                                  spec, metric, precision, block_m, block_n, block_c, num_warps, num_stages, layout)
                  for i in range(0, b, per_call)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     token_mask = token_mask.bool()
@@ -1151,25 +1209,29 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     if block_c < 1 or block_c & (block_c - 1) or block_c * block_m < 16:
         raise ValueError(f"block_c must be a power of two with block_c·block_m ≥ 16, not {block_c}")
     has_norm_q, has_norm_k = rq is not None, rk is not None
-    if block_c == 1:  # one channel a program: plain tiles, the rows that count known beforehand
+    if layout == "stacked":
+        kernels = (_qk_kernel, _qk_rough_kernel)
+        grids = [(b * hq, n_tiles, triton.cdiv(d, block_c))] * 2
+        counted = ()
+        specialise = dict(BLOCK_C=block_c)
+    else:  # plain tiles, the rows that count known beforehand
+        if layout == "pair" and d % 2:
+            raise ValueError(f"layout='pair' needs an even head_dim, not {d}")
         kernels = (_qk_channel_kernel, _qk_channel_rough_kernel)
+        grids = [(b * hq, n_tiles, d // 2 if layout == "pair" else d), (b * hq, n_tiles, d)]
         counted = (_counted_rows(token_mask, spec.sliding_window),)
         # Keys need the token mask only where padding comes before a real token (the pipeline pads on the
         # right); with it, ptxas serialises the kernel's wgmma (sm_90a, triton 3.6), so it is kept off otherwise.
-        specialise = dict(MASK_KEYS=bool((token_mask[:, 1:] & ~token_mask[:, :-1]).any()))
-    else:
-        kernels = (_qk_kernel, _qk_rough_kernel)
-        counted = ()
-        specialise = dict(BLOCK_C=block_c)
+        specialise = dict(MASK_KEYS=bool((token_mask[:, 1:] & ~token_mask[:, :-1]).any()), PAIR=layout == "pair")
     results = []
     for is_key, r, r_m1, has_norm in ((False, rq, rq_m1, has_norm_q), (True, rk, rk_m1, has_norm_k)):
         partial = torch.zeros(2, b * hq, n_tiles, d, dtype=acc, device=q.device)  # gentle rows, rough rows
         rough = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
         dummy = qn  # never read when the norm is absent
-        for kernel, part in zip(kernels, partial):
+        for kernel, grid, part in zip(kernels, grids, partial):
             with warnings.catch_warnings():  # TRITON_INTERPRET's numpy warns where rows overflow on purpose
                 warnings.filterwarnings("ignore", "(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
-                kernel[(b * hq, n_tiles, triton.cdiv(d, block_c))](
+                kernel[grid](
                     qn, qr, kn, kr, q_big, q_small, k_big, k_small, v_big, v_small, cos, sin,
                     r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
                     lse, out, unscale, tokens, *counted, part, rough,

@@ -18,9 +18,10 @@ DEVICE = "cuda" if os.environ.get("NEUROLANG_GPU_TESTS") == "1" and torch.cuda.i
 # of each operand into three products; on a GPU it also checks the TF32 products themselves.
 # (One-TF32 `tf32` is about 1e-3 relative: benchmarks/bench_kernels.py --accuracy reports it.)
 PRECISIONS = ("ieee", "tf32x3", "fp16x3")
-# block_c: None, the default kernel (a block of channels a program, their tiles stacked); 1, the
-# kernel with one channel a program and plain tiles.
-KERNELS = (None, 1)
+# The kernels' layouts beside the default ("stacked": a block of channels a program): one channel a
+# program, or a channel and its rotary partner, on plain tiles. Both share most of their code (and
+# their products' code, `_split` and `_dot`, with "stacked"), so some tests run one precision each.
+PLAIN = ("channel", "pair")
 
 
 @triton.jit
@@ -35,10 +36,9 @@ def on_device(*tensors):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("metric", METRICS)
-# The one-channel kernel shares the products' code (`_split`, `_dot`) with the default one: two
-# precisions keep the interpreter's time down.
-@pytest.mark.parametrize("precision, block_c", [(p, None) for p in PRECISIONS] + [("tf32x3", 1), ("fp16x3", 1)])
-def test_qk_kernel_matches_float64_reference(case, metric, precision, block_c):
+@pytest.mark.parametrize("precision, layout", [(p, "stacked") for p in PRECISIONS] + [("fp16x3", "channel"),
+                                                                                    ("tf32x3", "pair")])
+def test_qk_kernel_matches_float64_reference(case, metric, precision, layout):
     hq, hk, d, t, softcap, window, norm = case
     seed = 11 + CASES.index(case)
     q, k, v, mask = inputs(hq, hk, d, t, seed)
@@ -46,7 +46,7 @@ def test_qk_kernel_matches_float64_reference(case, metric, precision, block_c):
     spec = spec_for(hq, hk, d, softcap, window, norm, seed)
     ref_q, ref_k = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
     tri_q, tri_k = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, precision,
-                                    block_c=block_c)
+                                    layout=layout)
     assert tri_q.dtype == torch.float32
     tri_q, tri_k = tri_q.cpu(), tri_k.cpu()
     # The float32 twin's bound: relative 1e-5, or 1e-7 of the largest impact (1e-12 when all are 0).
@@ -54,9 +54,8 @@ def test_qk_kernel_matches_float64_reference(case, metric, precision, block_c):
     torch.testing.assert_close(tri_k.double(), ref_k, rtol=1e-5, atol=max(1e-7 * float(ref_k.max()), 1e-12))
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("block_c", KERNELS)
-def test_qk_kernel_heads_of_any_scale_and_huge_padding(precision, block_c):
+@pytest.mark.parametrize("precision, layout", [(p, "stacked") for p in PRECISIONS] + [("fp16x3", x) for x in PLAIN])
+def test_qk_kernel_heads_of_any_scale_and_huge_padding(precision, layout):
     """Values 1e-4 and 1e4 in two KV heads, a query head at 1e-3 (near-uniform attention), and
     padding tokens 1e9 times larger than the real ones: fp16x3 scales each head on its own
     and ignores the padding (which would otherwise set, and overflow, the scale)."""
@@ -69,26 +68,28 @@ def test_qk_kernel_heads_of_any_scale_and_huge_padding(precision, block_c):
     cos, sin = rope(t, d, torch.float64)
     spec = spec_for(hq, hk, d, None, None, False, 9)
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec)
-    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, precision=precision, block_c=block_c)
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, precision=precision, layout=layout)
     for a, r in zip((x.cpu() for x in tri), ref):
         # Head by head: each to 1e-7 of its own largest impact, whatever the other heads' scale.
         for a_head, r_head in zip(a.view(3, -1, d).unbind(1), r.view(3, -1, d).unbind(1)):
             torch.testing.assert_close(a_head.double(), r_head, rtol=1e-5, atol=1e-7 * float(r_head.max()))
 
 
-@pytest.mark.parametrize("block_m, block_n, block_c", [(16, 32, None), (16, 32, 2), (16, 16, 4), (32, 16, 4),
-                                                       (16, 16, 1), (32, 16, 1), (16, 32, 1)])
-def test_qk_kernel_tiles_longer_than_one_block(block_m, block_n, block_c):
+@pytest.mark.parametrize("block_m, block_n, block_c, layout", [(16, 32, None, "stacked"), (16, 32, 2, "stacked"),
+                                                               (16, 16, 4, "stacked"), (32, 16, 4, "stacked"),
+                                                               (16, 16, None, "channel"), (32, 16, None, "pair"),
+                                                               (16, 32, None, "pair")])
+def test_qk_kernel_tiles_longer_than_one_block(block_m, block_n, block_c, layout):
     """T spans several query and key tiles, with a window shorter than a tile; the head's channels
     in one block (of 8, two past head_dim), in three, or in two with the last one half empty, or
-    one a program; key tiles as long as, or shorter than, query tiles."""
+    one or a partner pair a program; key tiles as long as, or shorter than, query tiles."""
     hq, hk, d, t = 3, 1, 6, 37
     q, k, v, mask = inputs(hq, hk, d, t, 5)
     cos, sin = rope(t, d, torch.float64)
     spec = spec_for(hq, hk, d, 4.0, 7, True, 5)
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec)
     tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, block_m=block_m, block_n=block_n,
-                           block_c=block_c)
+                           block_c=block_c, layout=layout)
     for a, r in zip((t.cpu() for t in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
@@ -108,10 +109,9 @@ def test_qk_kernel_soft_cap_far_below_the_logits(metric, precision):
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision, layout", [(p, "stacked") for p in PRECISIONS] + [("fp16x3", x) for x in PLAIN])
 @pytest.mark.parametrize("from_channel", [85.0, 95.0])
-@pytest.mark.parametrize("block_c", KERNELS)
-def test_qk_kernel_brings_back_a_key_whose_probability_underflowed(from_channel, metric, precision, block_c):
+def test_qk_kernel_brings_back_a_key_whose_probability_underflowed(from_channel, metric, precision, layout):
     """Query 2 gives key 1 a logit of −5 − `from_channel` (its probability is subnormal in float32,
     and 0 on a GPU), `from_channel` of which comes from channel 0: zeroing that channel (of q or
     of k) brings key 1 back to e^-5 of the others. At 85 that is a gentle change which only
@@ -125,14 +125,14 @@ def test_qk_kernel_brings_back_a_key_whose_probability_underflowed(from_channel,
     spec = AttentionSpec(1, 1, 4, 1.0)
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
     assert float(ref[0][0, 0]) > 1e-3 * float(ref[0].max())  # the case is not negligible
-    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, precision, block_c=block_c)
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, precision, layout=layout)
     for a, r in zip((x.cpu() for x in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("block_c", KERNELS)
-def test_qk_kernel_rows_that_change_a_lot(metric, block_c):
+@pytest.mark.parametrize("layout", ("stacked",) + PLAIN)
+def test_qk_kernel_rows_that_change_a_lot(metric, layout):
     """Large logits (q, k × 6): many rows leave the expm1 form for the direct softmax."""
     hq, hk, d, t = 4, 2, 8, 21
     q, k, v, mask = inputs(hq, hk, d, t, 3)
@@ -140,17 +140,19 @@ def test_qk_kernel_rows_that_change_a_lot(metric, block_c):
     cos, sin = rope(t, d, torch.float64)
     spec = spec_for(hq, hk, d, None, 5, False, 3)
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
-    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, block_c=block_c)
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, layout=layout)
     for a, r in zip((x.cpu() for x in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-7 * float(r.max()))
 
 
-@pytest.mark.parametrize("padding, window, metric", [("right", None, "output"), ("anywhere", 20, "output"),
-                                                     ("anywhere", None, "probs"), ("right", 20, "probs")])
-def test_qk_channel_kernel_unmasked_tiles_and_padding_anywhere(padding, window, metric):
-    """One channel a program skips the mask on key tiles that every row of the query tile sees
+@pytest.mark.parametrize("padding, window, metric, layout", [("right", None, "output", "channel"),
+                                                             ("anywhere", 20, "output", "pair"),
+                                                             ("anywhere", None, "probs", "channel"),
+                                                             ("right", 20, "probs", "pair")])
+def test_qk_plain_tile_kernel_unmasked_tiles_and_padding_anywhere(padding, window, metric, layout):
+    """The plain-tile layouts skip the mask on key tiles that every row of the query tile sees
     whole (here most of them: 37 tokens, tiles of 16, no window or one of 20 that cuts through
-    tiles), and masks padding keys only when padding comes before a real token."""
+    tiles), and mask padding keys only when padding comes before a real token."""
     hq, hk, d, t = 3, 1, 6, 37
     q, k, v, mask = inputs(hq, hk, d, t, 5)  # right-padded
     if padding == "anywhere":
@@ -161,7 +163,7 @@ def test_qk_channel_kernel_unmasked_tiles_and_padding_anywhere(padding, window, 
     spec = spec_for(hq, hk, d, None, window, True, 5)
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
     tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, block_m=16, block_n=16,
-                           block_c=1)
+                           layout=layout)
     for a, r in zip((x.cpu() for x in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
@@ -197,6 +199,9 @@ def test_qk_channel_blocks():
     with pytest.raises(ValueError, match="block_c must be a power of two"):
         qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec_for(2, 1, 8, None, None, False, 0),
                          block_c=3)
+    with pytest.raises(ValueError, match="unknown Q/K kernel layout 'rows'"):
+        qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec_for(2, 1, 8, None, None, False, 0),
+                         layout="rows")
 
 
 def test_kernel_expm1_is_accurate_to_float32_rounding():
