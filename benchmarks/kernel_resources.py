@@ -34,7 +34,7 @@ from kernels.qk_impact import (_qk_channel_kernel, _qk_channel_rough_kernel, _qk
 
 OPERANDS = ("QB", "QS", "KB", "KS", "VB", "VS")  # float16 halves under fp16x3, else the float32 values
 TYPES = dict(TOKENS="*i32", COUNTED="*i8", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32", softcap="fp32",
-             window="i32")
+             window="i32", unit="fp32")
 SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KiB)
 # (precision, BLOCK_M, BLOCK_N, BLOCK_C, warps)
 CONFIGS = [("fp16x3", 16, 64, 8, 8), ("fp16x3", 16, 32, 8, 8), ("fp16x3", 32, 32, 4, 8), ("fp16x3", 16, 32, 4, 4),
@@ -113,20 +113,22 @@ def every_variant(arch: int, head_dim: int, precision: str) -> None:
     block_c = default_channel_block(16, head_dim, warps)
     names = ("IS_KEY", "HAS_NORM", "HAS_CAP", "HAS_WINDOW", "PROBS")
     worst = {"registers": (0, ""), "spill_bytes": (0, ""), "shared_bytes": (0, "")}
-    count = 0
+    count = serialised = 0
     for kernel in (_qk_kernel, _qk_rough_kernel):
         for bits in itertools.product((False, True), repeat=len(names)):
             flags = dict(zip(names, bits))
             label = f"{kernel.fn.__name__} " + " ".join(n for n, on in flags.items() if on)
             r = resources(kernel, arch, precision, 16, block_n, block_c, warps, stages, head_dim, **flags)
             count += 1
+            serialised += r["serialised"]
             for key in worst:
                 if r[key] > worst[key][0]:
                     worst[key] = (r[key], label)
     print(f"head_dim {head_dim} ({precision}, 16 × {block_n}, BLOCK_C {block_c}, {warps} warps, {stages} stages): {count} "
           f"specialisations compiled; most registers {worst['registers'][0]} ({worst['registers'][1]}), most spills "
           f"{worst['spill_bytes'][0]} B ({worst['spill_bytes'][1]}), most shared memory "
-          f"{worst['shared_bytes'][0]} B ({worst['shared_bytes'][1]}; sm_90 allows {SM90_SHARED_BYTES} B)", flush=True)
+          f"{worst['shared_bytes'][0]} B ({worst['shared_bytes'][1]}; sm_90 allows {SM90_SHARED_BYTES} B); "
+          f"wgmma serialised in {serialised}", flush=True)
 
 
 # The one-channel kernel's (layout, head_dim, BLOCK_M, BLOCK_N, warps, stages): bench_kernels.py --sweep's.

@@ -594,13 +594,19 @@ if triton is not None:
     @triton.jit
     def _qk_kernel(
         QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, PARTIAL, ROUGH,
-        T, D, n_heads, group, scaling, softcap, window,
+        T, D, n_heads, group, scaling, softcap, window, unit,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """The common case, rows that move gently: W_i = Σ_j A_ij·e_ij and ‖ΔO_i‖ (or ‖ΔA_i‖²) by
-        the expm1 form. Rows that move a lot are flagged in ROUGH for `_qk_rough_kernel`."""
+        the expm1 form. Rows that move a lot are flagged in ROUGH for `_qk_rough_kernel`.
+
+        `unit` is 1.0, a value the compiler cannot see: the value product's accumulator is
+        multiplied by it each key tile, which makes Triton wait for the tile's products before
+        the next tile's instead of carrying them across the loop's back edge, where ptxas then
+        serialised every wgmma (note C7515: 12 waits a 16 × 64 tile, 3 with it; sm_90a, triton
+        3.6.0; `benchmarks/kernel_resources.py`). The multiplication is exact."""
         (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
          value_unscale, lse, row_valid, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
             QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, TOKENS, T, D, n_heads, group, scaling, window,
@@ -627,7 +633,7 @@ if triton is not None:
                 v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
                                                (cols < T)[:, None] & (dims < D)[None, :], PRECISION)
                 pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION)
-                u_acc = _dot(pe_big, pe_small, v_big, v_small, u_acc, PRECISION)
+                u_acc = _dot(pe_big, pe_small, v_big, v_small, u_acc * unit, PRECISION)
         w_sum = tl.sum(w_acc, axis=2)
         n_keys = tl.sum(n_acc, axis=1)
         # A row that sees one key keeps A = 1 whatever the logits: exactly no change (not the
@@ -1213,7 +1219,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         kernels = (_qk_kernel, _qk_rough_kernel)
         grids = [(b * hq, n_tiles, triton.cdiv(d, block_c))] * 2
         counted = ()
-        specialise = dict(BLOCK_C=block_c)
+        specialise = [dict(BLOCK_C=block_c, unit=1.0), dict(BLOCK_C=block_c)]
     else:  # plain tiles, the rows that count known beforehand
         if layout == "pair" and d % 2:
             raise ValueError(f"layout='pair' needs an even head_dim, not {d}")
@@ -1222,13 +1228,13 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         counted = (_counted_rows(token_mask, spec.sliding_window),)
         # Keys need the token mask only where padding comes before a real token (the pipeline pads on the
         # right); with it, ptxas serialises the kernel's wgmma (sm_90a, triton 3.6), so it is kept off otherwise.
-        specialise = dict(MASK_KEYS=bool((token_mask[:, 1:] & ~token_mask[:, :-1]).any()), PAIR=layout == "pair")
+        specialise = [dict(MASK_KEYS=bool((token_mask[:, 1:] & ~token_mask[:, :-1]).any()), PAIR=layout == "pair")] * 2
     results = []
     for is_key, r, r_m1, has_norm in ((False, rq, rq_m1, has_norm_q), (True, rk, rk_m1, has_norm_k)):
         partial = torch.zeros(2, b * hq, n_tiles, d, dtype=acc, device=q.device)  # gentle rows, rough rows
         rough = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
         dummy = qn  # never read when the norm is absent
-        for kernel, grid, part in zip(kernels, grids, partial):
+        for kernel, grid, own, part in zip(kernels, grids, specialise, partial):
             with warnings.catch_warnings():  # TRITON_INTERPRET's numpy warns where rows overflow on purpose
                 warnings.filterwarnings("ignore", "(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
                 kernel[grid](
@@ -1240,7 +1246,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
                     IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
                     HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs", PRECISION=precision,
                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
-                    num_stages=default_stages(block_d) if num_stages is None else num_stages, **specialise,
+                    num_stages=default_stages(block_d) if num_stages is None else num_stages, **own,
                 )
         per_head = partial.sum((0, 2)).view(b, hq, d)
         if is_key:
