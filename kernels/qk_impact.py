@@ -731,10 +731,10 @@ if triton is not None:
     # ------------------------------------------------------------------------------------------
     # One channel, or a channel and its rotary partner, a program (block_c = 1 or 2): the same
     # impacts with plain [rows, keys] tiles. The logits come out of the Q·Kᵀ product in the layout
-    # the value product takes its left operand in, so nothing passes through shared memory and
-    # the value products are not serialised (in sm_90a SASS the stacked kernel waits after every
-    # wgmma, this one after each product); the price is a Q·Kᵀ product and the per-key work (mask,
-    # A) for one or two channels instead of a block of eight. A partner pair shares them, and its
+    # the value product takes its left operand in, so nothing passes through shared memory (the
+    # stacked kernel's [channels, rows, keys] tiles do, with 7 barriers a key tile in sm_90a SASS);
+    # the price is a Q·Kᵀ product and the per-key work (mask, A) for one or two channels instead
+    # of a block of eight. A partner pair shares them, and its
     # rotary columns. Logits are kept in base 2 (log2 A); only the key tiles on the diagonal or
     # the window's edge are masked.
     # ------------------------------------------------------------------------------------------
@@ -1157,8 +1157,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     with `num_warps` warps (None: `default_warps`): `layout="stacked"`, the default. `layout="channel"`
     (one channel a program) and `"pair"` (a channel and its rotary partner) run `_qk_channel_kernel`
     instead: plain [rows, keys] tiles, meant for 64 or 128 rows a program (`block_c` unused); compiled
-    offline for sm_90a their wgmma are not serialised and they do not spill at head_dim 128, where
-    the default's are and do; not yet timed on a GPU (`bench_kernels.py --sweep` times them).
+    offline for sm_90a they use fewer instructions per (channel, row, key) and no shared memory
+    between the products; not yet timed on a GPU (`bench_kernels.py --sweep` times them).
     Tiles, warps and `num_stages` (Triton's software pipelining; None: `default_stages`) are tuning
     knobs: `benchmarks/bench_kernels.py --sweep` times them on a GPU and
     `benchmarks/kernel_resources.py` reports their registers and spills without one.
