@@ -131,7 +131,7 @@ def test_qk_kernel_brings_back_a_key_whose_probability_underflowed(from_channel,
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("layout", ("stacked",) + PLAIN)
+@pytest.mark.parametrize("layout", ["stacked", "pair"])  # "channel" shares "pair"'s rough kernel
 def test_qk_kernel_rows_that_change_a_lot(metric, layout):
     """Large logits (q, k × 6): many rows leave the expm1 form for the direct softmax."""
     hq, hk, d, t = 4, 2, 8, 21
