@@ -84,6 +84,11 @@ def implementations(device: str):
             impls[f"qk/triton-{precision}"] = (
                 lambda x, precision=precision: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"],
                                                                 x["spec"], precision=precision))
+        # The plain-tile layout a channel and its partner a program (kernel_resources.py --channel:
+        # the fewest instructions per element at head_dim 128; the sweep times its neighbours).
+        impls["qk/triton-pair"] = lambda x: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"],
+                                                             x["spec"], layout="pair", block_m=64, block_n=32,
+                                                             num_warps=4, num_stages=2)
         impls["ffn/triton"] = lambda x: masked_column_sumsq_triton(x["h"], x["h_mask"]).sqrt()
         impls["select/triton"] = lambda x: select_count_triton(
             x["impacts"], torch.zeros(x["impacts"].shape[1], dtype=torch.int32, device="cuda"),
@@ -192,6 +197,8 @@ def run_cuda(args) -> tuple[list, dict]:
             for name in names:
                 if name.startswith("qk/reference") and t > args.max_reference_t:
                     continue
+                if name == "qk/triton-pair" and inputs["spec"].head_dim > 128:
+                    continue  # two [rows, 256] accumulators: 256 registers a thread before anything else
                 try:
                     seconds, peak = time_cuda(implementations("cuda")[name], inputs)
                     rows.append({"name": name, "shape": shape, "T": t, "median_s": seconds, "peak_bytes": peak})
