@@ -78,11 +78,12 @@ def test_qk_kernel_heads_of_any_scale_and_huge_padding(precision, layout):
 @pytest.mark.parametrize("block_m, block_n, block_c, layout", [(16, 32, None, "stacked"), (16, 32, 2, "stacked"),
                                                                (16, 16, 4, "stacked"), (32, 16, 4, "stacked"),
                                                                (16, 16, None, "channel"), (32, 16, None, "pair"),
-                                                               (16, 32, None, "pair")])
+                                                               (16, 32, None, "pair"), (64, 32, None, "pair")])
 def test_qk_kernel_tiles_longer_than_one_block(block_m, block_n, block_c, layout):
     """T spans several query and key tiles, with a window shorter than a tile; the head's channels
     in one block (of 8, two past head_dim), in three, or in two with the last one half empty, or
-    one or a partner pair a program; key tiles as long as, or shorter than, query tiles."""
+    one or a partner pair a program; key tiles as long as, or shorter than, query tiles (64 × 32:
+    the plain-tile layouts' GPU shape, one query tile here)."""
     hq, hk, d, t = 3, 1, 6, 37
     q, k, v, mask = inputs(hq, hk, d, t, 5)
     cos, sin = rope(t, d, torch.float64)
