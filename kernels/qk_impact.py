@@ -372,7 +372,7 @@ except ImportError:  # pragma: no cover - the torch twin stays available
     triton = None
 
 if triton is not None:
-    # Triton's interpreter (the tests on a CPU) runs no inline PTX: there `_exp` imitates it.
+    # Triton's interpreter (the tests on a CPU) runs no inline PTX: there `_exp2` imitates it.
     _PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
     LOG2_E = tl.constexpr(1.4426950408889634)
 
@@ -729,14 +729,13 @@ if triton is not None:
                      mask=chan_ok)
 
     # ------------------------------------------------------------------------------------------
-    # One channel, or a channel and its rotary partner, a program (block_c = 1 or 2): the same
-    # impacts with plain [rows, keys] tiles. The logits come out of the Q·Kᵀ product in the layout
-    # the value product takes its left operand in, so nothing passes through shared memory (the
-    # stacked kernel's [channels, rows, keys] tiles do, with 7 barriers a key tile in sm_90a SASS);
-    # the price is a Q·Kᵀ product and the per-key work (mask, A) for one or two channels instead
-    # of a block of eight. A partner pair shares them, and its
-    # rotary columns. Logits are kept in base 2 (log2 A); only the key tiles on the diagonal or
-    # the window's edge are masked.
+    # One channel, or a channel and its rotary partner, a program (layout "channel" or "pair"): the
+    # same impacts with plain [rows, keys] tiles. The logits come out of the Q·Kᵀ product in the
+    # layout the value product takes its left operand in, so nothing passes through shared memory
+    # (the stacked kernel's [channels, rows, keys] tiles do, with 7 barriers a key tile in sm_90a
+    # SASS); the price is a Q·Kᵀ product and the per-key work (mask, A) for one or two channels
+    # instead of a block of eight. A partner pair shares them, and its rotary columns. Logits are
+    # kept in base 2 (log2 A); only the key tiles on the diagonal or the window's edge are masked.
     # ------------------------------------------------------------------------------------------
     @triton.jit
     def _channel_program(QB, QS, LSE, UNSCALE, COUNTED, T, D, n_heads, group, PRECISION: tl.constexpr,
