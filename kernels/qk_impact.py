@@ -738,7 +738,7 @@ if triton is not None:
     # kept in base 2 (log2 A); only the key tiles on the diagonal or the window's edge are masked.
     # ------------------------------------------------------------------------------------------
     @triton.jit
-    def _channel_program(QB, QS, LSE, UNSCALE, COUNTED, T, D, n_heads, group, PRECISION: tl.constexpr,
+    def _channel_program(QB, QS, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         """What a program (sentence·head, query tile, channels) needs before its key loop, but the
         channels' own factors (`_row_factors`)."""
@@ -755,7 +755,7 @@ if triton is not None:
                                        row_ok[:, None] & (dims < D)[None, :], PRECISION)
         lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
         counted = tl.load(COUNTED + b * T + rows, mask=row_ok, other=0) != 0
-        return (b, rows, row_ok, q_base, k_base, q_big, q_small, tl.load(UNSCALE + 2 * bh),
+        return (b, rows, row_ok, q_base, k_base, b * T * D, q_big, q_small, scaling * tl.load(UNSCALE + 2 * bh),
                 tl.load(UNSCALE + 2 * bh + 1), lse, counted, m_start, tl.minimum(T, m_start + BLOCK_M))
 
     @triton.jit
@@ -918,12 +918,11 @@ if triton is not None:
     ):
         """`_qk_kernel` for one channel a program, or (PAIR) channel c < D/2 and its partner c + D/2:
         the gentle rows, the others flagged in ROUGH."""
-        (b, rows, row_ok, q_base, k_base, q_big, q_small, logit_scale, value_unscale, lse, counted, m_start,
-         hi) = _channel_program(QB, QS, LSE, UNSCALE, COUNTED, T, D, n_heads, group, PRECISION, BLOCK_M, BLOCK_D)
-        logit_scale = scaling * logit_scale
+        (b, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale, value_unscale, lse, counted, m_start,
+         hi) = _channel_program(QB, QS, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, PRECISION, BLOCK_M,
+                                BLOCK_D)
         c = tl.program_id(2)
         partner = (c + D // 2) % D
-        cs_base = b * T * D
         rc0, rp0, r0, rm0 = _row_factors(QN, QR, COS, SIN, R, RM1, q_base, cs_base, rows, row_ok, c, partner, D,
                                          scaling, IS_KEY, HAS_NORM, BLOCK_M)
         rc1, rp1, r1, rm1 = rc0, rp0, r0, rm0
@@ -991,14 +990,13 @@ if triton is not None:
         c = tl.program_id(2)
         rough = tl.load(ROUGH + (tl.program_id(0) * D + c) * T + rows, mask=rows < T, other=0) != 0
         if tl.sum(rough.to(tl.int32), axis=0) > 0:
-            (b, rows, row_ok, q_base, k_base, q_big, q_small, logit_scale, value_unscale, lse, counted, m_start,
-             hi) = _channel_program(QB, QS, LSE, UNSCALE, COUNTED, T, D, n_heads, group, PRECISION, BLOCK_M, BLOCK_D)
-            logit_scale = scaling * logit_scale
+            (b, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale, value_unscale, lse, counted,
+             m_start, hi) = _channel_program(QB, QS, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, PRECISION,
+                                             BLOCK_M, BLOCK_D)
             partner = (c + D // 2) % D
-            cs_base = b * T * D
             row_c, row_p, r_row, rm1_row = _row_factors(QN, QR, COS, SIN, R, RM1, q_base, cs_base, rows, row_ok, c,
                                                         partner, D, scaling, IS_KEY, HAS_NORM, BLOCK_M)
-            first, inner_lo, inner_hi = _key_tiles(m_start, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
+            first, _, _ = _key_tiles(m_start, window, HAS_WINDOW, BLOCK_M, BLOCK_N)  # every tile masked
             dims = tl.arange(0, BLOCK_D)
             m_new = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)  # in base 2
             l_new = tl.zeros([BLOCK_M], dtype=tl.float32)
