@@ -482,7 +482,7 @@ if triton is not None:
             return tl.dot(a_big, b_big, acc, input_precision=PRECISION)
 
     @triton.jit
-    def _block(QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, TOKENS, T, D, n_heads, group, scaling, window,
+    def _block(QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, window,
                IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
         """What a program (sentence·head, query tile, channel block) needs before its key loop."""
@@ -509,7 +509,7 @@ if triton is not None:
         logit_scale = scaling * tl.load(UNSCALE + 2 * bh)
         value_unscale = tl.load(UNSCALE + 2 * bh + 1)
         lse = tl.load(LSE + (b * n_heads + h) * T + rows, mask=row_ok, other=0.0)
-        row_valid = tl.load(TOKENS + b * T + rows, mask=row_ok, other=0) != 0
+        counted = tl.load(COUNTED + b * T + rows, mask=row_ok, other=0) != 0
         # Row-side factors [channels, rows] of the rank-2 change Δ = row_c·col_c + row_p·col_p: the
         # query's channel and partner (key channels), or the rotary coefficients and q-norm
         # factors of each query channel.
@@ -535,7 +535,7 @@ if triton is not None:
         if HAS_WINDOW:
             lo = tl.maximum(0, m_tile * BLOCK_M - window + 1)
         return (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
-                value_unscale, lse, row_valid, row_c, row_p, r_row, rm1_row, lo, hi)
+                value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, lo, hi)
 
     @triton.jit
     def _tile_change(q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
@@ -593,7 +593,7 @@ if triton is not None:
 
     @triton.jit
     def _qk_kernel(
-        QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, PARTIAL, ROUGH,
+        QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, COUNTED, PARTIAL, ROUGH,
         T, D, n_heads, group, scaling, softcap, window, unit,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr,
@@ -608,17 +608,16 @@ if triton is not None:
         serialised every wgmma (note C7515: 12 waits a 16 × 64 tile, 3 with it; sm_90a, triton
         3.6.0; `benchmarks/kernel_resources.py`). The multiplication is exact."""
         (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
-         value_unscale, lse, row_valid, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
-            QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, TOKENS, T, D, n_heads, group, scaling, window,
+         value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
+            QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, window,
             IS_KEY, HAS_NORM, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
         dims = tl.arange(0, BLOCK_D)
-        # W and the keys seen accumulate element-wise, reduced over keys once after the loop (per
-        # tile, the reductions cost 160 shuffles a thread in sm_90a SASS).
+        # W accumulates element-wise, reduced over keys once after the loop (per tile, the
+        # reductions cost 160 shuffles a thread in sm_90a SASS).
         w_acc = tl.zeros([BLOCK_C, BLOCK_M, BLOCK_N], dtype=tl.float32)
-        n_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         u_acc = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
         for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-            allowed, logp, dl = _tile_change(
+            _, logp, dl = _tile_change(
                 q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                 sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
                 window, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
@@ -627,7 +626,6 @@ if triton is not None:
             # redoes it.
             pe = _weighted_expm1(_exp(logp)[None, :, :], logp[None, :, :], dl)
             w_acc += pe
-            n_acc += allowed.to(tl.int32)
             if not PROBS:
                 cols = n0 + tl.arange(0, BLOCK_N)
                 v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
@@ -635,10 +633,7 @@ if triton is not None:
                 pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION)
                 u_acc = _dot(pe_big, pe_small, v_big, v_small, u_acc * unit, PRECISION)
         w_sum = tl.sum(w_acc, axis=2)
-        n_keys = tl.sum(n_acc, axis=1)
-        # A row that sees one key keeps A = 1 whatever the logits: exactly no change (not the
-        # rounding residue of U − W·O, which fused multiply-adds leave on a GPU).
-        counted = (row_valid & row_ok & (n_keys > 1))[None, :]
+        counted = counted[None, :]  # `_counted_rows`
         gentle = tl.abs(w_sum) <= 0.5  # False for NaN
         flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
         tl.store(flags, (counted & ~gentle).to(tl.int8), mask=chan_ok[:, None] & row_ok[None, :])
@@ -664,7 +659,7 @@ if triton is not None:
 
     @triton.jit
     def _qk_rough_kernel(
-        QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, PARTIAL, ROUGH,
+        QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, COUNTED, PARTIAL, ROUGH,
         T, D, n_heads, group, scaling, softcap, window,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr,
@@ -680,8 +675,8 @@ if triton is not None:
         rough = tl.load(flags, mask=(chans < D)[:, None] & (rows < T)[None, :], other=0) != 0
         if tl.sum(tl.sum(rough.to(tl.int32), axis=1), axis=0) > 0:
             (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
-             value_unscale, lse, row_valid, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
-                QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, TOKENS, T, D, n_heads, group, scaling, window,
+             value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
+                QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, window,
                 IS_KEY, HAS_NORM, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
             dims = tl.arange(0, BLOCK_D)
             m_new = tl.full([BLOCK_C, BLOCK_M], -float("inf"), dtype=tl.float32)
@@ -1204,6 +1199,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     unscale = torch.stack((q_unscale * k_unscale[:, kv_head],
                            v_unscale[:, kv_head] * (2.0 ** -15 if precision == "fp16x3" else 1.0)), -1).contiguous()
     tokens = token_mask.to(torch.int32).contiguous()
+    counted = _counted_rows(token_mask, spec.sliding_window)
     n_tiles = triton.cdiv(t, block_m)
     block_d = max(16, triton.next_power_of_2(d))
     num_warps = default_warps(block_d) if num_warps is None else num_warps
@@ -1215,14 +1211,12 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     if layout == "stacked":
         kernels = (_qk_kernel, _qk_rough_kernel)
         grids = [(b * hq, n_tiles, triton.cdiv(d, block_c))] * 2
-        counted = ()
         specialise = [dict(BLOCK_C=block_c, unit=1.0), dict(BLOCK_C=block_c)]
-    else:  # plain tiles, the rows that count known beforehand
+    else:  # plain tiles
         if layout == "pair" and d % 2:
             raise ValueError(f"layout='pair' needs an even head_dim, not {d}")
         kernels = (_qk_channel_kernel, _qk_channel_rough_kernel)
         grids = [(b * hq, n_tiles, d // 2 if layout == "pair" else d), (b * hq, n_tiles, d)]
-        counted = (_counted_rows(token_mask, spec.sliding_window),)
         # Keys need the token mask only where padding comes before a real token (the pipeline pads on the
         # right); with it, ptxas serialises the kernel's wgmma (sm_90a, triton 3.6), so it is kept off otherwise.
         specialise = [dict(MASK_KEYS=bool((token_mask[:, 1:] & ~token_mask[:, :-1]).any()), PAIR=layout == "pair")] * 2
@@ -1237,7 +1231,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
                 kernel[grid](
                     qn, qr, kn, kr, q_big, q_small, k_big, k_small, v_big, v_small, cos, sin,
                     r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
-                    lse, out, unscale, tokens, *counted, part, rough,
+                    lse, out, unscale, tokens, counted, part, rough,
                     t, d, hq, spec.group_size, float(spec.scaling), float(spec.softcap or 1.0),
                     int(spec.sliding_window or 0),
                     IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
