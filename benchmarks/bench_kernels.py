@@ -274,36 +274,54 @@ def table(rows, floors, device) -> str:
 
 def sweep(shape: str, t: int) -> str:
     """Q/K kernel time for each tile size and dot precision at one shape (CUDA), with each
-    configuration's largest difference from the plain-float32 (ieee) result relative to its largest impact."""
+    configuration's largest difference from the plain-float32 (ieee) result on the same inputs,
+    relative to its largest impact."""
     from kernels import qk_impact_triton
 
     x = make_inputs(shape, t, "cuda")
-    base = qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"], precision="ieee")
+    # q, k, v as a bfloat16 model's projections give them: v is then its own float16 big part and
+    # the value products skip a product (`_exact_in_big_part`); q and k are rotated in float32.
+    values = {"float32": x, "bfloat16": dict(x, **{n: x[n].bfloat16().float() for n in ("q", "k", "v")})}
+    def call(y, **options):
+        return qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"], **options)
+
+    bases = {}
     lines = [f"Q/K kernel sweep, {shape}, T = {t}:", "",
-             "| layout | precision | BLOCK_M | BLOCK_N | BLOCK_C | warps | stages | median | max diff from ieee ÷ max |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    # (layout, precision, BLOCK_M, BLOCK_N, BLOCK_C, warps, num_stages; None: the defaults): the
-    # default first, then the plain-tile layouts ("pair": a channel and its rotary partner, "channel":
-    # one; 64 or 128 query rows a program; compiled for sm_90a, at most 40 B of spills at head_dim
-    # 128: kernel_resources.py --channel). The stacked kernel's neighbours were timed on the H200
-    # (h200-kernels.md: fp16x3, llama, T = 1024, tf32x3 2.3× the default, 32-row tiles 1.4×, 4
-    # channels and 4 warps 1.1×; gemma, 2 channels and 4 warps the best, now the default).
+             "| layout | precision | q, k, v values | BLOCK_M | BLOCK_N | BLOCK_C | warps | stages | median | "
+             "max diff from ieee ÷ max |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    # (layout, precision, values, BLOCK_M, BLOCK_N, BLOCK_C, warps, num_stages; None: the defaults):
+    # the default first, on float32 and on bfloat16 values, then the plain-tile layouts ("pair": a
+    # channel and its rotary partner, "channel": one; 64 or 128 query rows a program; compiled for
+    # sm_90a, at most 40 B of spills at head_dim 128: kernel_resources.py --channel). The stacked
+    # kernel's neighbours were timed on the H200 (h200-kernels.md: fp16x3, llama, T = 1024, tf32x3
+    # 2.3× the default, 32-row tiles 1.4×, 4 channels and 4 warps 1.1×; gemma, 2 channels and 4
+    # warps the best, now the default). Under a time limit the first rows matter most.
     if x["spec"].head_dim <= 128:
-        configs = [("stacked", "fp16x3", 16, None, None, None, None), ("pair", "fp16x3", 64, 32, None, 4, 2),
-                   ("pair", "fp16x3", 64, 16, None, 4, 2), ("channel", "fp16x3", 64, 32, None, 4, 2),
-                   ("pair", "fp16x3", 128, 32, None, 8, 2), ("channel", "fp16x3", 128, 32, None, 8, 2)]
+        configs = [("stacked", "fp16x3", "float32", 16, None, None, None, None),
+                   ("stacked", "fp16x3", "bfloat16", 16, None, None, None, None),
+                   ("pair", "fp16x3", "float32", 64, 32, None, 4, 2),
+                   ("pair", "fp16x3", "bfloat16", 64, 32, None, 4, 2),
+                   ("channel", "fp16x3", "float32", 64, 32, None, 4, 2),
+                   ("pair", "fp16x3", "float32", 64, 16, None, 4, 2),
+                   ("pair", "fp16x3", "float32", 128, 32, None, 8, 2),
+                   ("channel", "fp16x3", "float32", 128, 32, None, 8, 2)]
     else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
-        configs = [("stacked", "fp16x3", 16, None, None, None, None), ("channel", "fp16x3", 64, 16, None, 4, 2)]
-    for layout, precision, block_m, block_n, block_c, warps, stages in configs:
-        fn = lambda y: qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"],  # noqa: E731
-                                        precision=precision, block_m=block_m, block_n=block_n, block_c=block_c,
-                                        num_warps=warps, num_stages=stages, layout=layout)
+        configs = [("stacked", "fp16x3", "float32", 16, None, None, None, None),
+                   ("stacked", "fp16x3", "bfloat16", 16, None, None, None, None),
+                   ("channel", "fp16x3", "float32", 64, 16, None, 4, 2)]
+    for layout, precision, kind, block_m, block_n, block_c, warps, stages in configs:
+        y = values[kind]
+        fn = lambda z: call(z, precision=precision, block_m=block_m, block_n=block_n, block_c=block_c,  # noqa: E731
+                            num_warps=warps, num_stages=stages, layout=layout)
         try:
-            diff = max(float((a - r).abs().max() / r.abs().max()) for a, r in zip(fn(x), base))
-            cell = f"{time_cuda(fn, x)[0] * 1e3:.1f} ms | {diff:.1e}"
+            if kind not in bases:
+                bases[kind] = call(y, precision="ieee")
+            diff = max(float((a - r).abs().max() / r.abs().max()) for a, r in zip(fn(y), bases[kind]))
+            cell = f"{time_cuda(fn, y)[0] * 1e3:.1f} ms | {diff:.1e}"
         except Exception as err:  # noqa: BLE001
             cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
-        lines.append(f"| {layout} | {precision} | {block_m} | {block_n or 'auto'} | {block_c or 'auto'} | "
+        lines.append(f"| {layout} | {precision} | {kind} | {block_m} | {block_n or 'auto'} | {block_c or 'auto'} | "
                      f"{warps or 'auto'} | {stages or 'default'} | {cell} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)

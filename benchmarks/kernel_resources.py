@@ -10,6 +10,7 @@ memory and usually cost time, so this narrows what a (scarce) GPU session should
     python benchmarks/kernel_resources.py --every-variant  # every specialisation compiles, within limits
     python benchmarks/kernel_resources.py --column         # the FFN/O/V column-norm kernel
     python benchmarks/kernel_resources.py --channel        # the one-channel Q/K kernel (block_c = 1)
+    python benchmarks/kernel_resources.py --v-exact        # any of these for a bfloat16 model's v
 """
 import argparse
 import inspect
@@ -52,11 +53,11 @@ def ptxas_path(arch: int) -> str:
 def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, block_c: int, warps: int, stages: int | None,
               head_dim: int = 128, **flags) -> dict:
     """Registers, spill bytes and shared memory of one specialisation (`flags`: IS_KEY, HAS_NORM,
-    HAS_CAP, HAS_WINDOW, PROBS, MASK_KEYS, PAIR; absent ones are False; block_c is ignored by the
+    HAS_CAP, HAS_WINDOW, PROBS, MASK_KEYS, PAIR, V_EXACT; absent ones are False; block_c is ignored by the
     one-channel kernels)."""
     params = list(inspect.signature(kernel.fn).parameters)
     constants = dict(IS_KEY=False, HAS_NORM=False, HAS_CAP=False, HAS_WINDOW=False, PROBS=False, MASK_KEYS=False,
-                     PAIR=False) | flags | dict(
+                     PAIR=False, V_EXACT=False) | flags | dict(
         PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
     constants = {name: value for name, value in constants.items() if name in params}
@@ -105,7 +106,7 @@ def longest_loop(sass: str) -> int:
     return longest
 
 
-def every_variant(arch: int, head_dim: int, precision: str) -> None:
+def every_variant(arch: int, head_dim: int, precision: str, v_exact: bool) -> None:
     """Compile both kernels in all 32 specialisations (query/key channel, q/k norm, soft-cap,
     window, metric) at the defaults `qk_impact_triton` uses for this head_dim; report the worst."""
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -118,13 +119,15 @@ def every_variant(arch: int, head_dim: int, precision: str) -> None:
         for bits in itertools.product((False, True), repeat=len(names)):
             flags = dict(zip(names, bits))
             label = f"{kernel.fn.__name__} " + " ".join(n for n, on in flags.items() if on)
-            r = resources(kernel, arch, precision, 16, block_n, block_c, warps, stages, head_dim, **flags)
+            r = resources(kernel, arch, precision, 16, block_n, block_c, warps, stages, head_dim, V_EXACT=v_exact,
+                          **flags)
             count += 1
             serialised += r["serialised"]
             for key in worst:
                 if r[key] > worst[key][0]:
                     worst[key] = (r[key], label)
-    print(f"head_dim {head_dim} ({precision}, 16 × {block_n}, BLOCK_C {block_c}, {warps} warps, {stages} stages): {count} "
+    print(f"head_dim {head_dim} ({precision}{', v exact' if v_exact else ''}, 16 × {block_n}, BLOCK_C {block_c}, "
+          f"{warps} warps, {stages} stages): {count} "
           f"specialisations compiled; most registers {worst['registers'][0]} ({worst['registers'][1]}), most spills "
           f"{worst['spill_bytes'][0]} B ({worst['spill_bytes'][1]}), most shared memory "
           f"{worst['shared_bytes'][0]} B ({worst['shared_bytes'][1]}; sm_90 allows {SM90_SHARED_BYTES} B); "
@@ -138,10 +141,11 @@ CHANNEL_VARIANTS = {"query channels": {}, "key channels": dict(IS_KEY=True), "pa
                     "q/k norm": dict(HAS_NORM=True), "soft-cap + window": dict(HAS_CAP=True, HAS_WINDOW=True)}
 
 
-def channel_resources(arch: int) -> None:
+def channel_resources(arch: int, v_exact: bool) -> None:
     """The one-channel Q/K kernel (layouts "channel" and "pair"; fp16x3, output metric) at the
     sweep's configurations."""
-    print(f"One-channel Q/K kernel on sm_{arch}a (compiled offline, triton {triton.__version__}), fp16x3, output "
+    print(f"One-channel Q/K kernel on sm_{arch}a (compiled offline, triton {triton.__version__}), fp16x3"
+          f"{', v exact' if v_exact else ''}, output "
           "metric; loop: SASS instructions a thread runs per key tile (the longest of the kernel's loops), and "
           "per (channel, row, key) it covers\n")
     print("| layout | head_dim | BLOCK_M × BLOCK_N | warps | stages | variant | registers | spills | shared memory | "
@@ -151,7 +155,7 @@ def channel_resources(arch: int) -> None:
         for variant, flags in CHANNEL_VARIANTS.items():
             pair = layout == "pair"
             r = resources(_qk_channel_kernel, arch, "fp16x3", block_m, block_n, 1, warps, stages, head_dim, PAIR=pair,
-                          **flags)
+                          V_EXACT=v_exact, **flags)
             per_thread = block_m * block_n * (2 if pair else 1) / (32 * warps)
             print(f"| {layout} | {head_dim} | {block_m} × {block_n} | {warps} | {stages} | {variant} | {r['registers']} "
                   f"| {r['spill_bytes']} B | {r['shared_bytes'] // 1024} KiB | {'yes' if r['serialised'] else 'no'} | "
@@ -190,21 +194,23 @@ def main():
     parser.add_argument("--precisions", default="tf32x3,fp16x3", help="with --every-variant: comma list")
     parser.add_argument("--column", action="store_true", help="the FFN/O/V column-norm kernel instead")
     parser.add_argument("--channel", action="store_true", help="the one-channel Q/K kernel (block_c = 1) instead")
+    parser.add_argument("--v-exact", action="store_true",
+                        help="Q/K kernels for v that is its own big part (a bfloat16 model's): two value products of three")
     args = parser.parse_args()
     if args.column:
         column_resources(args.arch)
         return
     if args.channel:
-        channel_resources(args.arch)
+        channel_resources(args.arch, args.v_exact)
         return
     if args.every_variant:
         for precision in args.precisions.split(","):
             for head_dim in (128, 256):
-                every_variant(args.arch, head_dim, precision)
+                every_variant(args.arch, head_dim, precision, args.v_exact)
         return
     stages = [None if s == "default" else int(s) for s in args.stages.split(",")]
     print(f"Q/K kernel on sm_{args.arch}a (compiled offline, triton {triton.__version__}), head_dim {args.head_dim}, "
-          "query channels, no soft-cap/window/norm\n")
+          f"query channels, no soft-cap/window/norm{', v exact' if args.v_exact else ''}\n")
     print("| kernel | precision | BLOCK_M | BLOCK_N | BLOCK_C | warps | stages | registers / thread | spill stores | "
           "shared memory | wgmma serialised | loop |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -213,7 +219,8 @@ def main():
             if args.head_dim > 128:
                 block_c //= 2  # the same 128 × 128 value-product accumulator
             for kernel in (_qk_kernel, _qk_rough_kernel):
-                r = resources(kernel, args.arch, precision, block_m, block_n, block_c, warps, stage, args.head_dim)
+                r = resources(kernel, args.arch, precision, block_m, block_n, block_c, warps, stage, args.head_dim,
+                              V_EXACT=args.v_exact)
                 name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
                 print(f"| {name} | {precision} | {block_m} | {block_n} | {block_c} | {warps} | {stage or 'default'} | "
                       f"{r['registers']} | {r['spill_bytes']} B | {r['shared_bytes'] // 1024} KiB | "

@@ -456,27 +456,34 @@ if triton is not None:
             return x, x
 
     @triton.jit
-    def _load_operand(BIG, SMALL, offsets, mask, PRECISION: tl.constexpr):
+    def _load_operand(BIG, SMALL, offsets, mask, PRECISION: tl.constexpr, EXACT: tl.constexpr):
         """A tile of q, k or v as (big, small) parts for `_dot`: fp16x3 reads the two float16 halves
-        `_operand_parts` made on the host; the others read the float32 values and `_split` them."""
-        if PRECISION == "fp16x3":
+        `_operand_parts` made on the host; the others read the float32 values and `_split` them.
+        EXACT (an operand that is its own big part, `_exact_in_big_part`): the big part alone, twice."""
+        if EXACT:
+            big = tl.load(BIG + offsets, mask=mask, other=0.0)
+            return big, big
+        elif PRECISION == "fp16x3":
             return tl.load(BIG + offsets, mask=mask, other=0.0), tl.load(SMALL + offsets, mask=mask, other=0.0)
         else:
             return _split(tl.load(BIG + offsets, mask=mask, other=0.0), PRECISION)
 
     @triton.jit
-    def _dot(a_big, a_small, b_big, b_small, acc, PRECISION: tl.constexpr):
+    def _dot(a_big, a_small, b_big, b_small, acc, PRECISION: tl.constexpr, B_EXACT: tl.constexpr):
         """acc + a @ b from the parts of `_split` / `_load_operand`. tf32x3 and fp16x3: three
         products (small parts first), each part carrying 11 significant bits, so float32-level
-        accuracy (fp16x3 on the float16 units, twice the TF32 rate); ieee and tf32: one product of
-        the values themselves (the small parts are the same tensors, unused)."""
+        accuracy (fp16x3 on the float16 units, twice the TF32 rate); two where b has no small part
+        (B_EXACT: its product would add exact zeros); ieee and tf32: one product of the values
+        themselves (the small parts are the same tensors, unused)."""
         if PRECISION == "tf32x3":
             acc = tl.dot(a_small, b_big, acc, input_precision="tf32")
-            acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
+            if not B_EXACT:
+                acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
             return tl.dot(a_big, b_big, acc, input_precision="tf32")
         elif PRECISION == "fp16x3":
             acc = tl.dot(a_small, b_big, acc)
-            acc = tl.dot(a_big, b_small, acc)
+            if not B_EXACT:
+                acc = tl.dot(a_big, b_small, acc)
             return tl.dot(a_big, b_big, acc)
         else:
             return tl.dot(a_big, b_big, acc, input_precision=PRECISION)
@@ -503,7 +510,7 @@ if triton is not None:
         k_base = (b * (n_heads // group) + g) * T * D
         cs_base = b * T * D
         q_big, q_small = _load_operand(QB, QS, q_base + rows[:, None] * D + dims[None, :],
-                                       row_ok[:, None] & (dims < D)[None, :], PRECISION)
+                                       row_ok[:, None] & (dims < D)[None, :], PRECISION, False)
         # What undoes the host's scaling of the operand parts (fp16x3; 1 otherwise): of Q·Kᵀ, folded
         # into the logits' scaling, and of the value product.
         logit_scale = scaling * tl.load(UNSCALE + 2 * bh)
@@ -549,9 +556,9 @@ if triton is not None:
         col_ok = cols < T
         dims = tl.arange(0, BLOCK_D)
         k_big, k_small = _load_operand(KB, KS, k_base + cols[:, None] * D + dims[None, :],
-                                       col_ok[:, None] & (dims < D)[None, :], PRECISION)
+                                       col_ok[:, None] & (dims < D)[None, :], PRECISION, False)
         x = logit_scale * _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small),
-                               tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION)
+                               tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, False)
         key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
         allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
         if HAS_WINDOW:
@@ -596,7 +603,7 @@ if triton is not None:
         QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, COUNTED, PARTIAL, ROUGH,
         T, D, n_heads, group, scaling, softcap, window, unit,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        PROBS: tl.constexpr, PRECISION: tl.constexpr,
+        PROBS: tl.constexpr, PRECISION: tl.constexpr, V_EXACT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """The common case, rows that move gently: W_i = Σ_j A_ij·e_ij and ‖ΔO_i‖ (or ‖ΔA_i‖²) by
@@ -629,9 +636,9 @@ if triton is not None:
             if not PROBS:
                 cols = n0 + tl.arange(0, BLOCK_N)
                 v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
-                                               (cols < T)[:, None] & (dims < D)[None, :], PRECISION)
+                                               (cols < T)[:, None] & (dims < D)[None, :], PRECISION, V_EXACT)
                 pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION)
-                u_acc = _dot(pe_big, pe_small, v_big, v_small, u_acc * unit, PRECISION)
+                u_acc = _dot(pe_big, pe_small, v_big, v_small, u_acc * unit, PRECISION, V_EXACT)
         w_sum = tl.sum(w_acc, axis=2)
         counted = counted[None, :]  # `_counted_rows`
         gentle = tl.abs(w_sum) <= 0.5  # False for NaN
@@ -662,7 +669,7 @@ if triton is not None:
         QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, COUNTED, PARTIAL, ROUGH,
         T, D, n_heads, group, scaling, softcap, window,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        PROBS: tl.constexpr, PRECISION: tl.constexpr,
+        PROBS: tl.constexpr, PRECISION: tl.constexpr, V_EXACT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Rows flagged by `_qk_kernel` (a large change): the new softmax directly, with its own
@@ -696,10 +703,10 @@ if triton is not None:
                 if not PROBS:
                     cols = n0 + tl.arange(0, BLOCK_N)
                     v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
-                                                   (cols < T)[:, None] & (dims < D)[None, :], PRECISION)
+                                                   (cols < T)[:, None] & (dims < D)[None, :], PRECISION, V_EXACT)
                     pz_big, pz_small = _split(tl.reshape(pz, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION)
                     a_new = _dot(pz_big, pz_small, v_big, v_small,
-                                 a_new * tl.reshape(shift, [BLOCK_C * BLOCK_M])[:, None], PRECISION)
+                                 a_new * tl.reshape(shift, [BLOCK_C * BLOCK_M])[:, None], PRECISION, V_EXACT)
                 m_new = m_next
             m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows past T: keep them finite
             l_new = tl.where(l_new == 0.0, 1.0, l_new)
@@ -747,7 +754,7 @@ if triton is not None:
         q_base = bh * T * D
         k_base = (b * (n_heads // group) + g) * T * D
         q_big, q_small = _load_operand(QB, QS, q_base + rows[:, None] * D + dims[None, :],
-                                       row_ok[:, None] & (dims < D)[None, :], PRECISION)
+                                       row_ok[:, None] & (dims < D)[None, :], PRECISION, False)
         lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
         counted = tl.load(COUNTED + b * T + rows, mask=row_ok, other=0) != 0
         return (b, rows, row_ok, q_base, k_base, b * T * D, q_big, q_small, scaling * tl.load(UNSCALE + 2 * bh),
@@ -796,9 +803,9 @@ if triton is not None:
         col_ok = cols < T
         dims = tl.arange(0, BLOCK_D)
         k_big, k_small = _load_operand(KB, KS, k_base + cols[:, None] * D + dims[None, :],
-                                       col_ok[:, None] & (dims < D)[None, :], PRECISION)
+                                       col_ok[:, None] & (dims < D)[None, :], PRECISION, False)
         x = _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small),
-                 tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION)
+                 tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, False)
         a = x
         cap_exp = x
         if HAS_CAP or HAS_NORM:
@@ -860,7 +867,8 @@ if triton is not None:
                       rc0, rp0, r0, rm0, rc1, rp1, r1, rm1, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D,
                       scaling, softcap, window, MASKED: tl.constexpr, MASK_KEYS: tl.constexpr, PAIR: tl.constexpr,
                       IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                      PROBS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      PROBS: tl.constexpr, PRECISION: tl.constexpr, V_EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
         """One key tile of the gentle kernel: per channel (c, and its partner with PAIR), W and
         (output metric) Σ_j A·e·V_j accumulate."""
         logp2, x, a, cap_exp = _base_tile(q_big, q_small, logit_scale, lse, rows, n0, b, k_base, KB, KS, TOKENS, T, D,
@@ -871,14 +879,14 @@ if triton is not None:
         dims = tl.arange(0, BLOCK_D)
         if not PROBS:
             v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
-                                           (cols < T)[:, None] & (dims < D)[None, :], PRECISION)
+                                           (cols < T)[:, None] & (dims < D)[None, :], PRECISION, V_EXACT)
         dl = _logit_change(x, a, cap_exp, n0, k_base, cs_base, c, partner, rc0, rp0, r0, rm0, KN, KR, COS, SIN, R, RM1,
                            T, D, scaling, softcap, IS_KEY, HAS_NORM, HAS_CAP, BLOCK_N)
         pe = _weighted_expm1_2(p, logp2, dl)
         w0 += tl.sum(pe, axis=1)
         if not PROBS:
             pe_big, pe_small = _split(pe, PRECISION)
-            u0 = _dot(pe_big, pe_small, v_big, v_small, u0, PRECISION)
+            u0 = _dot(pe_big, pe_small, v_big, v_small, u0, PRECISION, V_EXACT)
         if PAIR:
             dl = _logit_change(x, a, cap_exp, n0, k_base, cs_base, partner, c, rc1, rp1, r1, rm1, KN, KR, COS, SIN, R,
                                RM1, T, D, scaling, softcap, IS_KEY, HAS_NORM, HAS_CAP, BLOCK_N)
@@ -886,7 +894,7 @@ if triton is not None:
             w1 += tl.sum(pe, axis=1)
             if not PROBS:
                 pe_big, pe_small = _split(pe, PRECISION)
-                u1 = _dot(pe_big, pe_small, v_big, v_small, u1, PRECISION)
+                u1 = _dot(pe_big, pe_small, v_big, v_small, u1, PRECISION, V_EXACT)
         return w0, u0, w1, u1
 
     @triton.jit
@@ -909,7 +917,7 @@ if triton is not None:
         T, D, n_heads, group, scaling, softcap, window,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         MASK_KEYS: tl.constexpr, PAIR: tl.constexpr, PROBS: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        V_EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """`_qk_kernel` for one channel a program, or (PAIR) channel c < D/2 and its partner c + D/2:
         the gentle rows, the others flagged in ROUGH."""
@@ -933,17 +941,20 @@ if triton is not None:
             w0, u0, w1, u1 = _channel_step(
                 w0, u0, w1, u1, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, rc0, rp0,
                 r0, rm0, rc1, rp1, r1, rm1, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                window, True, MASK_KEYS, PAIR, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, BLOCK_N, BLOCK_D)
+                window, True, MASK_KEYS, PAIR, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, V_EXACT,
+                BLOCK_N, BLOCK_D)
         for n0 in range(inner_lo, inner_hi, BLOCK_N):
             w0, u0, w1, u1 = _channel_step(
                 w0, u0, w1, u1, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, rc0, rp0,
                 r0, rm0, rc1, rp1, r1, rm1, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                window, False, MASK_KEYS, PAIR, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, BLOCK_N, BLOCK_D)
+                window, False, MASK_KEYS, PAIR, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, V_EXACT,
+                BLOCK_N, BLOCK_D)
         for n0 in range(inner_hi, hi, BLOCK_N):
             w0, u0, w1, u1 = _channel_step(
                 w0, u0, w1, u1, q_big, q_small, logit_scale, lse, rows, n0, b, k_base, cs_base, c, partner, rc0, rp0,
                 r0, rm0, rc1, rp1, r1, rm1, KN, KR, KB, KS, VB, VS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                window, True, MASK_KEYS, PAIR, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, BLOCK_N, BLOCK_D)
+                window, True, MASK_KEYS, PAIR, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PROBS, PRECISION, V_EXACT,
+                BLOCK_N, BLOCK_D)
         if PROBS:
             # Σ_j (A'_ij − A_ij)² = Σ_j ((A_ij·e_ij − A_ij·W_i) / (1 + W_i))², now that W is known (0 where not allowed).
             per0 = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -978,7 +989,7 @@ if triton is not None:
         T, D, n_heads, group, scaling, softcap, window,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         MASK_KEYS: tl.constexpr, PAIR: tl.constexpr, PROBS: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        V_EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """`_qk_rough_kernel` for one channel a program, paired or not (every tile masked: it runs rarely)."""
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1011,9 +1022,9 @@ if triton is not None:
                 if not PROBS:
                     cols = n0 + tl.arange(0, BLOCK_N)
                     v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
-                                                   (cols < T)[:, None] & (dims < D)[None, :], PRECISION)
+                                                   (cols < T)[:, None] & (dims < D)[None, :], PRECISION, V_EXACT)
                     pz_big, pz_small = _split(pz, PRECISION)
-                    a_new = _dot(pz_big, pz_small, v_big, v_small, a_new * shift[:, None], PRECISION)
+                    a_new = _dot(pz_big, pz_small, v_big, v_small, a_new * shift[:, None], PRECISION, V_EXACT)
                 m_new = m_next
             m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows past T: keep them finite
             l_new = tl.where(l_new == 0.0, 1.0, l_new)
@@ -1098,6 +1109,18 @@ def _operand_parts(x: torch.Tensor, token_mask: torch.Tensor, precision: str):
     return big, scaled.sub_(big).half(), 1 / scale  # the subtraction is exact
 
 
+def _exact_in_big_part(x: torch.Tensor, small: torch.Tensor, precision: str) -> bool:
+    """Whether every value of x [B, H, T, D] is its own big part (`_operand_parts` under fp16x3, the
+    kernel's `_split` under tf32x3), as the values of a bfloat16 or float16 model's v_proj are: then
+    the value products skip the small part's product, which would add exact zeros (two products of
+    three; the results are the same to the bit)."""
+    if precision == "fp16x3":
+        return not bool(small.any())
+    if precision == "tf32x3":  # TF32 keeps 10 of float32's 23 mantissa bits
+        return not bool((x.view(torch.int32) & 0x1FFF).any())
+    return False
+
+
 def default_warps(block_d: int) -> int:
     """Warps per program: 8, but 4 for head_dim 256 (H200, fp16x3, T = 1024: gemma2-9b 72.2 ms
     with 2 channels and 4 warps, 118.2 ms with 8; llama3.1-8b 23.8 ms with 8, 48.1 ms with 4)."""
@@ -1137,7 +1160,9 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     `precision` is how the tile products use the GPU's matrix units: `fp16x3` (the default: three
     products of 11-bit parts on the float16 units, q, k and v split once on the host, see
     `_operand_parts`; the probability changes A·(e^Δ − 1) carry one fixed scale, so to 2^-40
-    absolute: a neuron that moves attention by less than about 1e-7 keeps less relative precision),
+    absolute: a neuron that moves attention by less than about 1e-7 keeps less relative precision;
+    where v is its own float16 big part, as a bfloat16 or float16 model's v_proj output is, the value
+    products skip the small part's product: two of three, the same results, `_exact_in_big_part`),
     `tf32x3` (three TF32 products of operands split in `_split`, float32-level accuracy), `ieee`
     (plain float32 FMAs) or `tf32` (one product, about 2e-3 relative). On an H200 at T = 1024
     (llama shape) fp16x3 took 23.8 ms with 64-key tiles, tf32x3, ieee and tf32 54.3, 77.5 and
@@ -1194,6 +1219,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     q_big, q_small, q_unscale = _operand_parts(qr, token_mask, precision)
     k_big, k_small, k_unscale = _operand_parts(kr, token_mask, precision)
     v_big, v_small, v_unscale = _operand_parts(vv, token_mask, precision)
+    v_exact = _exact_in_big_part(vv, v_small, precision)
     # Per (sentence, query head): what undoes the scaling of Q·Kᵀ and of (probabilities·2^15)·V.
     kv_head = torch.arange(hq, device=q.device) // spec.group_size
     unscale = torch.stack((q_unscale * k_unscale[:, kv_head],
@@ -1236,7 +1262,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
                     int(spec.sliding_window or 0),
                     IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
                     HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs", PRECISION=precision,
-                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+                    V_EXACT=v_exact, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
                     num_stages=default_stages(block_d) if num_stages is None else num_stages, **own,
                 )
         per_head = partial.sum((0, 2)).view(b, hq, d)

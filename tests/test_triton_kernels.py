@@ -169,6 +169,31 @@ def test_qk_plain_tile_kernel_unmasked_tiles_and_padding_anywhere(padding, windo
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
 
+@pytest.mark.parametrize("precision, layout", [("fp16x3", "stacked"), ("tf32x3", "stacked"), ("fp16x3", "pair")])
+@pytest.mark.parametrize("scale, rtol", [(1, 1e-5), (6, 1e-4)])  # × 6: rows that change a lot (the rough kernels)
+def test_qk_kernel_v_of_a_bfloat16_model(precision, layout, scale, rtol, monkeypatch):
+    """v_proj outputs of a bfloat16 model (8-bit mantissas) are their own big part under fp16x3
+    and tf32x3, so the value products skip the small part's product; the impacts still match
+    float64. Float32-valued v is not taken for one (it needs the third product)."""
+    import kernels.qk_impact as qk
+
+    hq, hk, d, t = 4, 2, 8, 21
+    q, k, v, mask = inputs(hq, hk, d, t, 13)
+    q, k = scale * q, scale * k
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, None, 9, True, 13)
+    exact = []
+    detect = qk._exact_in_big_part
+    monkeypatch.setattr(qk, "_exact_in_big_part", lambda *args: exact.append(detect(*args)) or exact[-1])
+    for values, expected in ((v.to(torch.bfloat16).double(), True), (v, False)):
+        ref = qk_impact_reference(q, k, values, cos, sin, mask, spec)
+        tri = qk_impact_triton(*on_device(q, k, values, cos, sin), mask.to(DEVICE), spec, precision=precision,
+                               layout=layout)
+        assert exact[-1] is expected
+        for a, r in zip((x.cpu() for x in tri), ref):
+            torch.testing.assert_close(a.double(), r, rtol=rtol, atol=1e-7 * float(r.max()))
+
+
 def test_qk_kernel_runs_a_batch_past_its_offsets_a_few_sentences_at_a_time(monkeypatch):
     """A batch whose B·heads·T·D passes the kernels' 32-bit offsets is split by sentences (here
     the limit is lowered to two sentences a call): the same impacts as in one call."""
