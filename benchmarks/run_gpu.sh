@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks: kernel tests on the device, the Q/K tile sweep (the default on float32- and on
-# bfloat16-valued q, k, v, and the plain-tile layouts), the Q/K call breakdown and accuracy, the kernel table. (The FFN sweep, its target met on
-# the H200: `bench_kernels.py --sweep ffn`.)
+# bfloat16-valued q, k, v, and the plain-tile layouts), the Q/K call breakdown and accuracy, the
+# kernel table. (The FFN sweep, its target met on the H200: `bench_kernels.py --sweep ffn`.)
 # Usage (on a CUDA machine, from the repository root): bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
 # STEPS is a comma list of tests, sweep, table, profile (default: the first three; on an H200 they
 # took about 1.5, 2 and 1.5 minutes on 2026-11-26, before the one-channel kernel added tests and
