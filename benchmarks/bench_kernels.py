@@ -62,8 +62,11 @@ def make_inputs(shape: str, t: int, device: str, seed: int = 0):
     impacts = torch.rand(8, s["ffn"], generator=gen)  # a batch of 8 sentences' FFN impacts, for selection
     spec = AttentionSpec(hq, hk, d, d ** -0.5, s["softcap"], s["window"])
     to = lambda x: x.to(device)  # noqa: E731
+    # The same q, k, v as a bfloat16 model's projections give them (`--dtype bfloat16`): v is then
+    # its own float16 big part, and the Q/K kernels skip a value product (`_exact_in_big_part`).
+    bf16 = {f"{n}_bf16": to(x.bfloat16().float()) for n, x in (("q", q), ("k", k), ("v", v))}
     return dict(q=to(q), k=to(k), v=to(v), cos=to(emb.cos()[None]), sin=to(emb.sin()[None]), h=to(h),
-                mask=to(mask), h_mask=to(h_mask), impacts=to(impacts), spec=spec)
+                mask=to(mask), h_mask=to(h_mask), impacts=to(impacts), spec=spec, **bf16)
 
 
 def implementations(device: str):
@@ -80,6 +83,8 @@ def implementations(device: str):
         from kernels import masked_column_sumsq_triton, qk_impact_triton, select_count_triton
 
         impls["qk/triton"] = lambda x: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"])
+        impls["qk/triton-bf16"] = lambda x: qk_impact_triton(x["q_bf16"], x["k_bf16"], x["v_bf16"], x["cos"], x["sin"],
+                                                             x["mask"], x["spec"])
         for precision in ("ieee", "tf32", "fp16x3"):
             impls[f"qk/triton-{precision}"] = (
                 lambda x, precision=precision: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"],
@@ -185,7 +190,8 @@ def selected(names, ops: str) -> list:
     return [n for n in names if n in wanted or n.split("/")[0] in wanted]
 
 
-def run_cuda(args) -> tuple[list, dict]:
+def run_cuda(args, progress) -> tuple[list, dict]:
+    """Each implementation's time and peak memory on CUDA; `progress(rows, floors)` after each row."""
     os.environ["NEUROLANG_COMPILE"] = "0"  # the eager twin: on CUDA the kernels are the fast path
     rows, floors = [], {"bandwidth": copy_bandwidth()}
     names = selected(implementations("cuda"), args.ops)
@@ -206,14 +212,16 @@ def run_cuda(args) -> tuple[list, dict]:
                     rows.append({"name": name, "shape": shape, "T": t, "error": f"{type(err).__name__}: {err}"[:200]})
                 torch.cuda.empty_cache()
                 print(rows[-1], file=sys.stderr, flush=True)
+                progress(rows, floors)
             del inputs
     return rows, floors
 
 
-def run(args) -> str:
+def run(args, progress=lambda partial_table: None) -> str:
+    """The table of every implementation `--ops` names; on CUDA, `progress` gets it after each row."""
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     if device == "cuda":
-        return table(*run_cuda(args), device)
+        return table(*run_cuda(args, lambda rows, floors: progress(table(rows, floors, device))), device)
     rows = []
     for shape in args.shapes.split(","):
         for t in (int(x) for x in args.seq_lens.split(",")):
@@ -279,9 +287,7 @@ def sweep(shape: str, t: int) -> str:
     from kernels import qk_impact_triton
 
     x = make_inputs(shape, t, "cuda")
-    # q, k, v as a bfloat16 model's projections give them: v is then its own float16 big part and
-    # the value products skip a product (`_exact_in_big_part`); q and k are rotated in float32.
-    values = {"float32": x, "bfloat16": dict(x, **{n: x[n].bfloat16().float() for n in ("q", "k", "v")})}
+    values = {"float32": x, "bfloat16": dict(x, q=x["q_bf16"], k=x["k_bf16"], v=x["v_bf16"])}
     def call(y, **options):
         return qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"], **options)
 
@@ -447,25 +453,34 @@ def main():
         print(json.dumps(measure_one(args.one, args.shapes, int(args.seq_lens), "cuda" if on_cuda else "cpu",
                                      args.repeats)))
         return
+    def save(*texts):
+        """--out gets what is measured so far, after each part and table row, written atomically:
+        a run its time limit kills (run_gpu.sh's steps) keeps what it measured."""
+        if args.out:
+            with open(args.out + ".partial", "w", encoding="utf-8") as f:
+                f.write(f"command: python {' '.join(sys.argv)}\n\n" + "\n\n".join(texts) + "\n")
+            os.replace(args.out + ".partial", args.out)
+
     parts = []  # the Q/K sweep first: on a time limit, what is still open comes first
-    if "qk" in args.sweep:
-        parts += [sweep(shape, args.sweep_t) for shape in args.shapes.split(",")]
+    for shape in args.shapes.split(",") if "qk" in args.sweep else []:
+        parts.append(sweep(shape, args.sweep_t))
+        save(*parts)
     for shape in args.shapes.split(",") if args.breakdown else []:
         try:  # the profiler needs CUPTI; without it, say so and go on
             parts.append(breakdown(shape, args.sweep_t))
         except Exception as err:  # noqa: BLE001
             parts.append(f"Q/K call breakdown, {shape}: error: {type(err).__name__}: {str(err)[:200]}")
+        save(*parts)
     if args.accuracy:
         parts.append(accuracy(args.shapes))
+        save(*parts)
     if "ffn" in args.sweep:
         parts.append(ffn_sweep(args.shapes.split(",")[0], 2048))
+        save(*parts)
     if args.ops:
-        parts.append(run(args))
-    text = "\n\n".join(parts)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(f"command: python {' '.join(sys.argv)}\n\n{text}\n")
+        parts.append(run(args, lambda partial_table: save(*parts, partial_table)))
+        save(*parts)
+    print("\n\n".join(parts))
 
 
 # pytest-benchmark entry points (small shapes, so that they also run on the CPU)
