@@ -288,6 +288,7 @@ def sweep(shape: str, t: int) -> str:
 
     x = make_inputs(shape, t, "cuda")
     values = {"float32": x, "bfloat16": dict(x, q=x["q_bf16"], k=x["k_bf16"], v=x["v_bf16"])}
+
     def call(y, **options):
         return qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"], **options)
 
@@ -453,6 +454,7 @@ def main():
         print(json.dumps(measure_one(args.one, args.shapes, int(args.seq_lens), "cuda" if on_cuda else "cpu",
                                      args.repeats)))
         return
+
     def save(*texts):
         """--out gets what is measured so far, after each part and table row, written atomically:
         a run its time limit kills (run_gpu.sh's steps) keeps what it measured."""
