@@ -11,6 +11,7 @@ memory and usually cost time, so this narrows what a (scarce) GPU session should
     python benchmarks/kernel_resources.py --column         # the FFN/O/V column-norm kernel
     python benchmarks/kernel_resources.py --channel        # the one-channel Q/K kernel (block_c = 1)
     python benchmarks/kernel_resources.py --v-exact        # any of these for a bfloat16 model's v
+    python benchmarks/kernel_resources.py --base           # the base-attention kernel, every precision
 """
 import argparse
 import inspect
@@ -30,8 +31,9 @@ from triton.compiler import ASTSource  # noqa: E402
 import torch  # noqa: E402
 from bench_kernels import FFN_SWEEP  # noqa: E402
 from kernels.column_norms import _column_sumsq_kernel, default_column_block  # noqa: E402
-from kernels.qk_impact import (_qk_channel_kernel, _qk_channel_rough_kernel, _qk_kernel, _qk_rough_kernel,  # noqa: E402
-                               default_channel_block, default_key_block, default_stages, default_warps)
+from kernels.qk_impact import (PRECISIONS, _base_attention_kernel, _qk_channel_kernel, _qk_channel_rough_kernel,  # noqa: E402
+                               _qk_kernel, _qk_rough_kernel, base_attention_tiles, default_channel_block,
+                               default_key_block, default_stages, default_warps)
 
 OPERANDS = ("QB", "QS", "KB", "KS", "VB", "VS")  # float16 halves under fp16x3, else the float32 values
 TYPES = dict(TOKENS="*i32", COUNTED="*i8", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32", softcap="fp32",
@@ -162,6 +164,32 @@ def channel_resources(arch: int, v_exact: bool) -> None:
                   f"{r['loop_instructions']} | {r['loop_instructions'] / per_thread:.1f} |", flush=True)
 
 
+def base_resources(arch: int) -> None:
+    """The base-attention kernel at `base_attention_tiles`, every precision and head_dim 128 and
+    256, plain and with soft-cap + window + exact v (the most flags)."""
+    params = list(inspect.signature(_base_attention_kernel.fn).parameters)
+    print(f"Base-attention kernel on sm_{arch}a (compiled offline, triton {triton.__version__}), 4 warps, 2 stages\n")
+    print("| precision | head_dim | BLOCK_M × BLOCK_N | variant | registers | spills | shared memory | "
+          "wgmma serialised | loop |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for precision in PRECISIONS:
+        for head_dim in (128, 256):
+            block_m, block_n = base_attention_tiles(head_dim, precision)
+            for variant, flags in (("plain", dict(HAS_CAP=False, HAS_WINDOW=False, V_EXACT=False)),
+                                   ("soft-cap + window + v exact", dict(HAS_CAP=True, HAS_WINDOW=True, V_EXACT=True))):
+                constants = flags | dict(PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim)
+                operand = "*fp16" if precision == "fp16x3" else "*fp32"
+                signature = {name: "constexpr" if name in constants else
+                             TYPES.get(name, operand if name in OPERANDS else "*fp32") for name in params}
+                attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(params)
+                         if signature[name].startswith("*") or name in ("T", "D")}
+                r = compile_report(_base_attention_kernel, signature, constants, attrs, {"num_warps": 4, "num_stages": 2},
+                                   arch)
+                print(f"| {precision} | {head_dim} | {block_m} × {block_n} | {variant} | {r['registers']} | "
+                      f"{r['spill_bytes']} B | {r['shared_bytes'] // 1024} KiB | {'yes' if r['serialised'] else 'no'} | "
+                      f"{r['loop_instructions']} |", flush=True)
+
+
 def column_resources(arch: int) -> None:
     """The FFN/O/V column-norm kernel at the configurations `bench_kernels.py --sweep` times
     (bf16 H; the mask bool or int32)."""
@@ -194,11 +222,15 @@ def main():
     parser.add_argument("--precisions", default="tf32x3,fp16x3", help="with --every-variant: comma list")
     parser.add_argument("--column", action="store_true", help="the FFN/O/V column-norm kernel instead")
     parser.add_argument("--channel", action="store_true", help="the one-channel Q/K kernel (block_c = 1) instead")
+    parser.add_argument("--base", action="store_true", help="the base-attention kernel instead")
     parser.add_argument("--v-exact", action="store_true",
                         help="Q/K kernels for v that is its own big part (a bfloat16 model's): two value products of three")
     args = parser.parse_args()
     if args.column:
         column_resources(args.arch)
+        return
+    if args.base:
+        base_resources(args.arch)
         return
     if args.channel:
         channel_resources(args.arch, args.v_exact)

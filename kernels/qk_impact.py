@@ -23,7 +23,7 @@ tanh(a + d) − tanh(a) = sinh(d) / (cosh a · cosh(a + d)) (`_tanh_change`).
 Two metrics: `output`, ‖(A − A')V‖_F (the paper's, the default), and `probs`, ‖A − A'‖²_F (what
 the authors' released code computes). Both are summed over the query heads a neuron reaches.
 """
-import math
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -1046,38 +1046,65 @@ if triton is not None:
             total = tl.sum(tl.where(rough, per_row, 0.0), axis=0)
             tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, total)
 
-def _base_stats(qr, kr, vv, token_mask, spec, acc, budget: int = 1 << 22):
-    """Log-sum-exp [B, H, T] and output [B, H, T, D] of the unperturbed attention.
-
-    All heads at once (a KV group's query heads stacked as rows of one product), in chunks of
-    query rows holding at most `budget` scores (16 MiB of float32) in one buffer worked in place:
-    about twenty launches a chunk (5 chunks for llama3.1-8b at T = 1024), where a loop over heads
-    made as many a head, and memory O(T·D) beside the chunk.
-    """
-    b, hq, t, d = qr.shape
-    hk, group = kr.shape[1], spec.group_size
-    lse = torch.empty(b, hk, group, t, dtype=acc, device=qr.device)
-    out = torch.empty(b, hk, group, t, d, dtype=acc, device=qr.device)
-    q_groups = qr.view(b, hk, group, t, d)
-    per_row = b * hq  # scores per (query row, key)
-    i0 = 0
-    while i0 < t:
-        # The most rows n whose n × (keys they see) scores fit the budget (causal: the keys grow with n).
-        seen_before = i0 - _key_range(slice(i0, i0 + 1), spec.sliding_window).start
-        n = (math.isqrt(seen_before ** 2 + 4 * (budget // per_row)) - seen_before) // 2
-        rows = slice(i0, min(t, i0 + max(1, n)))
-        keys = _key_range(rows, spec.sliding_window)
-        n, k = rows.stop - rows.start, keys.stop - keys.start
-        q_rows = (q_groups[:, :, :, rows] * spec.scaling).view(b, hk, group * n, d)
-        x = _capped(torch.matmul(q_rows, kr[:, :, keys].transpose(-1, -2)), spec.softcap).view(b, hk, group, n, k)
-        x.masked_fill_(~_allowed(token_mask, rows, keys, spec.sliding_window)[:, None, None], float("-inf"))
-        row_lse = torch.logsumexp(x, -1)
-        lse[:, :, :, rows] = row_lse
-        probs = x.sub_(row_lse[..., None]).exp_().view(b, hk, group * n, k)
-        out[:, :, :, rows] = torch.matmul(probs, vv[:, :, keys]).view(b, hk, group, n, d)
-        i0 = rows.stop
-    return lse.view(b, hq, t), out.view(b, hq, t, d)
-
+    # ------------------------------------------------------------------------------------------
+    # The unperturbed attention every impact is measured against, FlashAttention-style.
+    # ------------------------------------------------------------------------------------------
+    @triton.jit
+    def _base_attention_kernel(QB, QS, KB, KS, VB, VS, UNSCALE, TOKENS, LSE, OUT, T, D, n_heads, group, scaling,
+                               softcap, window, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                               PRECISION: tl.constexpr, V_EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Log-sum-exp [B·H, T] and output [B·H, T, D] of one (sentence·head, query tile): an
+        online softmax over the key tiles the tile sees, with the impact kernels' own products
+        (the same operand parts, so their logits and these agree) and masks."""
+        bh = tl.program_id(0)
+        b = bh // n_heads
+        g = (bh % n_heads) // group
+        m_start = tl.program_id(1) * BLOCK_M
+        rows = m_start + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < T
+        q_base = bh * T * D
+        k_base = (b * (n_heads // group) + g) * T * D
+        q_big, q_small = _load_operand(QB, QS, q_base + rows[:, None] * D + dims[None, :],
+                                       row_ok[:, None] & (dims < D)[None, :], PRECISION, False)
+        logit_scale = scaling * tl.load(UNSCALE + 2 * bh)
+        m = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)  # running max, base 2
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        first = 0
+        if HAS_WINDOW:
+            first = tl.maximum(0, m_start - window + 1) // BLOCK_N * BLOCK_N
+        for n0 in range(first, tl.minimum(T, m_start + BLOCK_M), BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < T
+            tile = k_base + cols[:, None] * D + dims[None, :]
+            tile_ok = col_ok[:, None] & (dims < D)[None, :]
+            k_big, k_small = _load_operand(KB, KS, tile, tile_ok, PRECISION, False)
+            x = logit_scale * _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small),
+                                   tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, False)
+            if HAS_CAP:
+                x = softcap * _tanh(x * (1.0 / softcap))
+            key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
+            allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
+            if HAS_WINDOW:
+                allowed = allowed & (rows[:, None] - cols[None, :] < window)
+            allowed = (allowed | (cols[None, :] == rows[:, None])) & col_ok[None, :]
+            x2 = tl.where(allowed, x * LOG2_E, -float("inf"))
+            m_next = tl.maximum(m, tl.max(x2, axis=1))
+            m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
+            rescale = _exp2(m - m_safe)
+            p = _exp2(x2 - m_safe[:, None])
+            total = total * rescale + tl.sum(p, axis=1)
+            v_big, v_small = _load_operand(VB, VS, tile, tile_ok, PRECISION, V_EXACT)
+            p_big, p_small = _split(p, PRECISION)
+            acc = _dot(p_big, p_small, v_big, v_small, acc * rescale[:, None], PRECISION, V_EXACT)
+            m = m_next
+        m = tl.where(m == -float("inf"), 0.0, m)  # rows past T: keep them finite
+        total = tl.where(total == 0.0, 1.0, total)
+        tl.store(LSE + bh * T + rows, (m + tl.log2(total)) / LOG2_E, mask=row_ok)
+        tl.store(OUT + q_base + rows[:, None] * D + dims[None, :],
+                 acc * tl.load(UNSCALE + 2 * bh + 1) / total[:, None], mask=row_ok[:, None] & (dims < D)[None, :])
 
 
 def _counted_rows(token_mask: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -1121,6 +1148,52 @@ def _exact_in_big_part(x: torch.Tensor, small: torch.Tensor, precision: str) -> 
     return False
 
 
+def _operands(qr, kr, vv, token_mask, spec: AttentionSpec, precision: str):
+    """What the kernels' products read of the rotated q, k and v [B, heads, T, D] (float32): their
+    (big, small) parts, six tensors (`_operand_parts`); per (sentence, query head) what undoes
+    the parts' scaling of Q·Kᵀ and of (probabilities·2^15)·V, [B, H, 2]; and whether v is its own
+    big part (`_exact_in_big_part`)."""
+    q_big, q_small, q_unscale = _operand_parts(qr, token_mask, precision)
+    k_big, k_small, k_unscale = _operand_parts(kr, token_mask, precision)
+    v_big, v_small, v_unscale = _operand_parts(vv, token_mask, precision)
+    kv_head = torch.arange(qr.shape[1], device=qr.device) // spec.group_size
+    unscale = torch.stack((q_unscale * k_unscale[:, kv_head],
+                           v_unscale[:, kv_head] * (2.0 ** -15 if precision == "fp16x3" else 1.0)), -1).contiguous()
+    return ((q_big, q_small, k_big, k_small, v_big, v_small), unscale,
+            _exact_in_big_part(vv, v_small, precision))
+
+
+def _base_attention(parts, unscale, v_exact: bool, tokens, spec: AttentionSpec, precision: str):
+    """Log-sum-exp [B, H, T] and output [B, H, T, D] (float32) of the unperturbed attention, from
+    the operands of `_operands` (`_base_attention_kernel`: one launch, no T × T scores)."""
+    b, t = tokens.shape
+    d = parts[0].shape[-1]
+    lse = torch.empty(b, spec.n_heads, t, dtype=torch.float32, device=tokens.device)
+    out = torch.empty(b, spec.n_heads, t, d, dtype=torch.float32, device=tokens.device)
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m, block_n = base_attention_tiles(block_d, precision)
+    with _expected_overflow():
+        _base_attention_kernel[(b * spec.n_heads, triton.cdiv(t, block_m))](
+            *parts, unscale, tokens, lse, out, t, d, spec.n_heads, spec.group_size, float(spec.scaling),
+            float(spec.softcap or 1.0), int(spec.sliding_window or 0), HAS_CAP=spec.softcap is not None,
+            HAS_WINDOW=spec.sliding_window is not None, PRECISION=precision, V_EXACT=v_exact, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    return lse, out
+
+
+def base_attention_tiles(block_d: int, precision: str) -> tuple[int, int]:
+    """(query rows, keys) of a `_base_attention_kernel` tile (4 warps, 2 stages): 64 × 64, or 64 × 32
+    above head_dim 128; smaller where the products' operands take more shared memory or registers.
+    Compiled offline for sm_90a (`kernel_resources.py --base`): at most 192 KiB of shared memory
+    (232448 B allowed); tf32x3's float32 tiles at 64 rows and head_dim 256 would need 256 KiB, and
+    ieee's FMA products spill kilobytes at 64 rows."""
+    if precision == "ieee":
+        return (32, 16) if block_d <= 128 else (16, 16)
+    if precision == "tf32x3":
+        return (64, 32) if block_d <= 128 else (32, 32)
+    return (64, 64) if block_d <= 128 else (64, 32)
+
+
 def default_warps(block_d: int) -> int:
     """Warps per program: 8, but 4 for head_dim 256 (H200, fp16x3, T = 1024: gemma2-9b 72.2 ms
     with 2 channels and 4 warps, 118.2 ms with 8; llama3.1-8b 23.8 ms with 8, 48.1 ms with 4)."""
@@ -1151,7 +1224,14 @@ def default_stages(block_d: int) -> int:
 MAX_KERNEL_OFFSET = 2 ** 31  # the Q/K kernels' offsets are int32
 
 
-@full_float32_matmuls()
+@contextlib.contextmanager
+def _expected_overflow():
+    """TRITON_INTERPRET's numpy warns where rows overflow on purpose (rough rows, padding): quiet."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
+        yield
+
+
 def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
                      precision: str = "fp16x3", block_m: int = 16, block_n: int | None = None, block_c: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None, layout: str = "stacked"):
@@ -1215,16 +1295,9 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     qr = (qn * cos[:, None] + _rotate_half(qn) * sin[:, None]).contiguous()
     kr = (kn * cos[:, None] + _rotate_half(kn) * sin[:, None]).contiguous()
     qn, kn = qn.contiguous(), kn.contiguous()
-    lse, out = _base_stats(qr, kr, vv, token_mask, spec, acc)
-    q_big, q_small, q_unscale = _operand_parts(qr, token_mask, precision)
-    k_big, k_small, k_unscale = _operand_parts(kr, token_mask, precision)
-    v_big, v_small, v_unscale = _operand_parts(vv, token_mask, precision)
-    v_exact = _exact_in_big_part(vv, v_small, precision)
-    # Per (sentence, query head): what undoes the scaling of Q·Kᵀ and of (probabilities·2^15)·V.
-    kv_head = torch.arange(hq, device=q.device) // spec.group_size
-    unscale = torch.stack((q_unscale * k_unscale[:, kv_head],
-                           v_unscale[:, kv_head] * (2.0 ** -15 if precision == "fp16x3" else 1.0)), -1).contiguous()
+    parts, unscale, v_exact = _operands(qr, kr, vv, token_mask, spec, precision)
     tokens = token_mask.to(torch.int32).contiguous()
+    lse, out = _base_attention(parts, unscale, v_exact, tokens, spec, precision)
     counted = _counted_rows(token_mask, spec.sliding_window)
     n_tiles = triton.cdiv(t, block_m)
     block_d = max(16, triton.next_power_of_2(d))
@@ -1252,10 +1325,9 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         rough = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
         dummy = qn  # never read when the norm is absent
         for kernel, grid, own, part in zip(kernels, grids, specialise, partial):
-            with warnings.catch_warnings():  # TRITON_INTERPRET's numpy warns where rows overflow on purpose
-                warnings.filterwarnings("ignore", "(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
+            with _expected_overflow():
                 kernel[grid](
-                    qn, qr, kn, kr, q_big, q_small, k_big, k_small, v_big, v_small, cos, sin,
+                    qn, qr, kn, kr, *parts, cos, sin,
                     r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
                     lse, out, unscale, tokens, counted, part, rough,
                     t, d, hq, spec.group_size, float(spec.scaling), float(spec.softcap or 1.0),

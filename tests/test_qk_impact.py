@@ -115,28 +115,3 @@ def test_soft_cap_far_below_the_logits(metric):
     twin = qk_impact_torch(*(x.float() for x in (q, k, v, cos, sin)), mask, spec, metric)
     for a, r in zip(twin, ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("budget", [1, 400, 1 << 22])
-def test_base_stats_in_chunks_match_dense_attention(case, budget):
-    """The Triton wrapper's base log-sum-exp and output (all heads a chunk, row chunks sized by the
-    score budget: one row, a few, all) against dense float64 attention written out per head."""
-    from kernels.qk_impact import _base_stats
-
-    hq, hk, d, t, softcap, window, norm = case
-    q, k, v, mask = inputs(hq, hk, d, t, 7)
-    spec = spec_for(hq, hk, d, softcap, window, norm, 7)
-    heads = lambda x, n: x.view(x.shape[0], t, n, d).transpose(1, 2).contiguous()  # noqa: E731
-    qh, kh, vh = heads(q, hq), heads(k, hk), heads(v, hk)
-    lse, out = _base_stats(qh, kh, vh, mask, spec, torch.float64, budget=budget)
-    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
-    for h in range(hq):
-        g = h // (hq // hk)
-        logits = spec.scaling * qh[:, h] @ kh[:, g].transpose(-1, -2)
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        seen = (j <= i) & (i - j < (window or t)) & mask[:, None, :] | (i == j)
-        logits = logits.masked_fill(~seen, float("-inf"))
-        torch.testing.assert_close(lse[:, h], torch.logsumexp(logits, -1), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(out[:, h], torch.softmax(logits, -1) @ vh[:, g], rtol=1e-12, atol=1e-12)

@@ -194,6 +194,41 @@ def test_qk_kernel_v_of_a_bfloat16_model(precision, layout, scale, rtol, monkeyp
             torch.testing.assert_close(a.double(), r, rtol=rtol, atol=1e-7 * float(r.max()))
 
 
+# Sequences several of the base kernel's 64-row and 64-key tiles long, with a window that cuts
+# through tiles and padding (`inputs` pads the second and third sentences).
+LONG_CASES = [(4, 2, 8, 150, 5.0, 70, False), (3, 1, 6, 130, None, None, False)]
+
+
+@pytest.mark.parametrize("case", CASES + LONG_CASES)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_base_attention_kernel_matches_dense_float64(case, precision):
+    """The unperturbed log-sum-exp and output the impact kernels measure against (one
+    FlashAttention-style launch, from the impacts' own operand parts) against dense float64
+    attention written out per head."""
+    import kernels.qk_impact as qk
+
+    hq, hk, d, t, softcap, window, norm = case
+    q, k, v, mask = inputs(hq, hk, d, t, 7)
+    spec = spec_for(hq, hk, d, softcap, window, norm, 7)
+    heads = lambda x, n: x.view(x.shape[0], t, n, d).transpose(1, 2).contiguous()  # noqa: E731
+    qh, kh, vh = heads(q, hq), heads(k, hk), heads(v, hk)
+    parts, unscale, v_exact = qk._operands(*on_device(qh, kh, vh), mask.to(DEVICE), spec, precision)
+    lse, out = (x.cpu().double() for x in qk._base_attention(parts, unscale, v_exact, mask.to(DEVICE).int(), spec,
+                                                               precision))
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    for h in range(hq):
+        g = h // (hq // hk)
+        logits = spec.scaling * qh[:, h] @ kh[:, g].transpose(-1, -2)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        seen = (j <= i) & (i - j < (window or t)) & mask[:, None, :] | (i == j)
+        logits = logits.masked_fill(~seen, float("-inf"))
+        # Real tokens only (fp16x3 zeroes the padding's operands; its rows never count).
+        torch.testing.assert_close(lse[:, h][mask], torch.logsumexp(logits, -1)[mask], rtol=0, atol=1e-6)
+        torch.testing.assert_close(out[:, h][mask], (torch.softmax(logits, -1) @ vh[:, g])[mask], rtol=1e-5,
+                                   atol=1e-6 * float(vh.abs().max()))
+
+
 def test_qk_kernel_runs_a_batch_past_its_offsets_a_few_sentences_at_a_time(monkeypatch):
     """A batch whose B·heads·T·D passes the kernels' 32-bit offsets is split by sentences (here
     the limit is lowered to two sentences a call): the same impacts as in one call."""
@@ -366,7 +401,6 @@ def test_impacts_multiply_in_full_float32_whatever_the_process_chose(monkeypatch
         monkeypatch.setattr(module, name, record)
 
     spy(qk, "_run_chunk")  # the twin's fused chunk (its products with V)
-    spy(qk, "_base_stats")  # the Triton wrapper's base attention
     spy(column_norms.torch, "einsum")  # the column twin's masked sum
     hq, hk, d, t = 4, 2, 8, 5
     q, k, v, mask = inputs(hq, hk, d, t, 3)
@@ -380,6 +414,6 @@ def test_impacts_multiply_in_full_float32_whatever_the_process_chose(monkeypatch
         after = torch.get_float32_matmul_precision()
     finally:
         torch.set_float32_matmul_precision("highest")
-    assert {name for name, _ in seen} == {"_run_chunk", "_base_stats", "einsum"}
+    assert {name for name, _ in seen} == {"_run_chunk", "einsum"}
     assert {precision for _, precision in seen} == {"ieee"}
     assert after == "high"
