@@ -545,6 +545,16 @@ if triton is not None:
                 value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, lo, hi)
 
     @triton.jit
+    def _allowed_keys(rows, cols, col_ok, b, TOKENS, T, window, HAS_WINDOW: tl.constexpr):
+        """[rows, keys] the keys each query row may attend to, as `_allowed`: causal, real keys,
+        inside the window, and always its own (which keeps padded rows finite)."""
+        key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
+        allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
+        if HAS_WINDOW:
+            allowed = allowed & (rows[:, None] - cols[None, :] < window)
+        return (allowed | (cols[None, :] == rows[:, None])) & col_ok[None, :]
+
+    @triton.jit
     def _tile_change(q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                      sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling,
                      softcap, window,
@@ -559,11 +569,7 @@ if triton is not None:
                                        col_ok[:, None] & (dims < D)[None, :], PRECISION, False)
         x = logit_scale * _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small),
                                tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, False)
-        key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
-        allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
-        if HAS_WINDOW:
-            allowed = allowed & (rows[:, None] - cols[None, :] < window)
-        allowed = (allowed | (cols[None, :] == rows[:, None])) & col_ok[None, :] & row_ok[:, None]
+        allowed = _allowed_keys(rows, cols, col_ok, b, TOKENS, T, window, HAS_WINDOW) & row_ok[:, None]
         if HAS_CAP:
             inv_cap = 1.0 / softcap  # once: per element, a multiplication instead of a division
             a = x * inv_cap
@@ -1085,11 +1091,7 @@ if triton is not None:
                                    tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, False)
             if HAS_CAP:
                 x = softcap * _tanh(x * (1.0 / softcap))
-            key_valid = tl.load(TOKENS + b * T + cols, mask=col_ok, other=0) != 0
-            allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
-            if HAS_WINDOW:
-                allowed = allowed & (rows[:, None] - cols[None, :] < window)
-            allowed = (allowed | (cols[None, :] == rows[:, None])) & col_ok[None, :]
+            allowed = _allowed_keys(rows, cols, col_ok, b, TOKENS, T, window, HAS_WINDOW)
             x2 = tl.where(allowed, x * LOG2_E, -float("inf"))
             m_next = tl.maximum(m, tl.max(x2, axis=1))
             m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
