@@ -3,14 +3,16 @@
 # bfloat16-valued q, k, v, and the plain-tile layouts), the Q/K call breakdown and accuracy, the
 # kernel table. (The FFN sweep, its target met on the H200: `bench_kernels.py --sweep ffn`.)
 # Usage (on a CUDA machine, from the repository root): bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
-# STEPS is a comma list of tests, sweep, table, profile (default: the first three; on an H200 they
+# STEPS is a comma list of tests, sweep, table, profile, scan (default: the first three; on an H200 they
 # took about 1.5, 2 and 1.5 minutes on 2026-11-26, before the one-channel kernel added tests and
-# sweep rows; the default limits, 180 + 170 + 150 + 70 s, let one 10-minute call run all four).
+# sweep rows; the default limits, 180 + 170 + 150 + 70 + 90 s, let one 10-minute call run any four).
 # profile: Nsight Compute on warm launches of the Q/K and column-norm kernels (llama, T = 512),
 # when `ncu` is on the machine (about 1–2 minutes).
-# Each step has its own time limit (TEST_S, SWEEP_S, TABLE_S, PROFILE_S) and writes its log to OUT_DIR as it goes.
+# scan: end-to-end detection against a plain forward pass (`bench_scan.py`) on a Llama-3.1-8B-shaped
+# model with random weights in bfloat16, 6 languages × 100 sentences (never run yet; SCAN_S, 90 s).
+# Each step has its own time limit (TEST_S, SWEEP_S, TABLE_S, PROFILE_S, SCAN_S) and writes its log to OUT_DIR as it goes.
 set -u
-out=${1:?usage: run_gpu.sh OUT_DIR [tests,sweep,table,profile]}
+out=${1:?usage: run_gpu.sh OUT_DIR [tests,sweep,table,profile,scan]}
 steps=",${2:-tests,sweep,table},"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -42,4 +44,8 @@ if [[ $steps == *,profile,* ]]; then
   else
     echo "profile: no ncu (Nsight Compute) on this machine" | tee "$out/ncu.txt"
   fi
+fi
+if [[ $steps == *,scan,* ]]; then
+  timeout "${SCAN_S:-90}" python3 benchmarks/bench_scan.py --model random:llama3.1-8b --dtype bfloat16 --device cuda \
+    --max-sentences 100 --out "$out/scan.md" >"$out/scan.log" 2>&1; tail -12 "$out/scan.log"
 fi

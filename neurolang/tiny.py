@@ -52,11 +52,18 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
         raise ValueError(f"no tiny model for {family!r}; choose one of {', '.join(FAMILIES)}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIGS[family]())
-    gen = torch.Generator().manual_seed(seed)
-    one_plus = family.startswith("gemma")
+    return random_weights_(model, seed).to(dtype).eval()
+
+
+def random_weights_(model, seed: int = 0):
+    """Draw every weight of `model` in place, at unit scale (embeddings N(0, 1), matrices
+    N(0, 1/fan_in), biases N(0, 0.09), norm weights around 1), on the model's device and in its
+    dtype; the same numbers for a given seed on a given device."""
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    one_plus = model.config.model_type.startswith("gemma")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
+            noise = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
             if name.endswith("embed_tokens.weight"):
                 p.copy_(noise)
             elif p.dim() == 2:
@@ -65,4 +72,4 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
                 p.copy_(0.3 * noise)
             else:  # norm weights: Gemma multiplies by (1 + w), the others by w
                 p.copy_(0.2 * noise if one_plus else 1 + 0.2 * noise)
-    return model.to(dtype).eval()
+    return model
