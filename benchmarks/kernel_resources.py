@@ -12,6 +12,7 @@ memory and usually cost time, so this narrows what a (scarce) GPU session should
     python benchmarks/kernel_resources.py --channel        # the one-channel Q/K kernel (block_c = 1)
     python benchmarks/kernel_resources.py --v-exact        # any of these for a bfloat16 model's v
     python benchmarks/kernel_resources.py --base           # the base-attention kernel, every precision
+    python benchmarks/kernel_resources.py --operand        # the kernel that rotates and splits q, k, v
 """
 import argparse
 import inspect
@@ -31,9 +32,10 @@ from triton.compiler import ASTSource  # noqa: E402
 import torch  # noqa: E402
 from bench_kernels import FFN_SWEEP  # noqa: E402
 from kernels.column_norms import _column_sumsq_kernel, default_column_block  # noqa: E402
-from kernels.qk_impact import (PRECISIONS, _base_attention_kernel, _qk_channel_kernel, _qk_channel_rough_kernel,  # noqa: E402
-                               _qk_kernel, _qk_rough_kernel, base_attention_tiles, default_channel_block,
-                               default_key_block, default_stages, default_warps)
+from kernels.qk_impact import (OPERAND_TILE, OPERAND_WARPS, PRECISIONS, _base_attention_kernel,  # noqa: E402
+                               _operand_kernel, _qk_channel_kernel, _qk_channel_rough_kernel, _qk_kernel,
+                               _qk_rough_kernel, base_attention_tiles, default_channel_block, default_key_block,
+                               default_stages, default_warps)
 
 OPERANDS = ("QB", "QS", "KB", "KS", "VB", "VS")  # float16 halves under fp16x3, else the float32 values
 TYPES = dict(TOKENS="*i32", COUNTED="*i8", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32", softcap="fp32",
@@ -190,6 +192,32 @@ def base_resources(arch: int) -> None:
                       f"{r['loop_instructions']} |", flush=True)
 
 
+def operand_resources(arch: int) -> None:
+    """`_operand_kernel` at its tile, with its warps and with half as many: q or k (rotated, float32
+    copies, halves) and v (halves only) under fp16x3, and q under the float32 precisions; float32
+    and bfloat16 projections, head_dim 128 and 256."""
+    params = list(inspect.signature(_operand_kernel.fn).parameters)
+    print(f"Operand kernel on sm_{arch}a (compiled offline, triton {triton.__version__}), "
+          f"{OPERAND_TILE}-element tiles\n")
+    print("| tensor | precision | input | head_dim | warps | registers | spills |")
+    print("|---|---|---|---|---|---|---|")
+    variants = (("q, k", "fp16x3", dict(ROTATE=True, KEEP_PLAIN=True, KEEP_ROTATED=True, SPLIT=True)),
+                ("v", "fp16x3", dict(ROTATE=False, KEEP_PLAIN=False, KEEP_ROTATED=False, SPLIT=True)),
+                ("q, k", "others", dict(ROTATE=True, KEEP_PLAIN=True, KEEP_ROTATED=True, SPLIT=False)))
+    for (tensor, precision, flags), x_type, head_dim, warps in itertools.product(
+            variants, ("*fp32", "*bf16"), (128, 256), (OPERAND_WARPS, OPERAND_WARPS // 2)):
+        constants = flags | dict(BLOCK_T=OPERAND_TILE // head_dim, BLOCK_D=head_dim)
+        halves = "*fp16" if flags["SPLIT"] else "*fp32"
+        signature = {name: "constexpr" if name in constants else x_type if name == "X" else "*i32" if name == "TOKENS"
+                     else halves if name in ("BIG", "SMALL") else "i32" if name in ("T", "D") or name.islower()
+                     else "*fp32" for name in params}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(params) if signature[name].startswith("*")}
+        r = compile_report(_operand_kernel, signature, constants, attrs, {"num_warps": warps, "enable_fp_fusion": False},
+                           arch)
+        print(f"| {tensor} | {precision} | {x_type[1:]} | {head_dim} | {warps} | {r['registers']} | "
+              f"{r['spill_bytes']} B |", flush=True)
+
+
 def column_resources(arch: int) -> None:
     """The FFN/O/V column-norm kernel at the configurations `bench_kernels.py --sweep` times
     (bf16 H; the mask bool or int32)."""
@@ -223,6 +251,7 @@ def main():
     parser.add_argument("--column", action="store_true", help="the FFN/O/V column-norm kernel instead")
     parser.add_argument("--channel", action="store_true", help="the one-channel Q/K kernel (block_c = 1) instead")
     parser.add_argument("--base", action="store_true", help="the base-attention kernel instead")
+    parser.add_argument("--operand", action="store_true", help="the kernel that rotates and splits q, k, v instead")
     parser.add_argument("--v-exact", action="store_true",
                         help="Q/K kernels for v that is its own big part (a bfloat16 model's): two value products of three")
     args = parser.parse_args()
@@ -231,6 +260,9 @@ def main():
         return
     if args.base:
         base_resources(args.arch)
+        return
+    if args.operand:
+        operand_resources(args.arch)
         return
     if args.channel:
         channel_resources(args.arch, args.v_exact)

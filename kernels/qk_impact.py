@@ -72,9 +72,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _heads(x: torch.Tensor, n: int, d: int, acc: torch.dtype) -> torch.Tensor:
-    b, t, _ = x.shape
-    return x.to(acc).view(b, t, n, d).transpose(1, 2)  # [B, n, T, D]
+def _heads(x: torch.Tensor, n: int, d: int, acc: torch.dtype | None) -> torch.Tensor:
+    """x [B, T, n·D] as [B, n, T, D] in dtype `acc` (None: x's own, a view where x's strides allow)."""
+    return (x if acc is None else x.to(acc)).unflatten(-1, (n, d)).transpose(1, 2)
 
 
 def _normalise(x: torch.Tensor, norm: HeadNorm | None):
@@ -458,7 +458,7 @@ if triton is not None:
     @triton.jit
     def _load_operand(BIG, SMALL, offsets, mask, PRECISION: tl.constexpr, EXACT: tl.constexpr):
         """A tile of q, k or v as (big, small) parts for `_dot`: fp16x3 reads the two float16 halves
-        `_operand_parts` made on the host; the others read the float32 values and `_split` them.
+        `_operand_kernel` made; the others read the float32 values and `_split` them.
         EXACT (an operand that is its own big part, `_exact_in_big_part`): the big part alone, twice."""
         if EXACT:
             big = tl.load(BIG + offsets, mask=mask, other=0.0)
@@ -1053,6 +1053,74 @@ if triton is not None:
             tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, total)
 
     # ------------------------------------------------------------------------------------------
+    # The operands of the products: one launch a tensor instead of about twenty PyTorch operations.
+    # ------------------------------------------------------------------------------------------
+    @triton.jit
+    def _operand_kernel(X, stride_b, stride_h, stride_t, COS, SIN, TOKENS, PLAIN, ROTATED, BIG, SMALL, UNSCALE,
+                        T, D, n_heads, ROTATE: tl.constexpr, KEEP_PLAIN: tl.constexpr, KEEP_ROTATED: tl.constexpr,
+                        SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One (sentence, head) of x [B, H, T, D] (any float dtype and strides, unit stride along D), as
+        `_operands` describes: its float32 copy (KEEP_PLAIN), x·cos + rotate_half(x)·sin in float32 (ROTATE;
+        else x; stored with KEEP_ROTATED) and, under fp16x3 (SPLIT), that rotated x times one power of two,
+        2^s, as two float16 halves, with 2^-s in UNSCALE (1 without SPLIT). Padding is 0 in the halves."""
+        bh = tl.program_id(0)
+        b = bh // n_heads
+        x_base = X + b * stride_b + (bh % n_heads) * stride_h
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        partners = (dims + D // 2) % D  # rotate_half(x)[d] = −x[d + D/2] below D/2, x[d − D/2] above
+        sign = tl.where(dims < D // 2, -1.0, 1.0)
+        if SPLIT:  # the largest |rotated x| over real tokens, for the scale
+            largest = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            for t0 in range(0, T, BLOCK_T):
+                steps = t0 + tl.arange(0, BLOCK_T)
+                real = tl.load(TOKENS + b * T + steps, mask=steps < T, other=0) != 0
+                x, rotated = _operand_tile(x_base, stride_t, COS, SIN, b, steps, dims, partners, sign, T, D, ROTATE)
+                largest = tl.maximum(largest, tl.where(real[:, None] & dim_ok[None, :], tl.abs(rotated), 0.0))
+            shift = _split_shift(tl.max(tl.max(largest, axis=1), axis=0))
+            scale = ((shift + 127) << 23).to(tl.float32, bitcast=True)  # 2^shift, exactly
+            tl.store(UNSCALE + bh, ((127 - shift) << 23).to(tl.float32, bitcast=True))
+        else:
+            tl.store(UNSCALE + bh, 1.0)
+        for t0 in range(0, T, BLOCK_T):
+            steps = t0 + tl.arange(0, BLOCK_T)
+            x, rotated = _operand_tile(x_base, stride_t, COS, SIN, b, steps, dims, partners, sign, T, D, ROTATE)
+            at = bh * T * D + steps[:, None] * D + dims[None, :]
+            ok = (steps < T)[:, None] & dim_ok[None, :]
+            if KEEP_PLAIN:
+                tl.store(PLAIN + at, x, mask=ok)
+            if KEEP_ROTATED:
+                tl.store(ROTATED + at, rotated, mask=ok)
+            if SPLIT:
+                real = tl.load(TOKENS + b * T + steps, mask=steps < T, other=0) != 0
+                scaled = tl.where(real[:, None], rotated * scale, 0.0)  # exact: a power of two
+                big = scaled.to(tl.float16)
+                tl.store(BIG + at, big, mask=ok)
+                tl.store(SMALL + at, (scaled - big.to(tl.float32)).to(tl.float16), mask=ok)  # exact subtraction
+
+    @triton.jit
+    def _operand_tile(x_base, stride_t, COS, SIN, b, steps, dims, partners, sign, T, D, ROTATE: tl.constexpr):
+        """[steps, dims] of x in float32, and the same rotated (or x again without ROTATE)."""
+        ok = (steps < T)[:, None] & (dims < D)[None, :]
+        x = tl.load(x_base + steps[:, None] * stride_t + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+        if ROTATE:
+            at = b * T * D + steps[:, None] * D + dims[None, :]
+            partner = tl.load(x_base + steps[:, None] * stride_t + partners[None, :], mask=ok, other=0.0)
+            # Two rounded products and a rounded sum, as in PyTorch (the launch turns off FMA fusion).
+            return x, x * tl.load(COS + at, mask=ok, other=0.0) \
+                + (sign[None, :] * partner.to(tl.float32)) * tl.load(SIN + at, mask=ok, other=0.0)
+        else:
+            return x, x
+
+    @triton.jit
+    def _split_shift(largest):
+        """s of the scale 2^s that puts `largest` (≥ 0) in [2^14, 2^15): 15 − e for largest = f·2^e,
+        f in [½, 1) (torch.frexp; e = 0 for 0), at most 126, so that 2^s and 2^-s are normal floats
+        (a head whose entries are all below 2^-111 keeps fewer bits, but no infinity)."""
+        e = ((largest.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+        return tl.minimum(15 - tl.where(largest == 0.0, 0, e), 126)
+
+    # ------------------------------------------------------------------------------------------
     # The unperturbed attention every impact is measured against, FlashAttention-style.
     # ------------------------------------------------------------------------------------------
     @triton.jit
@@ -1117,29 +1185,42 @@ def _counted_rows(token_mask: torch.Tensor, window: int | None) -> torch.Tensor:
         seen = seen - torch.nn.functional.pad(seen, (window, 0))[:, :seen.shape[1]]
     return (token_mask & (seen > 1)).to(torch.int8).contiguous()
 
-def _operand_parts(x: torch.Tensor, token_mask: torch.Tensor, precision: str):
-    """What the kernels' tile products read of x [B, H, T, D] (float32): (big, small, unscale [B, H]).
 
-    fp16x3 splits x here, once per layer, into two float16 halves of x·2^s, one power of two s per
-    head that puts its largest entry over real tokens just below 2^15: 11 significant bits each, so
-    the pair carries x to about 2^-22 of that largest entry, as tf32x3's TF32 pair does (float16's
-    narrower range costs only entries under 2^-39 of it). Padding tokens become 0 (they would
-    overflow a scale they took no part in; they never count). The other precisions read x itself.
-    """
-    if precision != "fp16x3":
-        return x, x, torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
-    # In place where it can be: one float32 temporary the size of x, not three (the peak memory of
-    # the whole Q/K call was this function's, 116 MiB at llama T = 1024 on an H200).
-    padding = ~token_mask[:, None, :, None]
-    _, exponent = torch.frexp(x.abs().masked_fill_(padding, 0.0).amax((2, 3)))  # largest < 2^exponent
-    scale = torch.ldexp(torch.ones_like(x[:, :, 0, 0]), 15 - exponent)
-    scaled = (x * scale[..., None, None]).masked_fill_(padding, 0.0)
-    big = scaled.half()
-    return big, scaled.sub_(big).half(), 1 / scale  # the subtraction is exact
+OPERAND_TILE, OPERAND_WARPS = 4096, 8  # `_operand_kernel`'s tile (elements) and warps: no spills on sm_90a,
+# where 4 warps spill (`kernel_resources.py --operand`)
 
 
-def _exact_in_big_part(x: torch.Tensor, small: torch.Tensor, precision: str) -> bool:
-    """Whether every value of x [B, H, T, D] is its own big part (`_operand_parts` under fp16x3, the
+def _operand(x: torch.Tensor, cos, sin, tokens, precision: str, rotate: bool, keep_plain: bool):
+    """`_operand_kernel` on x [B, H, T, D] (a view of any float dtype; unit stride along D), one
+    launch: (its float32 copy or None, its rotated float32 values or None, big, small, unscale [B, H]).
+
+    fp16x3 splits the rotated x into two float16 halves of x·2^s, one power of two s per head that
+    puts its largest entry over real tokens just below 2^15: 11 significant bits each, so the pair
+    carries x to about 2^-22 of that largest entry, as tf32x3's TF32 pair does (float16's narrower
+    range costs only entries under 2^-39 of it). Padding tokens are 0 in the halves (they would
+    overflow a scale they took no part in; they never count). The other precisions read the rotated
+    float32 values themselves (big = small = them, unscale 1)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    b, h, t, d = x.shape
+    split = precision == "fp16x3"
+    keep_rotated = rotate or not split
+    new = lambda dtype: torch.empty(b, h, t, d, dtype=dtype, device=x.device)  # noqa: E731
+    plain = new(torch.float32) if keep_plain else None
+    rotated = new(torch.float32) if keep_rotated else None
+    big, small = (new(torch.float16), new(torch.float16)) if split else (rotated, rotated)
+    unscale = torch.empty(b, h, dtype=torch.float32, device=x.device)
+    block_d = max(16, triton.next_power_of_2(d))
+    _operand_kernel[(b * h,)](
+        x, x.stride(0), x.stride(1), x.stride(2), cos, sin, tokens, unscale if plain is None else plain,
+        unscale if rotated is None else rotated, big, small, unscale, t, d, h, ROTATE=rotate, KEEP_PLAIN=keep_plain,
+        KEEP_ROTATED=keep_rotated, SPLIT=split, BLOCK_T=max(1, OPERAND_TILE // block_d), BLOCK_D=block_d,
+        num_warps=OPERAND_WARPS, enable_fp_fusion=False)
+    return plain, rotated, big, small, unscale
+
+
+def _exact_in_big_part(x: torch.Tensor | None, small: torch.Tensor, precision: str) -> bool:
+    """Whether every value of x [B, H, T, D] is its own big part (`_operand` under fp16x3, the
     kernel's `_split` under tf32x3), as the values of a bfloat16 or float16 model's v_proj are: then
     the value products skip the small part's product, which would add exact zeros (two products of
     three; the results are the same to the bit)."""
@@ -1150,19 +1231,21 @@ def _exact_in_big_part(x: torch.Tensor, small: torch.Tensor, precision: str) -> 
     return False
 
 
-def _operands(qr, kr, vv, token_mask, spec: AttentionSpec, precision: str):
-    """What the kernels' products read of the rotated q, k and v [B, heads, T, D] (float32): their
-    (big, small) parts, six tensors (`_operand_parts`); per (sentence, query head) what undoes
-    the parts' scaling of Q·Kᵀ and of (probabilities·2^15)·V, [B, H, 2]; and whether v is its own
-    big part (`_exact_in_big_part`)."""
-    q_big, q_small, q_unscale = _operand_parts(qr, token_mask, precision)
-    k_big, k_small, k_unscale = _operand_parts(kr, token_mask, precision)
-    v_big, v_small, v_unscale = _operand_parts(vv, token_mask, precision)
-    kv_head = torch.arange(qr.shape[1], device=qr.device) // spec.group_size
+def _operands(qn, kn, vv, cos, sin, tokens, spec: AttentionSpec, precision: str):
+    """What the kernels read of q, k and v [B, heads, T, D] (normed, not yet rotated; views of any
+    float dtype) with cos, sin [B, T, D] and the token flags [B, T] (float32, int32, contiguous):
+    q and k as float32 [B, heads, T, D], before and after RoPE (four tensors); the (big, small)
+    parts of the rotated q, k and of v, six tensors (`_operand`); per (sentence, query head) what
+    undoes the parts' scaling of Q·Kᵀ and of (probabilities·2^15)·V, [B, H, 2]; and whether v is its
+    own big part (`_exact_in_big_part`). Three launches and a handful of small operations."""
+    qn, qr, q_big, q_small, q_unscale = _operand(qn, cos, sin, tokens, precision, rotate=True, keep_plain=True)
+    kn, kr, k_big, k_small, k_unscale = _operand(kn, cos, sin, tokens, precision, rotate=True, keep_plain=True)
+    _, v_values, v_big, v_small, v_unscale = _operand(vv, cos, sin, tokens, precision, rotate=False, keep_plain=False)
+    kv_head = torch.arange(qn.shape[1], device=qn.device) // spec.group_size
     unscale = torch.stack((q_unscale * k_unscale[:, kv_head],
                            v_unscale[:, kv_head] * (2.0 ** -15 if precision == "fp16x3" else 1.0)), -1).contiguous()
-    return ((q_big, q_small, k_big, k_small, v_big, v_small), unscale,
-            _exact_in_big_part(vv, v_small, precision))
+    return ((qn, qr, kn, kr), (q_big, q_small, k_big, k_small, v_big, v_small), unscale,
+            _exact_in_big_part(v_values, v_small, precision))
 
 
 def _base_attention(parts, unscale, v_exact: bool, tokens, spec: AttentionSpec, precision: str):
@@ -1240,8 +1323,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     """The Triton kernel of `qk_impact_torch` (same arguments and results), in float32.
 
     `precision` is how the tile products use the GPU's matrix units: `fp16x3` (the default: three
-    products of 11-bit parts on the float16 units, q, k and v split once on the host, see
-    `_operand_parts`; the probability changes A·(e^Δ − 1) carry one fixed scale, so to 2^-40
+    products of 11-bit parts on the float16 units, q, k and v split once a call, see
+    `_operand`; the probability changes A·(e^Δ − 1) carry one fixed scale, so to 2^-40
     absolute: a neuron that moves attention by less than about 1e-7 keeps less relative precision;
     where v is its own float16 big part, as a bfloat16 or float16 model's v_proj output is, the value
     products skip the small part's product: two of three, the same results, `_exact_in_big_part`),
@@ -1262,7 +1345,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     knobs: `benchmarks/bench_kernels.py --sweep` times them on a GPU and
     `benchmarks/kernel_resources.py` reports their registers and spills without one.
 
-    Extra memory: float32 copies of q, k, v, cos, sin, the q/k-norm factors, the base output and
+    Extra memory: float32 copies of q and k (before and after RoPE) and of v (except under fp16x3),
+    the float16 halves (fp16x3), cos, sin, the q/k-norm factors, the base output and
     log-sum-exp (all O(B·heads·T·D)) and per-tile partial sums; never channels × T × T.
     """
     if triton is None:
@@ -1289,16 +1373,15 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
                  for i in range(0, b, per_call)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     token_mask = token_mask.bool()
+    tokens = token_mask.to(torch.int32).contiguous()
     cos = cos.to(acc).expand(b, t, d).contiguous()
     sin = sin.to(acc).expand(b, t, d).contiguous()
-    qn, rq, rq_m1 = _normalise(_heads(q, hq, d, acc), spec.q_norm)
-    kn, rk, rk_m1 = _normalise(_heads(k, hk, d, acc), spec.k_norm)
-    vv = _heads(v, hk, d, acc).contiguous()
-    qr = (qn * cos[:, None] + _rotate_half(qn) * sin[:, None]).contiguous()
-    kr = (kn * cos[:, None] + _rotate_half(kn) * sin[:, None]).contiguous()
-    qn, kn = qn.contiguous(), kn.contiguous()
-    parts, unscale, v_exact = _operands(qr, kr, vv, token_mask, spec, precision)
-    tokens = token_mask.to(torch.int32).contiguous()
+    # Heads as views of the projections (`_operands` reads them in place); float32 copies only
+    # where a q/k norm is computed on them.
+    qn, rq, rq_m1 = _normalise(_heads(q, hq, d, acc if spec.q_norm else None), spec.q_norm)
+    kn, rk, rk_m1 = _normalise(_heads(k, hk, d, acc if spec.k_norm else None), spec.k_norm)
+    (qn, qr, kn, kr), parts, unscale, v_exact = _operands(qn, kn, _heads(v, hk, d, None), cos, sin, tokens, spec,
+                                                          precision)
     lse, out = _base_attention(parts, unscale, v_exact, tokens, spec, precision)
     counted = _counted_rows(token_mask, spec.sliding_window)
     n_tiles = triton.cdiv(t, block_m)

@@ -194,6 +194,47 @@ def test_qk_kernel_v_of_a_bfloat16_model(precision, layout, scale, rtol, monkeyp
             torch.testing.assert_close(a.double(), r, rtol=rtol, atol=1e-7 * float(r.max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("d, t", [(8, 21), (6, 70), (256, 5)])  # BLOCK_T is 4096 // BLOCK_D rows: 256, 256, 16
+def test_operand_kernel_is_rope_and_the_float16_split_to_the_bit(dtype, precision, d, t):
+    """`_operand_kernel` against the same steps in PyTorch, bit for bit: q [B, T, H·D] of the model's
+    dtype read as heads in place; float32 q; q·cos + rotate_half(q)·sin (two rounded products, a
+    rounded sum); under fp16x3 the rotated q times 2^(15 − e) per head (e: torch.frexp's exponent of
+    its largest |entry| over real tokens) as float16 and the float16 of the rest, padding 0, and
+    2^(e − 15). Heads of very different sizes, an all-zero head (e = 0) and one of entries near
+    2^-115 (frexp exponent −113: the scale capped at 2^126, so that 2^-s stays a normal float) included."""
+    import kernels.qk_impact as qk
+
+    b, h = 3, 4
+    gen = torch.Generator().manual_seed(d + t)
+    x = torch.randn(b, t, h * d, generator=gen) * torch.tensor([1e-3, 1.0, 0.0, 0.0]).repeat_interleave(d)
+    x[1, :, d:2 * d] *= 1e5
+    x[..., 3 * d:] = (1 + torch.rand(b, t, d, generator=gen)) * 2.0 ** -115  # normal floats, no subnormal products
+    x = x.to(dtype)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, t // 2:] = False
+    mask[2, 1:] = False
+    cos, sin = (f.expand(b, t, d).contiguous().float() for f in rope(t, d, torch.float64))
+    heads = x.unflatten(-1, (h, d)).transpose(1, 2)  # a strided view, as the wrapper passes it
+    plain, rotated, big, small, unscale = (
+        None if y is None else y.cpu() for y in qk._operand(heads.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE),
+                                                           mask.int().to(DEVICE), precision, True, True))
+    want_plain = heads.float()
+    want_rotated = want_plain * cos[:, None] + qk._rotate_half(want_plain) * sin[:, None]
+    assert torch.equal(plain, want_plain) and torch.equal(rotated, want_rotated)
+    if precision != "fp16x3":
+        assert big is rotated and small is rotated and torch.equal(unscale, torch.ones(b, h))
+        return
+    padding = ~mask[:, None, :, None]
+    _, e = torch.frexp(want_rotated.abs().masked_fill(padding, 0.0).amax((2, 3)))
+    shift = (15 - e).clamp_max(126)
+    scaled = torch.ldexp(want_rotated, shift[..., None, None]).masked_fill(padding, 0.0)
+    assert torch.equal(big, scaled.half()) and torch.equal(small, (scaled - scaled.half().float()).half())
+    assert torch.equal(unscale, torch.ldexp(torch.ones(b, h), -shift))
+    assert torch.isfinite(big.float() + small.float()).all() and shift.max() == 126 and (e == 0).any()
+
+
 # Sequences several of the base kernel's 64-row and 64-key tiles long, with a window that cuts
 # through tiles and padding (`inputs` pads the second and third sentences).
 LONG_CASES = [(4, 2, 8, 150, 5.0, 70, False), (3, 1, 6, 130, None, None, False)]
@@ -212,9 +253,10 @@ def test_base_attention_kernel_matches_dense_float64(case, precision):
     spec = spec_for(hq, hk, d, softcap, window, norm, 7)
     heads = lambda x, n: x.view(x.shape[0], t, n, d).transpose(1, 2).contiguous()  # noqa: E731
     qh, kh, vh = heads(q, hq), heads(k, hk), heads(v, hk)
-    parts, unscale, v_exact = qk._operands(*on_device(qh, kh, vh), mask.to(DEVICE), spec, precision)
-    lse, out = (x.cpu().double() for x in qk._base_attention(parts, unscale, v_exact, mask.to(DEVICE).int(), spec,
-                                                               precision))
+    tokens = mask.int().to(DEVICE)
+    no_rotation = torch.ones(q.shape[0], t, d), torch.zeros(q.shape[0], t, d)
+    _, parts, unscale, v_exact = qk._operands(*on_device(qh, kh, vh, *no_rotation), tokens, spec, precision)
+    lse, out = (x.cpu().double() for x in qk._base_attention(parts, unscale, v_exact, tokens, spec, precision))
     i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
     for h in range(hq):
         g = h // (hq // hk)
