@@ -29,9 +29,11 @@ def masked_column_sumsq_torch(x: torch.Tensor, token_mask: torch.Tensor, chunk_e
 
 
 def weight_column_norms(weight: torch.Tensor) -> torch.Tensor:
-    """‖W[:, c]‖₂ for a `nn.Linear` weight of shape [out, in], in float32 (float64 stays)."""
+    """‖W[:, c]‖₂ for a `nn.Linear` weight of shape [out, in], in float32 (float64 stays); on a GPU a
+    bfloat16 or float16 weight is read as it is, not copied to float32 first (PyTorch's reduction
+    casts as it reads: no 235 MB temporary for a Llama-3.1-8B down_proj, every layer and batch)."""
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(weight.to(acc), dim=0)
+    return torch.linalg.vector_norm(weight, dim=0, dtype=acc)
 
 
 try:
