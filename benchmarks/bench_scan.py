@@ -83,7 +83,6 @@ def main() -> None:
     parser.add_argument("--max-sentences", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--warmup-sentences", type=int, default=8, help="a language, detected once before timing")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="also write the table (Markdown) here")
@@ -92,7 +91,8 @@ def main() -> None:
     import transformers
 
     from neurolang.corpus import load_corpus
-    from neurolang.detect import detect
+    from neurolang.adapters import ModelAdapter
+    from neurolang.detect import count_activations, detect
     from neurolang.models import load_model
 
     langs = args.langs.split(",")
@@ -101,9 +101,12 @@ def main() -> None:
     else:
         model, tokenizer = load_model(args.model, args.dtype, args.device)
     device = next(model.parameters()).device
-    # Compile first (Triton's kernels on a GPU, torch.compile's on a CPU), on a few sentences a language.
-    detect(model, tokenizer, args.corpus, langs, max_sentences=args.warmup_sentences, max_length=args.max_length,
-           batch_size=args.batch_size, progress=False)
+    # Compile first, untimed: Triton specialises its kernels on whether T is a multiple of 16,
+    # torch.compile (the CPU) on the first shapes it sees. Three batches: 31 and 32 tokens with
+    # padding, then one row fewer.
+    lengths = [20, 21] + [31] * (args.batch_size - 1) + [32] * (args.batch_size - 1) + [33] * (args.batch_size - 1)
+    warmup = [[tokenizer.pad_token_id + 1] * t for t in lengths]
+    count_activations(ModelAdapter(model), warmup, tokenizer.pad_token_id, batch_size=args.batch_size)
     sets = detect(model, tokenizer, args.corpus, langs, max_sentences=args.max_sentences,
                   max_length=args.max_length, batch_size=args.batch_size, progress=False)
     info = sets.info
