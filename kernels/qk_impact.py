@@ -746,10 +746,10 @@ if triton is not None:
     # kept in base 2 (log2 A); only the key tiles on the diagonal or the window's edge are masked.
     # ------------------------------------------------------------------------------------------
     @triton.jit
-    def _channel_program(QB, QS, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """What a program (sentence·head, query tile, channels) needs before its key loop, but the
-        channels' own factors (`_row_factors`)."""
+    def _query_tile(QB, QS, T, D, n_heads, group, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+        """A program's query tile (program ids: sentence·head, query tile): the sentence, first row,
+        rows, which are real, where its q and its KV head's k/v start, and its q operand parts."""
         bh = tl.program_id(0)
         b = bh // n_heads
         g = (bh % n_heads) // group
@@ -761,6 +761,16 @@ if triton is not None:
         k_base = (b * (n_heads // group) + g) * T * D
         q_big, q_small = _load_operand(QB, QS, q_base + rows[:, None] * D + dims[None, :],
                                        row_ok[:, None] & (dims < D)[None, :], PRECISION, False)
+        return b, m_start, rows, row_ok, q_base, k_base, q_big, q_small
+
+    @triton.jit
+    def _channel_program(QB, QS, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """What a program (sentence·head, query tile, channels) needs before its key loop, but the
+        channels' own factors (`_row_factors`)."""
+        bh = tl.program_id(0)
+        b, m_start, rows, row_ok, q_base, k_base, q_big, q_small = _query_tile(QB, QS, T, D, n_heads, group,
+                                                                               PRECISION, BLOCK_M, BLOCK_D)
         lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
         counted = tl.load(COUNTED + b * T + rows, mask=row_ok, other=0) != 0
         return (b, rows, row_ok, q_base, k_base, b * T * D, q_big, q_small, scaling * tl.load(UNSCALE + 2 * bh),
@@ -1075,7 +1085,7 @@ if triton is not None:
             for t0 in range(0, T, BLOCK_T):
                 steps = t0 + tl.arange(0, BLOCK_T)
                 real = tl.load(TOKENS + b * T + steps, mask=steps < T, other=0) != 0
-                x, rotated = _operand_tile(x_base, stride_t, COS, SIN, b, steps, dims, partners, sign, T, D, ROTATE)
+                _, rotated = _operand_tile(x_base, stride_t, COS, SIN, b, steps, dims, partners, sign, T, D, ROTATE)
                 largest = tl.maximum(largest, tl.where(real[:, None] & dim_ok[None, :], tl.abs(rotated), 0.0))
             shift = _split_shift(tl.max(tl.max(largest, axis=1), axis=0))
             scale = ((shift + 127) << 23).to(tl.float32, bitcast=True)  # 2^shift, exactly
@@ -1132,16 +1142,9 @@ if triton is not None:
         online softmax over the key tiles the tile sees, with the impact kernels' own products
         (the same operand parts, so their logits and these agree) and masks."""
         bh = tl.program_id(0)
-        b = bh // n_heads
-        g = (bh % n_heads) // group
-        m_start = tl.program_id(1) * BLOCK_M
-        rows = m_start + tl.arange(0, BLOCK_M)
+        b, m_start, rows, row_ok, q_base, k_base, q_big, q_small = _query_tile(QB, QS, T, D, n_heads, group,
+                                                                               PRECISION, BLOCK_M, BLOCK_D)
         dims = tl.arange(0, BLOCK_D)
-        row_ok = rows < T
-        q_base = bh * T * D
-        k_base = (b * (n_heads // group) + g) * T * D
-        q_big, q_small = _load_operand(QB, QS, q_base + rows[:, None] * D + dims[None, :],
-                                       row_ok[:, None] & (dims < D)[None, :], PRECISION, False)
         logit_scale = scaling * tl.load(UNSCALE + 2 * bh)
         m = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)  # running max, base 2
         total = tl.zeros([BLOCK_M], dtype=tl.float32)
