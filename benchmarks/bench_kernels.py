@@ -36,7 +36,7 @@ import torch
 
 from kernels import (AttentionSpec, masked_column_sumsq_torch, qk_impact_reference, qk_impact_torch,
                      select_count_torch, top_k_size)
-from kernels.qk_impact import PRECISIONS
+from kernels.qk_impact import PRECISIONS, default_layout
 
 FFN_BATCH = 8  # sentences per FFN-impact call
 SHAPES = {
@@ -89,11 +89,9 @@ def implementations(device: str):
             impls[f"qk/triton-{precision}"] = (
                 lambda x, precision=precision: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"],
                                                                 x["spec"], precision=precision))
-        # The plain-tile layout a channel and its partner a program (kernel_resources.py --channel:
-        # the fewest instructions per element at head_dim 128; the sweep times its neighbours).
-        impls["qk/triton-pair"] = lambda x: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"],
-                                                             x["spec"], layout="pair", block_m=64, block_n=32,
-                                                             num_warps=4, num_stages=2)
+        # The stacked layout where the default is another ("pair" under fp16x3 up to head_dim 128).
+        impls["qk/triton-stacked"] = lambda x: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"],
+                                                                x["spec"], layout="stacked")
         impls["ffn/triton"] = lambda x: masked_column_sumsq_triton(x["h"], x["h_mask"]).sqrt()
         impls["select/triton"] = lambda x: select_count_triton(
             x["impacts"], torch.zeros(x["impacts"].shape[1], dtype=torch.int32, device="cuda"),
@@ -203,8 +201,8 @@ def run_cuda(args, progress) -> tuple[list, dict]:
             for name in names:
                 if name.startswith("qk/reference") and t > args.max_reference_t:
                     continue
-                if name == "qk/triton-pair" and inputs["spec"].head_dim > 128:
-                    continue  # two [rows, 256] accumulators: 256 registers a thread before anything else
+                if name == "qk/triton-stacked" and default_layout(inputs["spec"].head_dim, "fp16x3") == "stacked":
+                    continue  # the same as qk/triton
                 try:
                     seconds, peak = time_cuda(implementations("cuda")[name], inputs)
                     rows.append({"name": name, "shape": shape, "T": t, "median_s": seconds, "peak_bytes": peak})
@@ -298,24 +296,27 @@ def sweep(shape: str, t: int) -> str:
              "max diff from ieee ÷ max |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     # (layout, precision, values, BLOCK_M, BLOCK_N, BLOCK_C, warps, num_stages; None: the defaults):
-    # the default first, on float32 and on bfloat16 values, then the plain-tile layouts ("pair": a
-    # channel and its rotary partner, "channel": one; 64 or 128 query rows a program; compiled for
-    # sm_90a, at most 40 B of spills at head_dim 128: kernel_resources.py --channel). The stacked
-    # kernel's neighbours were timed on the H200 (h200-kernels.md: fp16x3, llama, T = 1024, tf32x3
-    # 2.3× the default, 32-row tiles 1.4×, 4 channels and 4 warps 1.1×; gemma, 2 channels and 4
-    # warps the best, now the default). Under a time limit the first rows matter most.
+    # the default first, on float32 and on bfloat16 values, then its neighbours. Up to head_dim 128
+    # the default is "pair" (a channel and its rotary partner a program, plain 64 × 32 tiles: the
+    # fastest of these on an H100, h100-kernels.md), beside the stacked kernel ("stacked": 16 rows
+    # and a block of channels a program) and one channel a program ("channel"). At head_dim 256 the
+    # stacked kernel with 2 channels and 4 warps (the H200's best, h200-kernels.md), and wider
+    # channel blocks with 8 warps (compiled for sm_90a, 113–167 SASS instructions a (channel, row,
+    # key) against the default's 157; 104–380 B of spills). Under a time limit the first rows matter most.
     if x["spec"].head_dim <= 128:
-        configs = [("stacked", "fp16x3", "float32", 16, None, None, None, None),
-                   ("stacked", "fp16x3", "bfloat16", 16, None, None, None, None),
-                   ("pair", "fp16x3", "float32", 64, 32, None, 4, 2),
-                   ("pair", "fp16x3", "bfloat16", 64, 32, None, 4, 2),
+        configs = [("pair", "fp16x3", "float32", None, None, None, None, None),
+                   ("pair", "fp16x3", "bfloat16", None, None, None, None, None),
+                   ("stacked", "fp16x3", "float32", None, None, None, None, None),
+                   ("stacked", "fp16x3", "bfloat16", None, None, None, None, None),
                    ("channel", "fp16x3", "float32", 64, 32, None, 4, 2),
                    ("pair", "fp16x3", "float32", 64, 16, None, 4, 2),
                    ("pair", "fp16x3", "float32", 128, 32, None, 8, 2),
                    ("channel", "fp16x3", "float32", 128, 32, None, 8, 2)]
     else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
-        configs = [("stacked", "fp16x3", "float32", 16, None, None, None, None),
-                   ("stacked", "fp16x3", "bfloat16", 16, None, None, None, None),
+        configs = [("stacked", "fp16x3", "float32", None, None, None, None, None),
+                   ("stacked", "fp16x3", "bfloat16", None, None, None, None, None),
+                   ("stacked", "fp16x3", "float32", 16, 32, 8, 8, 2),
+                   ("stacked", "fp16x3", "float32", 16, 32, 4, 8, 2),
                    ("channel", "fp16x3", "float32", 64, 16, None, 4, 2)]
     for layout, precision, kind, block_m, block_n, block_c, warps, stages in configs:
         y = values[kind]
@@ -328,7 +329,7 @@ def sweep(shape: str, t: int) -> str:
             cell = f"{time_cuda(fn, y)[0] * 1e3:.1f} ms | {diff:.1e}"
         except Exception as err:  # noqa: BLE001
             cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
-        lines.append(f"| {layout} | {precision} | {kind} | {block_m} | {block_n or 'auto'} | {block_c or 'auto'} | "
+        lines.append(f"| {layout} | {precision} | {kind} | {block_m or 'auto'} | {block_n or 'auto'} | {block_c or 'auto'} | "
                      f"{warps or 'auto'} | {stages or 'default'} | {cell} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
@@ -416,7 +417,12 @@ def accuracy(shapes: str, t: int = 256) -> str:
             impls[f"triton-{precision}"] = (lambda precision=precision: qk_impact_triton(
                 x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"], precision=precision))
         for name, fn in impls.items():
-            got = fn()
+            try:
+                got = fn()
+            except Exception as err:  # noqa: BLE001 - a precision that fails is reported, the table goes on
+                lines.append(f"| {shape} | {name} | error: {type(err).__name__}: {str(err)[:120]} | | |")
+                print(lines[-1], file=sys.stderr, flush=True)
+                continue
             errors = [float((a.double() - r).abs().max() / r.abs().max()) for a, r in zip(got, ref)]
             shared = total = 0
             for a, r in zip(got, ref):

@@ -31,7 +31,7 @@ if [[ $steps == *,sweep,* ]]; then
     --out "$out/sweep.md" 2>"$out/sweep.log"; tail -3 "$out/sweep.log"
 fi
 if [[ $steps == *,table,* ]]; then
-  timeout "${TABLE_S:-150}" python3 benchmarks/bench_kernels.py --ops qk/reference,qk/triton,qk/triton-bf16,qk/triton-pair,ffn,select --seq-lens 1024,2048,256 \
+  timeout "${TABLE_S:-150}" python3 benchmarks/bench_kernels.py --ops qk/reference,qk/triton,qk/triton-bf16,qk/triton-stacked,ffn,select --seq-lens 1024,2048,256 \
     --out "$out/kernels.md" \
     2>&1 | tee "$out/kernels.log" | grep -v "^{" | tail -45
 fi

@@ -1297,16 +1297,33 @@ def default_channel_block(block_m: int, head_dim: int, num_warps: int) -> int:
     return min(1 << (fit.bit_length() - 1), channels)
 
 
-def default_key_block(block_d: int) -> int:
-    """Keys per tile: 64 up to head_dim 128 (H200, fp16x3, llama3.1-8b T = 1024: 23.8 ms, 32 keys
-    27.3 ms; 128 keys overflow shared memory), 32 above, where 64 keys need a single stage."""
-    return 64 if block_d <= 128 else 32
+def default_key_block(block_d: int, precision: str) -> int:
+    """Keys per tile: 64 under fp16x3 up to head_dim 128 (H200, llama3.1-8b T = 1024: 23.8 ms, 32
+    keys 27.3 ms; 128 keys overflow shared memory), else 32: 64 keys need a single stage above
+    head_dim 128, and tf32x3's float32 K and V tiles about 280 KiB of shared memory at 128 (an H100
+    allows 227 KiB: the launch failed there; `kernel_resources.py` compiles each precision)."""
+    return 64 if block_d <= 128 and precision == "fp16x3" else 32
 
 
 def default_stages(block_d: int) -> int:
     """Software-pipelining depth: Triton's usual 3, but 2 for head_dim 256, whose K and V tiles
     in three stages need more shared memory than an H100 has (about 228 KiB, sm_90a compile)."""
     return 2 if block_d > 128 else 3
+
+
+def default_layout(head_dim: int, precision: str) -> str:
+    """"pair" (plain tiles, a channel and its rotary partner a program) under fp16x3 for an even
+    head_dim up to 128, "stacked" otherwise. H100, T = 1024, float32 q, k, v: llama3.1-8b 17.5 ms
+    against stacked's 19.7, qwen2.5-7b 15.4 against 17.5, and faster at T = 256 and 2048 too;
+    at head_dim 256 the plain tiles were slower (gemma2-9b, one channel a program: 88.8 ms against
+    64.7; `benchmarks/results/h100-kernels.md`). The other precisions were timed stacked only."""
+    return "pair" if precision == "fp16x3" and head_dim % 2 == 0 and head_dim <= 128 else "stacked"
+
+
+# The plain-tile layouts' tiles: 64 query rows, 32-key tiles, 4 warps, 2 stages (the fastest of the
+# H100 sweep's five, h100-kernels.md; compiled for sm_90a at head_dim 128, "pair" spills at most
+# 128 B without soft-cap, `kernel_resources.py --channel`).
+PLAIN_TILES = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
 
 
 MAX_KERNEL_OFFSET = 2 ** 31  # the Q/K kernels' offsets are int32
@@ -1321,8 +1338,9 @@ def _expected_overflow():
 
 
 def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
-                     precision: str = "fp16x3", block_m: int = 16, block_n: int | None = None, block_c: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None, layout: str = "stacked"):
+                     precision: str = "fp16x3", block_m: int | None = None, block_n: int | None = None,
+                     block_c: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                     layout: str | None = None):
     """The Triton kernel of `qk_impact_torch` (same arguments and results), in float32.
 
     `precision` is how the tile products use the GPU's matrix units: `fp16x3` (the default: three
@@ -1337,16 +1355,15 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     34.9 ms with 32-key tiles (64 overflow shared memory with tf32x3); fp16x3 and tf32x3 came
     within 1.2e-6 and 1.6e-6 of the float64 impacts (relative to the largest), with the same top 1 %
     (`benchmarks/results/h200-kernels.md`). The interpreter computes every product in float32.
-    A program takes `block_m` query rows and `block_c` channels (a power of two; None:
-    `default_channel_block`), looping over key tiles of `block_n` (None: `default_key_block`),
-    with `num_warps` warps (None: `default_warps`): `layout="stacked"`, the default. `layout="channel"`
-    (one channel a program) and `"pair"` (a channel and its rotary partner) run `_qk_channel_kernel`
-    instead: plain [rows, keys] tiles, meant for 64 or 128 rows a program (`block_c` unused); compiled
-    offline for sm_90a they use fewer instructions per (channel, row, key) and no shared memory
-    between the products; not yet timed on a GPU (`bench_kernels.py --sweep` times them).
-    Tiles, warps and `num_stages` (Triton's software pipelining; None: `default_stages`) are tuning
-    knobs: `benchmarks/bench_kernels.py --sweep` times them on a GPU and
-    `benchmarks/kernel_resources.py` reports their registers and spills without one.
+    `layout` (None: `default_layout`) chooses the programs. `"stacked"`: `block_m` query rows (None:
+    16) and `block_c` channels (a power of two; None: `default_channel_block`) a program, looping
+    over key tiles of `block_n` keys (None: `default_key_block`) with `num_warps` warps (None:
+    `default_warps`) and `num_stages` (Triton's software pipelining; None: `default_stages`).
+    `"pair"` (a channel and its rotary partner a program) and `"channel"` (one) run
+    `_qk_channel_kernel` on plain [rows, keys] tiles (None: `PLAIN_TILES`; `block_c` unused): no
+    shared memory between the products and fewer instructions per (channel, row, key), for a Q·Kᵀ
+    product per program. All are tuning knobs: `benchmarks/bench_kernels.py --sweep` times them on
+    a GPU and `benchmarks/kernel_resources.py` reports their registers and spills without one.
 
     Extra memory: float32 copies of q and k (before and after RoPE) and of v (except under fp16x3),
     the float16 halves (fp16x3), cos, sin, the q/k-norm factors, the base output and
@@ -1358,11 +1375,22 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         raise ValueError(f"unknown Q/K metric {metric!r}; choose one of {', '.join(METRICS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown dot precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if layout not in LAYOUTS:
+    if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"unknown Q/K kernel layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     acc = torch.float32
     b, t, _ = q.shape
     d, hq, hk = spec.head_dim, spec.n_heads, spec.n_kv_heads
+    block_d = max(16, triton.next_power_of_2(d))
+    layout = default_layout(d, precision) if layout is None else layout
+    if layout == "stacked":
+        defaults = dict(block_m=16, block_n=default_key_block(block_d, precision), num_warps=default_warps(block_d),
+                        num_stages=default_stages(block_d))
+    else:
+        defaults = PLAIN_TILES
+    block_m = defaults["block_m"] if block_m is None else block_m
+    block_n = defaults["block_n"] if block_n is None else block_n
+    num_warps = defaults["num_warps"] if num_warps is None else num_warps
+    num_stages = defaults["num_stages"] if num_stages is None else num_stages
     # The kernels index q, the base output and the row flags with 32-bit offsets (B·heads·T·D):
     # a batch past that runs a few sentences at a time.
     per_call = (MAX_KERNEL_OFFSET - 1) // (hq * t * d)
@@ -1388,10 +1416,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     lse, out = _base_attention(parts, unscale, v_exact, tokens, spec, precision)
     counted = _counted_rows(token_mask, spec.sliding_window)
     n_tiles = triton.cdiv(t, block_m)
-    block_d = max(16, triton.next_power_of_2(d))
-    num_warps = default_warps(block_d) if num_warps is None else num_warps
     block_c = default_channel_block(block_m, d, num_warps) if block_c is None else block_c
-    block_n = default_key_block(block_d) if block_n is None else block_n
     if block_c < 1 or block_c & (block_c - 1) or block_c * block_m < 16:
         raise ValueError(f"block_c must be a power of two with block_c·block_m ≥ 16, not {block_c}")
     has_norm_q, has_norm_k = rq is not None, rk is not None
@@ -1423,7 +1448,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
                     IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
                     HAS_WINDOW=spec.sliding_window is not None, PROBS=metric == "probs", PRECISION=precision,
                     V_EXACT=v_exact, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
-                    num_stages=default_stages(block_d) if num_stages is None else num_stages, **own,
+                    num_stages=num_stages, **own,
                 )
         per_head = partial.sum((0, 2)).view(b, hq, d)
         if is_key:
