@@ -300,9 +300,9 @@ def sweep(shape: str, t: int) -> str:
     # the default is "pair" (a channel and its rotary partner a program, plain 64 × 32 tiles: the
     # fastest of these on an H100, h100-kernels.md), beside the stacked kernel ("stacked": 16 rows
     # and a block of channels a program) and one channel a program ("channel"). At head_dim 256 the
-    # stacked kernel with 2 channels and 4 warps (the H200's best, h200-kernels.md), and wider
-    # channel blocks with 8 warps (compiled for sm_90a, 113–167 SASS instructions a (channel, row,
-    # key) against the default's 157; 104–380 B of spills). Under a time limit the first rows matter most.
+    # stacked kernel with 8 channels and 8 warps (the H100's best), beside 2 channels and 4 warps
+    # (the H200's best, h200-kernels.md) and 4 channels and 8 warps (compiled for sm_90a: 113, 157
+    # and 167 SASS instructions a (channel, row, key)). Under a time limit the first rows matter most.
     if x["spec"].head_dim <= 128:
         configs = [("pair", "fp16x3", "float32", None, None, None, None, None),
                    ("pair", "fp16x3", "bfloat16", None, None, None, None, None),
@@ -315,7 +315,7 @@ def sweep(shape: str, t: int) -> str:
     else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
         configs = [("stacked", "fp16x3", "float32", None, None, None, None, None),
                    ("stacked", "fp16x3", "bfloat16", None, None, None, None, None),
-                   ("stacked", "fp16x3", "float32", 16, 32, 8, 8, 2),
+                   ("stacked", "fp16x3", "float32", 16, 32, 2, 4, 2),
                    ("stacked", "fp16x3", "float32", 16, 32, 4, 8, 2),
                    ("channel", "fp16x3", "float32", 64, 16, None, 4, 2)]
     for layout, precision, kind, block_m, block_n, block_c, warps, stages in configs:

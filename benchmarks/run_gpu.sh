@@ -3,13 +3,13 @@
 # bfloat16-valued q, k, v, and the plain-tile layouts), the Q/K call breakdown and accuracy, the
 # kernel table. (The FFN sweep, its target met on the H200: `bench_kernels.py --sweep ffn`.)
 # Usage (on a CUDA machine, from the repository root): bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
-# STEPS is a comma list of tests, sweep, table, profile, scan (default: the first three; on an H200 they
-# took about 1.5, 2 and 1.5 minutes on 2026-11-26, before the one-channel kernel added tests and
-# sweep rows; the default limits, 180 + 170 + 150 + 70 + 90 s, let one 10-minute call run any four).
+# STEPS is a comma list of tests, sweep, table, profile, scan (default: the first three; on an H100
+# on 2026-11-26 tests, sweep, table and scan took 8.1 minutes together, the tests 2.6 of them;
+# the default limits, 180 + 170 + 150 + 70 + 90 s, let one 10-minute call run any four).
 # profile: Nsight Compute on warm launches of the Q/K and column-norm kernels (llama, T = 512),
 # when `ncu` is on the machine (about 1–2 minutes).
 # scan: end-to-end detection against a plain forward pass (`bench_scan.py`) on a Llama-3.1-8B-shaped
-# model with random weights in bfloat16, 6 languages × 100 sentences (never run yet; SCAN_S, 90 s).
+# model with random weights in bfloat16, 6 languages × 100 sentences (SCAN_S, 90 s; 85 s sufficed on an H100).
 # Each step has its own time limit (TEST_S, SWEEP_S, TABLE_S, PROFILE_S, SCAN_S) and writes its log to OUT_DIR as it goes.
 set -u
 out=${1:?usage: run_gpu.sh OUT_DIR [tests,sweep,table,profile,scan]}

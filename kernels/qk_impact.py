@@ -1282,18 +1282,22 @@ def base_attention_tiles(block_d: int, precision: str) -> tuple[int, int]:
     return (64, 64) if block_d <= 128 else (64, 32)
 
 
-def default_warps(block_d: int) -> int:
-    """Warps per program: 8, but 4 for head_dim 256 (H200, fp16x3, T = 1024: gemma2-9b 72.2 ms
-    with 2 channels and 4 warps, 118.2 ms with 8; llama3.1-8b 23.8 ms with 8, 48.1 ms with 4)."""
-    return 4 if block_d > 128 else 8
+def default_warps(block_d: int, precision: str) -> int:
+    """Warps per stacked program: 8, but 4 above head_dim 128 except under fp16x3 (H100, T = 1024,
+    gemma2-9b: 8 channels and 8 warps 51.5 ms, 2 channels and 4 warps 64.3, 4 and 8 103.1; H200,
+    llama3.1-8b: 23.8 ms with 8 warps, 48.1 with 4). The other precisions keep 2 channels and 4
+    warps there: with more, ieee's FMA products spill 22 KB a thread (sm_90a compile)."""
+    return 4 if block_d > 128 and precision != "fp16x3" else 8
 
 
-def default_channel_block(block_m: int, head_dim: int, num_warps: int) -> int:
-    """Channels per program: the power of two that makes the stacked value-product accumulator
+def default_channel_block(block_m: int, head_dim: int, num_warps: int, precision: str) -> int:
+    """Channels per stacked program: the power of two that makes the value-product accumulator
     (block_c·block_m rows × head_dim floats) 2048 floats a warp, 64 registers a thread (8 channels
-    of 16 rows at head_dim 128 and 8 warps, 2 at 256 and 4 warps), never more than the head has."""
+    of 16 rows at head_dim 128 and 8 warps, 2 at 256 and 4 warps), or 4096 above head_dim 128
+    under fp16x3 (8 channels at 256 and 8 warps: `default_warps`), never more than the head has."""
     channels = 1 << (head_dim - 1).bit_length()
-    fit = max(1, (2048 * num_warps) // (block_m * max(16, channels)))
+    per_warp = 4096 if channels > 128 and precision == "fp16x3" else 2048
+    fit = max(1, (per_warp * num_warps) // (block_m * max(16, channels)))
     return min(1 << (fit.bit_length() - 1), channels)
 
 
@@ -1350,11 +1354,11 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     where v is its own float16 big part, as a bfloat16 or float16 model's v_proj output is, the value
     products skip the small part's product: two of three, the same results, `_exact_in_big_part`),
     `tf32x3` (three TF32 products of operands split in `_split`, float32-level accuracy), `ieee`
-    (plain float32 FMAs) or `tf32` (one product, about 2e-3 relative). On an H200 at T = 1024
-    (llama shape) fp16x3 took 23.8 ms with 64-key tiles, tf32x3, ieee and tf32 54.3, 77.5 and
-    34.9 ms with 32-key tiles (64 overflow shared memory with tf32x3); fp16x3 and tf32x3 came
-    within 1.2e-6 and 1.6e-6 of the float64 impacts (relative to the largest), with the same top 1 %
-    (`benchmarks/results/h200-kernels.md`). The interpreter computes every product in float32.
+    (plain float32 FMAs) or `tf32` (one product, about 1e-3 relative). On an H200 at T = 1024
+    (llama shape, stacked) fp16x3 took 23.8 ms with 64-key tiles, tf32x3, ieee and tf32 54.3, 77.5
+    and 34.9 ms with 32-key tiles (`benchmarks/results/h200-kernels.md`); on an H100 (T = 256) fp16x3
+    and tf32x3 came within 2.8e-7 and 6.3e-7 of the float64 impacts (relative to the largest), with
+    the same top 1 % (`h100-kernels.md`). The interpreter computes every product in float32.
     `layout` (None: `default_layout`) chooses the programs. `"stacked"`: `block_m` query rows (None:
     16) and `block_c` channels (a power of two; None: `default_channel_block`) a program, looping
     over key tiles of `block_n` keys (None: `default_key_block`) with `num_warps` warps (None:
@@ -1383,8 +1387,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     block_d = max(16, triton.next_power_of_2(d))
     layout = default_layout(d, precision) if layout is None else layout
     if layout == "stacked":
-        defaults = dict(block_m=16, block_n=default_key_block(block_d, precision), num_warps=default_warps(block_d),
-                        num_stages=default_stages(block_d))
+        defaults = dict(block_m=16, block_n=default_key_block(block_d, precision),
+                        num_warps=default_warps(block_d, precision), num_stages=default_stages(block_d))
     else:
         defaults = PLAIN_TILES
     block_m = defaults["block_m"] if block_m is None else block_m
@@ -1416,7 +1420,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     lse, out = _base_attention(parts, unscale, v_exact, tokens, spec, precision)
     counted = _counted_rows(token_mask, spec.sliding_window)
     n_tiles = triton.cdiv(t, block_m)
-    block_c = default_channel_block(block_m, d, num_warps) if block_c is None else block_c
+    block_c = default_channel_block(block_m, d, num_warps, precision) if block_c is None else block_c
     if block_c < 1 or block_c & (block_c - 1) or block_c * block_m < 16:
         raise ValueError(f"block_c must be a power of two with block_c·block_m ≥ 16, not {block_c}")
     has_norm_q, has_norm_k = rq is not None, rk is not None

@@ -299,10 +299,12 @@ def test_qk_kernel_runs_a_batch_past_its_offsets_a_few_sentences_at_a_time(monke
 
 @pytest.mark.parametrize("precision, d, kernel, tiles", [
     ("fp16x3", 8, "_qk_channel_kernel", dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PAIR=True)),
-    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)),  # past 128
-    ("tf32x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=3))])  # 64 keys: no shared memory
+    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=2)),  # past 128
+    ("tf32x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=2, num_warps=4, num_stages=2)),
+    ("tf32x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=3))])  # 64 keys: no shared memory
 def test_qk_kernel_defaults(precision, d, kernel, tiles, monkeypatch):
-    """With no layout or tiles given, the launch `default_layout` and its tiles choose."""
+    """With no layout or tiles given, the launch `default_layout` and its tiles choose, and the
+    impacts match float64 (head_dim 136: the tiles of head_dim 256)."""
     import kernels.qk_impact as qk
 
     launches = []
@@ -318,8 +320,10 @@ def test_qk_kernel_defaults(precision, d, kernel, tiles, monkeypatch):
         monkeypatch.setattr(qk, name, Spy(name))
     q, k, v, mask = inputs(2, 1, d, 5, 0)
     cos, sin = rope(5, d, torch.float64)
-    qk.qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec_for(2, 1, d, None, None, False, 0),
-                        precision=precision)
+    spec = spec_for(2, 1, d, None, None, False, 0)
+    tri = qk.qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, precision=precision)
+    for a, r in zip((x.cpu() for x in tri), qk_impact_reference(q, k, v, cos, sin, mask, spec)):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
     main = [kw for launched, kw in launches if launched is getattr(qk, kernel).kernel]
     assert len(main) == 2 and len(launches) == 4  # query and key channels, each with its rough kernel
     assert all(kw[name] == value for kw in main for name, value in tiles.items())
@@ -328,8 +332,8 @@ def test_qk_kernel_defaults(precision, d, kernel, tiles, monkeypatch):
 def test_qk_channel_blocks():
     from kernels.qk_impact import default_channel_block
 
-    assert [default_channel_block(16, d, 8) for d in (6, 64, 128, 256)] == [8, 16, 8, 4]
-    assert [default_channel_block(16, 256, 4), default_channel_block(32, 128, 8)] == [2, 4]
+    assert [default_channel_block(16, d, 8, "fp16x3") for d in (6, 64, 128, 256)] == [8, 16, 8, 8]
+    assert [default_channel_block(16, 256, 4, "tf32x3"), default_channel_block(32, 128, 8, "ieee")] == [2, 4]
     q, k, v, mask = inputs(2, 1, 8, 3, 0)
     cos, sin = rope(3, 8, torch.float64)
     with pytest.raises(ValueError, match="block_c must be a power of two"):
