@@ -282,7 +282,7 @@ def sweep(shape: str, t: int) -> str:
     """Q/K kernel time for each tile size and dot precision at one shape (CUDA), with each
     configuration's largest difference from the plain-float32 (ieee) result on the same inputs,
     relative to its largest impact."""
-    from kernels import qk_impact_triton
+    from kernels import qk_impact, qk_impact_triton
 
     x = make_inputs(shape, t, "cuda")
     values = {"float32": x, "bfloat16": dict(x, q=x["q_bf16"], k=x["k_bf16"], v=x["v_bf16"])}
@@ -302,7 +302,9 @@ def sweep(shape: str, t: int) -> str:
     # and a block of channels a program) and one channel a program ("channel"). At head_dim 256 the
     # stacked kernel with 8 channels and 8 warps (the H100's best), beside 2 channels and 4 warps
     # (the H200's best, h200-kernels.md) and 4 channels and 8 warps (compiled for sm_90a: 113, 157
-    # and 167 SASS instructions a (channel, row, key)). Under a time limit the first rows matter most.
+    # and 167 SASS instructions a (channel, row, key), before the soft-cap's Taylor form). With a
+    # soft-cap, the default again with the exact form alone (`TANH_SERIES_LIMIT` = 0), the third
+    # row. Under a time limit the first rows matter most.
     if x["spec"].head_dim <= 128:
         configs = [("pair", "fp16x3", "float32", None, None, None, None, None),
                    ("pair", "fp16x3", "bfloat16", None, None, None, None, None),
@@ -318,10 +320,14 @@ def sweep(shape: str, t: int) -> str:
                    ("stacked", "fp16x3", "float32", 16, 32, 2, 4, 2),
                    ("stacked", "fp16x3", "float32", 16, 32, 4, 8, 2),
                    ("channel", "fp16x3", "float32", 64, 16, None, 4, 2)]
+    if x["spec"].softcap is not None:  # the default again with the soft-cap's exact form alone
+        configs.insert(2, ("stacked, exact soft-cap",) + configs[0][1:])
+    default_limit = qk_impact.TANH_SERIES_LIMIT
     for layout, precision, kind, block_m, block_n, block_c, warps, stages in configs:
         y = values[kind]
         fn = lambda z: call(z, precision=precision, block_m=block_m, block_n=block_n, block_c=block_c,  # noqa: E731
-                            num_warps=warps, num_stages=stages, layout=layout)
+                            num_warps=warps, num_stages=stages, layout=layout.split(",")[0])
+        qk_impact.TANH_SERIES_LIMIT = 0.0 if layout.endswith("exact soft-cap") else default_limit
         try:
             if kind not in bases:
                 bases[kind] = call(y, precision="ieee")
@@ -329,6 +335,8 @@ def sweep(shape: str, t: int) -> str:
             cell = f"{time_cuda(fn, y)[0] * 1e3:.1f} ms | {diff:.1e}"
         except Exception as err:  # noqa: BLE001
             cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
+        finally:
+            qk_impact.TANH_SERIES_LIMIT = default_limit
         lines.append(f"| {layout} | {precision} | {kind} | {block_m or 'auto'} | {block_n or 'auto'} | {block_c or 'auto'} | "
                      f"{warps or 'auto'} | {stages or 'default'} | {cell} |")
         print(lines[-1], file=sys.stderr, flush=True)

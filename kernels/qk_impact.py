@@ -389,6 +389,16 @@ if triton is not None:
             return tl.where(x < -126.0, 0.0, tl.exp2(x))
 
     @triton.jit
+    def _reciprocal(x):
+        """1/x for x of normal size. On a GPU one rcp.approx.ftz (1 ulp) instead of the full
+        division's range checks (about ten instructions an element in sm_90a SASS)."""
+        if _PTX:
+            return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return 1.0 / x
+
+    @triton.jit
     def _exp(x):
         """exp(x), as `_exp2`."""
         return _exp2(x * LOG2_E)
@@ -422,19 +432,41 @@ if triton is not None:
     @triton.jit
     def _tile_tanh_change(a, u, d):
         """tanh(a + d) − tanh(a), as the torch twin's `_tanh_change`; u = e^-2|a| comes from the
-        caller (shared by a block's channels). The division is the fast one."""
+        caller (shared by a block's channels). The division is `_reciprocal`'s."""
         s = a + d
         v = _exp(-2.0 * tl.abs(s))
         e = tl.where(a * s > 0, tl.maximum(u, v), 1.0)
         em = _expm1(-2.0 * tl.abs(d))  # −(1 − e^-2|d|)
-        return tl.fdiv(2.0 * e * tl.where(d < 0, em, -em), (1.0 + u) * (1.0 + v))
+        return 2.0 * e * tl.where(d < 0, em, -em) * _reciprocal((1.0 + u) * (1.0 + v))
+
+    @triton.jit
+    def _capped_change(a, t, u, d, softcap, series_limit):
+        """softcap·(tanh(a + d) − tanh(a)) for a tile: t = tanh a and u = e^-2|a| come from the
+        caller (shared by a block's channels). Where every |d| of the tile is at most
+        `series_limit` (one branch for the whole program; `TANH_SERIES_LIMIT`): the addition
+        formula (1 − t²)·τ / (1 + t·τ), τ = tanh d by its Taylor polynomial of degree 9 (under
+        4e-9 relative for |d| ≤ ¼), 1 − t² as w·(2 − w), w = 1 − |t| = 2u / (1 + u), which stays
+        exact where a saturates, and 1 + t·τ > 0.75 cannot cancel: about 15 instructions an
+        element. Otherwise `_tile_tanh_change`, exact for any d and about three times as long."""
+        if tl.max(tl.abs(d)) <= series_limit:
+            w = 2.0 * u * _reciprocal(1.0 + u)
+            d2 = d * d
+            poly = 62.0 / 2835.0
+            poly = poly * d2 - 17.0 / 315.0
+            poly = poly * d2 + 2.0 / 15.0
+            poly = poly * d2 - 1.0 / 3.0
+            tau = d + (d * d2) * poly
+            change = (softcap * w * (2.0 - w)) * tau * _reciprocal(1.0 + t * tau)
+        else:
+            change = softcap * _tile_tanh_change(a, u, d)
+        return change
 
     @triton.jit
     def _tanh(y):
         """tanh(y) = −e / (2 + e), e = exp(−2|y|) − 1, with the sign of y; the division is the
         GPU's fast one (2 ulp: the exp already costs as much), not an IEEE division's ten steps."""
         e = _expm1(-2.0 * tl.abs(y))
-        t = tl.fdiv(-e, 2.0 + e)
+        t = -e * _reciprocal(2.0 + e)
         return tl.where(y < 0, -t, t)
 
     @triton.jit
@@ -557,7 +589,7 @@ if triton is not None:
     @triton.jit
     def _tile_change(q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                      sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling,
-                     softcap, window,
+                     softcap, window, series_limit,
                      IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """For one key tile: the allowed mask and base log-probabilities [rows, keys], shared by
@@ -573,7 +605,8 @@ if triton is not None:
         if HAS_CAP:
             inv_cap = 1.0 / softcap  # once: per element, a multiplication instead of a division
             a = x * inv_cap
-            logit = softcap * _tanh(a)
+            t = _tanh(a)
+            logit = softcap * t
         else:
             logit = x
         logp = tl.where(allowed, logit - lse[:, None], -float("inf"))
@@ -599,7 +632,8 @@ if triton is not None:
         else:
             dx = -delta
         if HAS_CAP:
-            dl = softcap * _tile_tanh_change(a[None, :, :], _exp(-2.0 * tl.abs(a))[None, :, :], dx * inv_cap)
+            dl = _capped_change(a[None, :, :], t[None, :, :], _exp(-2.0 * tl.abs(a))[None, :, :], dx * inv_cap, softcap,
+                                series_limit)
         else:
             dl = dx
         return allowed, logp, tl.where(allowed[None, :, :], dl, 0.0)
@@ -607,7 +641,7 @@ if triton is not None:
     @triton.jit
     def _qk_kernel(
         QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, COUNTED, PARTIAL, ROUGH,
-        T, D, n_heads, group, scaling, softcap, window, unit,
+        T, D, n_heads, group, scaling, softcap, window, series_limit, unit,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr, V_EXACT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -633,7 +667,7 @@ if triton is not None:
             _, logp, dl = _tile_change(
                 q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                 sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                window, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                window, series_limit, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
             # However large the logit change, A·e is exact to rounding; where A' overflows, W
             # becomes infinite (or NaN), so the row fails the gentle test and the rough kernel
             # redoes it.
@@ -657,7 +691,7 @@ if triton is not None:
                 allowed, logp, dl = _tile_change(
                     q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                     sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                    window, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                    window, series_limit, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
                 p = _exp(logp)[None, :, :]
                 change = (_weighted_expm1(p, logp[None, :, :], dl) - p * w_sum[:, :, None]) / (1.0 + w_sum[:, :, None])
                 per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
@@ -673,7 +707,7 @@ if triton is not None:
     @triton.jit
     def _qk_rough_kernel(
         QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, COUNTED, PARTIAL, ROUGH,
-        T, D, n_heads, group, scaling, softcap, window,
+        T, D, n_heads, group, scaling, softcap, window, series_limit,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr, V_EXACT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -699,7 +733,7 @@ if triton is not None:
                 allowed, logp, dl = _tile_change(
                     q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                     sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                    window, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                    window, series_limit, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
                 z = logp[None, :, :] + dl
                 m_next = tl.maximum(m_new, tl.max(z, axis=2))
                 m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
@@ -722,7 +756,7 @@ if triton is not None:
                     allowed, logp, dl = _tile_change(
                         q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                         sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                        window, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                        window, series_limit, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
                     change = tl.exp(logp[None, :, :] + dl - m_new[:, :, None]) / l_new[:, :, None] \
                         - tl.exp(logp)[None, :, :]
                     per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
@@ -1330,6 +1364,11 @@ def default_layout(head_dim: int, precision: str) -> str:
 PLAIN_TILES = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
 
 
+# The stacked kernels' soft-cap: a key tile whose changes of logit ÷ cap are all at most this
+# takes the Taylor form of `_capped_change`, else its exact form (0 for the exact form always).
+TANH_SERIES_LIMIT = 0.25
+
+
 MAX_KERNEL_OFFSET = 2 ** 31  # the Q/K kernels' offsets are int32
 
 
@@ -1427,7 +1466,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     if layout == "stacked":
         kernels = (_qk_kernel, _qk_rough_kernel)
         grids = [(b * hq, n_tiles, triton.cdiv(d, block_c))] * 2
-        specialise = [dict(BLOCK_C=block_c, unit=1.0), dict(BLOCK_C=block_c)]
+        specialise = [dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, unit=1.0),
+                      dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT)]
     else:  # plain tiles
         if layout == "pair" and d % 2:
             raise ValueError(f"layout='pair' needs an even head_dim, not {d}")

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from kernels import masked_column_sumsq_torch, masked_column_sumsq_triton, qk_impact_reference, qk_impact_triton
 from kernels.dispatch import resolve_backend
-from kernels.qk_impact import METRICS, AttentionSpec, _expm1
+from kernels.qk_impact import METRICS, AttentionSpec, _capped_change, _expm1, _tanh
 from neurolang.cli import main
 from test_qk_impact import CASES, inputs, rope, saturated_soft_cap_case, spec_for
 
@@ -97,12 +97,12 @@ def test_qk_kernel_tiles_longer_than_one_block(block_m, block_n, block_c, layout
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_qk_kernel_soft_cap_far_below_the_logits(metric, precision):
+@pytest.mark.parametrize("precision, layout", [(p, "stacked") for p in PRECISIONS] + [("fp16x3", "pair")])
+def test_qk_kernel_soft_cap_far_below_the_logits(metric, precision, layout):
     """As the twin's test: logits around ten times the cap, where cap·tanh saturates."""
     q, k, v, cos, sin, mask, spec = saturated_soft_cap_case()
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
-    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, precision)
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, precision, layout=layout)
     for a, r in zip((x.cpu() for x in tri), ref):
         # Every impact here is tiny (~1e-6: saturated logits barely move). fp16x3 resolves each
         # A·(e^Δ − 1) to 2^-40 absolute (one fixed scale for all rows), ~1e-11 on these impacts.
@@ -342,6 +342,61 @@ def test_qk_channel_blocks():
     with pytest.raises(ValueError, match="unknown Q/K kernel layout 'rows'"):
         qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec_for(2, 1, 8, None, None, False, 0),
                          layout="rows")
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_qk_kernel_soft_cap_in_either_form(metric, monkeypatch):
+    """The stacked kernels' soft-cap change by its Taylor form (key tiles whose changes are all
+    within `TANH_SERIES_LIMIT` of the cap) and by its exact form alone (limit 0): both match
+    float64, and they differ, so the Taylor form did run."""
+    import kernels.qk_impact as qk
+
+    hq, hk, d, t = 4, 2, 8, 21
+    q, k, v, mask = inputs(hq, hk, d, t, 12)
+    q = q * 0.5  # every channel's change of logit under a quarter of the cap (0.24 at most)
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, 5.0, 9, False, 12)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
+    runs = []
+    for limit in (qk.TANH_SERIES_LIMIT, 0.0):
+        monkeypatch.setattr(qk, "TANH_SERIES_LIMIT", limit)
+        runs.append([x.cpu() for x in qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric,
+                                                        layout="stacked")])
+        for a, r in zip(runs[-1], ref):
+            torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
+    assert not all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@triton.jit
+def _capped_change_of(A, DL, Y, N, softcap, series_limit, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(A + offs, mask=offs < N)
+    change = _capped_change(a, _tanh(a), tl.exp(-2.0 * tl.abs(a)), tl.load(DL + offs, mask=offs < N) / softcap, softcap,
+                            series_limit)
+    tl.store(Y + offs, change, mask=offs < N)
+
+
+@pytest.mark.parametrize("form, limit", [("series", 1e30), ("exact", -1.0)])
+def test_kernel_soft_cap_change_is_accurate(form, limit):
+    """The kernels' change of a soft-capped logit, cap·(tanh(a + Δ/cap) − tanh a), against float64
+    in both its forms (forced: `series_limit` past every |Δ/cap|, or below all): the Taylor form
+    for changes up to a quarter of the cap, the exact one for any (here up to 40 caps), for
+    logits from 0 to 40 caps of either sign, where tanh saturates."""
+    gen = torch.Generator().manual_seed(4)
+    cap, n = 30.0, 1 << 14
+    a = torch.cat([torch.randn(n // 2, generator=gen), 40 * torch.rand(n // 2, generator=gen) - 20]).double()
+    reach = 0.25 if form == "series" else 40.0
+    dl = cap * reach * (2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1) * 10.0 ** -(8 * torch.rand(n, generator=gen))
+    a, dl = a.float().double(), dl.float().double()  # what the kernel reads
+    y = torch.empty(n, device=DEVICE)
+    _capped_change_of[(n // 1024,)](a.float().to(DEVICE), dl.float().to(DEVICE), y, n, cap, limit, BLOCK=1024)
+    expected = cap * torch.sinh(dl / cap) / (torch.cosh(a) * torch.cosh(a + dl / cap))  # tanh(a + d) − tanh(a)
+    # Relative to the change itself, also where it is 1e-8 of the cap and a saturates (where
+    # tanh(a + d) − tanh(a) would cancel): a few float32 roundings, on a GPU the approximate exp2
+    # and reciprocal (about 2^-22 each), and e^-2|a|'s argument −2|a|·log2 e rounded to float32,
+    # an error that grows with |a| (3.7e-6 at |a| = 17 in the exact form, interpreter).
+    relative = ((y.cpu().double() - expected).abs() / expected.abs().clamp_min(1e-300))
+    assert bool((relative < 1e-6 + 2e-7 * a.abs()).all())
 
 
 def test_kernel_expm1_is_accurate_to_float32_rounding():
