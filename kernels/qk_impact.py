@@ -1257,16 +1257,16 @@ def _operand(x: torch.Tensor, cos, sin, tokens, precision: str, rotate: bool, ke
     return plain, rotated, big, small, unscale
 
 
-def _exact_in_big_part(x: torch.Tensor | None, small: torch.Tensor, precision: str) -> bool:
+def _exact_in_big_part(x: torch.Tensor | None, small: torch.Tensor, precision: str) -> torch.Tensor:
     """Whether every value of x [B, H, T, D] is its own big part (`_operand` under fp16x3, the
     kernel's `_split` under tf32x3), as the values of a bfloat16 or float16 model's v_proj are: then
     the value products skip the small part's product, which would add exact zeros (two products of
-    three; the results are the same to the bit)."""
+    three; the results are the same to the bit). A bool on the device (`_operands` reads it)."""
     if precision == "fp16x3":
-        return not bool(small.any())
+        return ~small.any()
     if precision == "tf32x3":  # TF32 keeps 10 of float32's 23 mantissa bits
-        return not bool((x.view(torch.int32) & 0x1FFF).any())
-    return False
+        return ~(x.view(torch.int32) & 0x1FFF).any()
+    return torch.zeros((), dtype=torch.bool, device=small.device)
 
 
 def _operands(qn, kn, vv, cos, sin, tokens, spec: AttentionSpec, precision: str):
@@ -1274,16 +1274,19 @@ def _operands(qn, kn, vv, cos, sin, tokens, spec: AttentionSpec, precision: str)
     float dtype) with cos, sin [B, T, D] and the token flags [B, T] (float32, int32, contiguous):
     q and k as float32 [B, heads, T, D], before and after RoPE (four tensors); the (big, small)
     parts of the rotated q, k and of v, six tensors (`_operand`); per (sentence, query head) what
-    undoes the parts' scaling of Q·Kᵀ and of (probabilities·2^15)·V, [B, H, 2]; and whether v is its
-    own big part (`_exact_in_big_part`). Three launches and a handful of small operations."""
+    undoes the parts' scaling of Q·Kᵀ and of (probabilities·2^15)·V, [B, H, 2]; whether v is its
+    own big part (`_exact_in_big_part`) and whether padding comes before a real token, read from
+    the device together (each read waits for the GPU: once a call, not twice). Three launches and a
+    handful of small operations."""
     qn, qr, q_big, q_small, q_unscale = _operand(qn, cos, sin, tokens, precision, rotate=True, keep_plain=True)
     kn, kr, k_big, k_small, k_unscale = _operand(kn, cos, sin, tokens, precision, rotate=True, keep_plain=True)
     _, v_values, v_big, v_small, v_unscale = _operand(vv, cos, sin, tokens, precision, rotate=False, keep_plain=False)
     kv_head = torch.arange(qn.shape[1], device=qn.device) // spec.group_size
     unscale = torch.stack((q_unscale * k_unscale[:, kv_head],
                            v_unscale[:, kv_head] * (2.0 ** -15 if precision == "fp16x3" else 1.0)), -1).contiguous()
-    return ((qn, qr, kn, kr), (q_big, q_small, k_big, k_small, v_big, v_small), unscale,
-            _exact_in_big_part(v_values, v_small, precision))
+    padding_first = (tokens[:, 1:] > tokens[:, :-1]).any()
+    v_exact, padding_first = torch.stack((_exact_in_big_part(v_values, v_small, precision), padding_first)).tolist()
+    return (qn, qr, kn, kr), (q_big, q_small, k_big, k_small, v_big, v_small), unscale, v_exact, padding_first
 
 
 def _base_attention(parts, unscale, v_exact: bool, tokens, spec: AttentionSpec, precision: str):
@@ -1455,8 +1458,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     # where a q/k norm is computed on them.
     qn, rq, rq_m1 = _normalise(_heads(q, hq, d, acc if spec.q_norm else None), spec.q_norm)
     kn, rk, rk_m1 = _normalise(_heads(k, hk, d, acc if spec.k_norm else None), spec.k_norm)
-    (qn, qr, kn, kr), parts, unscale, v_exact = _operands(qn, kn, _heads(v, hk, d, None), cos, sin, tokens, spec,
-                                                          precision)
+    (qn, qr, kn, kr), parts, unscale, v_exact, padding_first = _operands(qn, kn, _heads(v, hk, d, None), cos, sin,
+                                                                         tokens, spec, precision)
     lse, out = _base_attention(parts, unscale, v_exact, tokens, spec, precision)
     counted = _counted_rows(token_mask, spec.sliding_window)
     n_tiles = triton.cdiv(t, block_m)
@@ -1476,7 +1479,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         grids = [(b * hq, n_tiles, d // 2 if layout == "pair" else d), (b * hq, n_tiles, d)]
         # Keys need the token mask only where padding comes before a real token (the pipeline pads on the
         # right); with it, ptxas serialises the kernel's wgmma (sm_90a, triton 3.6), so it is kept off otherwise.
-        specialise = [dict(MASK_KEYS=bool((token_mask[:, 1:] & ~token_mask[:, :-1]).any()), PAIR=layout == "pair")] * 2
+        specialise = [dict(MASK_KEYS=padding_first, PAIR=layout == "pair")] * 2
     results = []
     for is_key, r, r_m1, has_norm in ((False, rq, rq_m1, has_norm_q), (True, rk, rk_m1, has_norm_k)):
         partial = torch.zeros(2, b * hq, n_tiles, d, dtype=acc, device=q.device)  # gentle rows, rough rows
