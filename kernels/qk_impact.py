@@ -446,8 +446,9 @@ if triton is not None:
         `series_limit` (one branch for the whole program; `TANH_SERIES_LIMIT`): the addition
         formula (1 − t²)·τ / (1 + t·τ), τ = tanh d by its Taylor polynomial of degree 9 (under
         4e-9 relative for |d| ≤ ¼), 1 − t² as w·(2 − w), w = 1 − |t| = 2u / (1 + u), which stays
-        exact where a saturates, and 1 + t·τ > 0.75 cannot cancel: about 15 instructions an
-        element. Otherwise `_tile_tanh_change`, exact for any d and about three times as long."""
+        exact where a saturates, and 1 + t·τ > 0.75 cannot cancel. Otherwise `_tile_tanh_change`,
+        exact for any d. Compiled for sm_90a at head_dim 256 (16 rows, 8 channels, 32 keys), the
+        soft-cap adds 18 SASS instructions per (channel, row, key) one way and 37 the other."""
         if tl.max(tl.abs(d)) <= series_limit:
             w = 2.0 * u * _reciprocal(1.0 + u)
             d2 = d * d
@@ -464,7 +465,7 @@ if triton is not None:
     @triton.jit
     def _tanh(y):
         """tanh(y) = −e / (2 + e), e = exp(−2|y|) − 1, with the sign of y; the division is the
-        GPU's fast one (2 ulp: the exp already costs as much), not an IEEE division's ten steps."""
+        GPU's approximate reciprocal (1 ulp: the exp already costs as much), `_reciprocal`."""
         e = _expm1(-2.0 * tl.abs(y))
         t = -e * _reciprocal(2.0 + e)
         return tl.where(y < 0, -t, t)
@@ -1369,7 +1370,8 @@ PLAIN_TILES = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
 
 
 # The stacked kernels' soft-cap: a key tile whose changes of logit ÷ cap are all at most this
-# takes the Taylor form of `_capped_change`, else its exact form (0 for the exact form always).
+# takes the Taylor form of `_capped_change`, else its exact form (0: the exact form always; the
+# plain-tile kernels always take it, see `_logit_change`).
 TANH_SERIES_LIMIT = 0.25
 
 
