@@ -300,11 +300,11 @@ def sweep(shape: str, t: int) -> str:
     # the default is "pair" (a channel and its rotary partner a program, plain 64 × 32 tiles: the
     # fastest of these on an H100, h100-kernels.md), beside the stacked kernel ("stacked": 16 rows
     # and a block of channels a program) and one channel a program ("channel"). At head_dim 256 the
-    # stacked kernel with 8 channels and 8 warps (the H100's best), beside 2 channels and 4 warps
-    # (the H200's best, h200-kernels.md) and 4 channels and 8 warps (compiled for sm_90a: 113, 157
-    # and 167 SASS instructions a (channel, row, key), before the soft-cap's Taylor form). With a
-    # soft-cap, the default again with the exact form alone (`TANH_SERIES_LIMIT` = 0), the third
-    # row. Under a time limit the first rows matter most.
+    # stacked kernel with 8 channels, 8 warps and 64-key tiles in one stage (`default_stages`: 70
+    # SASS instructions a (channel, row, key) compiled for sm_90a, untimed), then 32-key tiles in two
+    # stages (85 instructions; the H100's best so far, 51.5 ms before the soft-cap's Taylor form),
+    # then 2 channels and 4 warps. With a soft-cap, the default again with the exact form alone
+    # (`TANH_SERIES_LIMIT` = 0) after the first two rows. Under a time limit the first rows matter most.
     if x["spec"].head_dim <= 128:
         configs = [("pair", "fp16x3", "float32", None, None, None, None, None),
                    ("pair", "fp16x3", "bfloat16", None, None, None, None, None),
@@ -316,10 +316,9 @@ def sweep(shape: str, t: int) -> str:
                    ("channel", "fp16x3", "float32", 128, 32, None, 8, 2)]
     else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
         configs = [("stacked", "fp16x3", "float32", None, None, None, None, None),
+                   ("stacked", "fp16x3", "float32", 16, 32, 8, 8, 2),
                    ("stacked", "fp16x3", "bfloat16", None, None, None, None, None),
-                   ("stacked", "fp16x3", "float32", 16, 32, 2, 4, 2),
-                   ("stacked", "fp16x3", "float32", 16, 32, 4, 8, 2),
-                   ("channel", "fp16x3", "float32", 64, 16, None, 4, 2)]
+                   ("stacked", "fp16x3", "float32", 16, 32, 2, 4, 2)]
     if x["spec"].softcap is not None:  # the default again with the soft-cap's exact form alone
         configs.insert(2, ("stacked, exact soft-cap",) + configs[0][1:])
     default_limit = qk_impact.TANH_SERIES_LIMIT

@@ -115,7 +115,7 @@ def every_variant(arch: int, head_dim: int, precision: str, v_exact: bool) -> No
     window, metric) at the stacked layout's defaults for this head_dim; report the worst."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     warps, block_n = default_warps(block_d, precision), default_key_block(block_d, precision)
-    stages, block_c = default_stages(block_d), default_channel_block(16, head_dim, warps, precision)
+    stages, block_c = default_stages(block_d, block_n, precision, v_exact), default_channel_block(16, head_dim, warps, precision)
     names = ("IS_KEY", "HAS_NORM", "HAS_CAP", "HAS_WINDOW", "PROBS")
     worst = {"registers": (0, ""), "spill_bytes": (0, ""), "shared_bytes": (0, "")}
     count = serialised = 0
@@ -244,7 +244,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--stages", default="default", help="comma list of num_stages ('default': Triton's)")
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--head-dim", type=int, help="default: 128 (with --every-variant: 128 and 256)")
     parser.add_argument("--every-variant", action="store_true",
                         help="compile all specialisations at the defaults, head_dim 128 and 256")
     parser.add_argument("--precisions", default="tf32x3,fp16x3", help="with --every-variant: comma list")
@@ -269,9 +269,10 @@ def main():
         return
     if args.every_variant:
         for precision in args.precisions.split(","):
-            for head_dim in (128, 256):
+            for head_dim in (128, 256) if args.head_dim is None else (args.head_dim,):
                 every_variant(args.arch, head_dim, precision, args.v_exact)
         return
+    args.head_dim = args.head_dim or 128
     stages = [None if s == "default" else int(s) for s in args.stages.split(",")]
     print(f"Q/K kernel on sm_{args.arch}a (compiled offline, triton {triton.__version__}), head_dim {args.head_dim}, "
           f"query channels, no soft-cap/window/norm{', v exact' if args.v_exact else ''}\n")

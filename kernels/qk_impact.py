@@ -522,9 +522,9 @@ if triton is not None:
             return tl.dot(a_big, b_big, acc, input_precision=PRECISION)
 
     @triton.jit
-    def _block(QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, window,
-               IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _block(QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, softcap,
+               window, IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
         """What a program (sentence·head, query tile, channel block) needs before its key loop."""
         bh = tl.program_id(0)
         m_tile = tl.program_id(1)
@@ -552,17 +552,21 @@ if triton is not None:
         counted = tl.load(COUNTED + b * T + rows, mask=row_ok, other=0) != 0
         # Row-side factors [channels, rows] of the rank-2 change Δ = row_c·col_c + row_p·col_p: the
         # query's channel and partner (key channels), or the rotary coefficients and q-norm
-        # factors of each query channel.
+        # factors of each query channel. Times −1 / cap (−1 without a soft-cap), once here, so
+        # that the key loop's products give −Δ already in the units of the soft-cap's argument.
+        row_scale = -1.0
+        if HAS_CAP:
+            row_scale = -1.0 / softcap
         at_c = rows[None, :] * D + chans[:, None]
         at_p = rows[None, :] * D + partners[:, None]
         ok = chan_ok[:, None] & row_ok[None, :]
         r_row = tl.full([BLOCK_C, BLOCK_M], 1.0, dtype=tl.float32)
         rm1_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
         if IS_KEY:
-            row_c = tl.load(QR + q_base + at_c, mask=ok, other=0.0)
-            row_p = tl.load(QR + q_base + at_p, mask=ok, other=0.0)
+            row_c = row_scale * tl.load(QR + q_base + at_c, mask=ok, other=0.0)
+            row_p = row_scale * tl.load(QR + q_base + at_p, mask=ok, other=0.0)
         else:
-            qn_c = scaling * tl.load(QN + q_base + at_c, mask=ok, other=0.0)
+            qn_c = (row_scale * scaling) * tl.load(QN + q_base + at_c, mask=ok, other=0.0)
             row_c = qn_c * tl.load(COS + cs_base + at_c, mask=ok, other=0.0)
             row_p = qn_c * sign[:, None] * tl.load(SIN + cs_base + at_p, mask=ok, other=0.0)
             if HAS_NORM:
@@ -621,7 +625,9 @@ if triton is not None:
         else:
             col_c = tl.load(KR + k_base + at_c, mask=ok, other=0.0)
             col_p = tl.load(KR + k_base + at_p, mask=ok, other=0.0)
-        delta = row_c[:, :, None] * col_c[:, None, :] + row_p[:, :, None] * col_p[:, None, :]
+        # The change of the logit before the soft-cap, divided by the cap with one (the row factors
+        # carry −1 / cap): −Δ, and with a head norm r·(x − Δ) − x = (r − 1)·x − r·Δ.
+        dx = row_c[:, :, None] * col_c[:, None, :] + row_p[:, :, None] * col_p[:, None, :]
         if HAS_NORM:
             if IS_KEY:
                 r = tl.load(R + k_base + at_c, mask=ok, other=1.0)[:, None, :]
@@ -629,11 +635,12 @@ if triton is not None:
             else:
                 r = r_row[:, :, None]
                 rm1 = rm1_row[:, :, None]
-            dx = rm1 * x[None, :, :] - r * delta
-        else:
-            dx = -delta
+            if HAS_CAP:
+                dx = rm1 * a[None, :, :] + r * dx
+            else:
+                dx = rm1 * x[None, :, :] + r * dx
         if HAS_CAP:
-            dl = _capped_change(a[None, :, :], t[None, :, :], _exp(-2.0 * tl.abs(a))[None, :, :], dx * inv_cap, softcap,
+            dl = _capped_change(a[None, :, :], t[None, :, :], _exp(-2.0 * tl.abs(a))[None, :, :], dx, softcap,
                                 series_limit)
         else:
             dl = dx
@@ -657,8 +664,8 @@ if triton is not None:
         3.6.0; `benchmarks/kernel_resources.py`). The multiplication is exact."""
         (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
          value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
-            QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, window,
-            IS_KEY, HAS_NORM, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
+            QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, softcap, window,
+            IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
         dims = tl.arange(0, BLOCK_D)
         # W accumulates element-wise, reduced over keys once after the loop (per tile, the
         # reductions cost 160 shuffles a thread in sm_90a SASS).
@@ -724,8 +731,8 @@ if triton is not None:
         if tl.sum(tl.sum(rough.to(tl.int32), axis=1), axis=0) > 0:
             (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
              value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
-                QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, window,
-                IS_KEY, HAS_NORM, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
+                QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, softcap,
+                window, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
             dims = tl.arange(0, BLOCK_D)
             m_new = tl.full([BLOCK_C, BLOCK_M], -float("inf"), dtype=tl.float32)
             l_new = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
@@ -1341,17 +1348,29 @@ def default_channel_block(block_m: int, head_dim: int, num_warps: int, precision
 
 
 def default_key_block(block_d: int, precision: str) -> int:
-    """Keys per tile: 64 under fp16x3 up to head_dim 128 (H200, llama3.1-8b T = 1024: 23.8 ms, 32
-    keys 27.3 ms; 128 keys overflow shared memory), else 32: 64 keys need a single stage above
-    head_dim 128, and tf32x3's float32 K and V tiles about 280 KiB of shared memory at 128 (an H100
-    allows 227 KiB: the launch failed there; `kernel_resources.py` compiles each precision)."""
-    return 64 if block_d <= 128 and precision == "fp16x3" else 32
+    """Keys per tile: 64 under fp16x3 (H200, llama3.1-8b T = 1024: 23.8 ms, 32 keys 27.3 ms; 128
+    keys overflow shared memory; above head_dim 128 in fewer stages, `default_stages`), else
+    32: tf32x3's float32 K and V tiles need about 280 KiB of shared memory at 64 keys and head_dim
+    128 (an H100 allows 227 KiB: the launch failed there; `kernel_resources.py` compiles each
+    precision)."""
+    return 64 if block_d <= 256 and precision == "fp16x3" else 32
 
 
-def default_stages(block_d: int) -> int:
-    """Software-pipelining depth: Triton's usual 3, but 2 for head_dim 256, whose K and V tiles
-    in three stages need more shared memory than an H100 has (about 228 KiB, sm_90a compile)."""
-    return 2 if block_d > 128 else 3
+def default_stages(block_d: int, block_n: int, precision: str, v_exact: bool = False) -> int:
+    """Software-pipelining depth: Triton's usual 3 up to head_dim 128; above, where K and V tiles
+    in three stages need more shared memory than an H100 has (about 228 KiB), 2 with 32-key tiles,
+    and with 64 1, but 2 under fp16x3 where v is its own big part (`_exact_in_big_part`, a bfloat16
+    model: no small part of V to hold; 181 KiB, against 245 KiB with it). At
+    gemma2-9b's head_dim 256, fp16x3, 8 channels and 8 warps, 64 keys in one stage run 68 SASS
+    instructions per (channel, row, key) and in two, with such a v, 64, against 85 for 32 keys in two
+    (sm_90a compile, Taylor soft-cap; 8 warps then split the Q·Kᵀ tile without doing it twice, and
+    the accumulator's `unit` multiply is spread over twice the keys); on an H200 (an older kernel,
+    2 and 4 channels) 64 keys in one stage beat 32 in two by 10–13 % (`h200-kernels.md`). Not yet
+    timed on an H100 in this form: the sweep's first rows compare them
+    (`benchmarks/results/sm90a-qk-kernel-resources.md`)."""
+    if block_d <= 128:
+        return 3
+    return 2 if block_n < 64 or (precision == "fp16x3" and v_exact) else 1
 
 
 def default_layout(head_dim: int, precision: str) -> str:
@@ -1433,13 +1452,12 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     layout = default_layout(d, precision) if layout is None else layout
     if layout == "stacked":
         defaults = dict(block_m=16, block_n=default_key_block(block_d, precision),
-                        num_warps=default_warps(block_d, precision), num_stages=default_stages(block_d))
+                        num_warps=default_warps(block_d, precision), num_stages=None)  # stages: once v is read
     else:
         defaults = PLAIN_TILES
     block_m = defaults["block_m"] if block_m is None else block_m
     block_n = defaults["block_n"] if block_n is None else block_n
     num_warps = defaults["num_warps"] if num_warps is None else num_warps
-    num_stages = defaults["num_stages"] if num_stages is None else num_stages
     # The kernels index q, the base output and the row flags with 32-bit offsets (B·heads·T·D):
     # a batch past that runs a few sentences at a time.
     per_call = (MAX_KERNEL_OFFSET - 1) // (hq * t * d)
@@ -1463,6 +1481,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     (qn, qr, kn, kr), parts, unscale, v_exact, padding_first = _operands(qn, kn, _heads(v, hk, d, None), cos, sin,
                                                                          tokens, spec, precision)
     lse, out = _base_attention(parts, unscale, v_exact, tokens, spec, precision)
+    if num_stages is None:
+        num_stages = defaults["num_stages"] or default_stages(block_d, block_n, precision, v_exact)
     counted = _counted_rows(token_mask, spec.sliding_window)
     n_tiles = triton.cdiv(t, block_m)
     block_c = default_channel_block(block_m, d, num_warps, precision) if block_c is None else block_c
