@@ -5,7 +5,11 @@ same length-sorted batches, a plain forward pass (no hooks, no impacts); prints 
 the ratio of detection time to forward time, and how detection splits between forward and impacts.
 
     python benchmarks/bench_scan.py --model SmolLM2.gguf [--max-sentences 200] [--out benchmarks/results/x.md]
-    python benchmarks/bench_scan.py --model random:llama3.1-8b --dtype bfloat16 --device cuda
+    python benchmarks/bench_scan.py --model random:llama3.1-8b --dtype bfloat16 --device cuda [--profile 8]
+
+`--profile N` then runs N more batches of the first language's sentences under the PyTorch profiler,
+with and without detection's hooks, and splits a layer call into GPU kernels (CUDA), GPU idle time
+and the host's busiest operations, each per layer call.
 
 `random:<shape>` is a model of that architecture and size with random weights (`random_weights_`)
 and the tiny models' byte tokenizer, built on the device: no download, the same layers, kernels
@@ -75,6 +79,68 @@ def plain_forward_seconds(model, tokenizer, texts, max_length, batch_size):
     return seconds, tokens
 
 
+def profile_layer_calls(model, tokenizer, sentences, max_length, batch_size, n_batches) -> str:
+    """Where detection's time goes beyond the forward pass: `n_batches` batches of
+    `count_activations` under torch.profiler, and the same batches without hooks. Per layer call:
+    wall time, GPU busy time of each kernel (CUDA), GPU idle time, the host's operations."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from neurolang.adapters import ModelAdapter
+    from neurolang.corpus import encode, pad_batch
+    from neurolang.detect import count_activations
+
+    seqs, _ = encode(tokenizer, sentences, max_length)
+    seqs = sorted(seqs, key=len)[:batch_size * n_batches]
+    adapter = ModelAdapter(model)
+    device = next(model.parameters()).device
+
+    def forward():
+        for start in range(0, len(seqs), batch_size):
+            ids, mask = pad_batch(seqs[start:start + batch_size], tokenizer.pad_token_id, device)
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
+
+    runs = {"plain forward": forward,
+            "detection": lambda: count_activations(adapter, seqs, tokenizer.pad_token_id, batch_size=batch_size)}
+    calls = adapter.n_layers * -(-len(seqs) // batch_size)
+    lines = [f"Profile: {len(seqs)} sentences ({sum(map(len, seqs)):,} tokens, {min(map(len, seqs))}–"
+             f"{max(map(len, seqs))} a sentence), batch {batch_size}, {calls} layer calls; per layer call:", ""]
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    kernels_of, host_of = {}, {}
+    for name, run in runs.items():
+        run()  # warm
+        sync()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            start = time.perf_counter()
+            run()
+            sync()
+            wall_us = (time.perf_counter() - start) * 1e6
+        kernels, host = {}, {}
+        for e in prof.events():
+            table = kernels if e.device_type == DeviceType.CUDA else host
+            count, total = table.get(e.name, (0, 0.0))
+            table[e.name] = (count + 1, total + (e.time_range.elapsed_us() if table is kernels else e.self_cpu_time_total))
+        kernels_of[name], host_of[name] = kernels, host
+        busy = sum(total for _, total in kernels.values())
+        lines.append(f"- {name}: wall {wall_us / calls:.0f} µs" + (
+            f", GPU busy {busy / calls:.0f} µs, idle {(wall_us - busy) / calls:.0f} µs, "
+            f"{sum(c for c, _ in kernels.values()) / calls:.1f} kernels" if cuda else ""))
+    if cuda:
+        extra = {k: v for k, v in kernels_of["detection"].items()
+                 if kernels_of["plain forward"].get(k, (0, 0.0))[0] < v[0]}
+        lines += ["", "Detection's kernels beyond the forward's (per layer call):", "",
+                  "| kernel | launches | GPU µs |", "|---|---:|---:|"]
+        for name, (count, total) in sorted(extra.items(), key=lambda kv: -kv[1][1])[:15]:
+            lines.append(f"| {name[:70].replace('|', '/')} | {count / calls:.1f} | {total / calls:.1f} |")
+    lines += ["", "Detection's busiest host operations (self CPU time, per layer call):", "",
+              "| operation | calls | CPU µs |", "|---|---:|---:|"]
+    for name, (count, total) in sorted(host_of["detection"].items(), key=lambda kv: -kv[1][1])[:15]:
+        lines.append(f"| {name[:70].replace('|', '/')} | {count / calls:.1f} | {total / calls:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -86,6 +152,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="also write the table (Markdown) here")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile N batches of detection, per layer call (see above)")
     args = parser.parse_args()
 
     import transformers
@@ -132,6 +200,9 @@ def main() -> None:
                 " (on a GPU the hooks' clock sees launches, not kernels: no impact share)."),
              "",
              "Command: python " + " ".join(sys.argv)]
+    if args.profile:
+        lines += ["", profile_layer_calls(model, tokenizer, detection_texts[langs[0]], args.max_length,
+                                          args.batch_size, args.profile)]
     table = "\n".join(lines)
     print(table)
     if args.out:

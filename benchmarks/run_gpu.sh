@@ -5,11 +5,12 @@
 # Usage (on a CUDA machine, from the repository root): bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
 # STEPS is a comma list of tests, sweep, table, profile, scan (default: the first three; on an H100
 # on 2026-11-26 tests, sweep, table and scan took 8.1 minutes together, the tests 2.6 of them;
-# the default limits, 180 + 170 + 150 + 70 + 90 s, let one 10-minute call run any four).
+# the default limits, 180 + 170 + 150 + 70 + 120 s: one 10-minute call runs the first three, a second the rest).
 # profile: Nsight Compute on warm launches of the Q/K and column-norm kernels (llama, T = 512),
 # when `ncu` is on the machine (about 1–2 minutes).
 # scan: end-to-end detection against a plain forward pass (`bench_scan.py`) on a Llama-3.1-8B-shaped
-# model with random weights in bfloat16, 6 languages × 100 sentences (SCAN_S, 90 s; 85 s sufficed on an H100).
+# model with random weights in bfloat16, 6 languages × 100 sentences, then 8 batches of it profiled
+# per layer call (`--profile`; SCAN_S, 120 s; without the profile 85 s sufficed on an H100).
 # Each step has its own time limit (TEST_S, SWEEP_S, TABLE_S, PROFILE_S, SCAN_S) and writes its log to OUT_DIR as it goes.
 set -u
 out=${1:?usage: run_gpu.sh OUT_DIR [tests,sweep,table,profile,scan]}
@@ -27,7 +28,7 @@ if [[ $steps == *,tests,* ]]; then
     tests/test_triton_kernels.py 2>&1 | tee "$out/tests.log" | tail -15
 fi
 if [[ $steps == *,sweep,* ]]; then
-  timeout "${SWEEP_S:-170}" python3 benchmarks/bench_kernels.py --sweep qk --breakdown --accuracy --ops "" --shapes llama3.1-8b,gemma2-9b \
+  timeout "${SWEEP_S:-170}" python3 benchmarks/bench_kernels.py --sweep qk --breakdown --accuracy --ops "" --shapes gemma2-9b,llama3.1-8b \
     --out "$out/sweep.md" 2>"$out/sweep.log"; tail -3 "$out/sweep.log"
 fi
 if [[ $steps == *,table,* ]]; then
@@ -46,6 +47,6 @@ if [[ $steps == *,profile,* ]]; then
   fi
 fi
 if [[ $steps == *,scan,* ]]; then
-  timeout "${SCAN_S:-90}" python3 benchmarks/bench_scan.py --model random:llama3.1-8b --dtype bfloat16 --device cuda \
-    --max-sentences 100 --out "$out/scan.md" >"$out/scan.log" 2>&1; tail -12 "$out/scan.log"
+  timeout "${SCAN_S:-120}" python3 benchmarks/bench_scan.py --model random:llama3.1-8b --dtype bfloat16 --device cuda \
+    --max-sentences 100 --profile 8 --out "$out/scan.md" >"$out/scan.log" 2>&1; tail -50 "$out/scan.log"
 fi
