@@ -300,10 +300,10 @@ def sweep(shape: str, t: int) -> str:
     # the default is "pair" (a channel and its rotary partner a program, plain 64 × 32 tiles: the
     # fastest of these on an H100, h100-kernels.md), beside the stacked kernel ("stacked": 16 rows
     # and a block of channels a program) and one channel a program ("channel"). At head_dim 256 the
-    # stacked kernel with 8 channels, 8 warps and 64-key tiles in one stage (`default_stages`: 70
-    # SASS instructions a (channel, row, key) compiled for sm_90a, untimed), then 32-key tiles in two
-    # stages (85 instructions; the H100's best so far, 51.5 ms before the soft-cap's Taylor form),
-    # then 2 channels and 4 warps. With a soft-cap, the default again with the exact form alone
+    # stacked kernel with 8 channels, 8 warps and 64-key tiles in one stage (`default_stages`: 68
+    # SASS instructions a (channel, row, key) compiled for sm_90a, untimed; two stages for bfloat16
+    # values), then 32-key tiles in two stages (85 instructions before the row factors took −1/cap;
+    # the H100's best so far, 51.5 ms before the soft-cap's Taylor form), then 2 channels and 4 warps. With a soft-cap, the default again with the exact form alone
     # (`TANH_SERIES_LIMIT` = 0) after the first two rows. Under a time limit the first rows matter most.
     if x["spec"].head_dim <= 128:
         configs = [("pair", "fp16x3", "float32", None, None, None, None, None),
