@@ -62,9 +62,10 @@ def make_inputs(shape: str, t: int, device: str, seed: int = 0):
     impacts = torch.rand(8, s["ffn"], generator=gen)  # a batch of 8 sentences' FFN impacts, for selection
     spec = AttentionSpec(hq, hk, d, d ** -0.5, s["softcap"], s["window"])
     to = lambda x: x.to(device)  # noqa: E731
-    # The same q, k, v as a bfloat16 model's projections give them (`--dtype bfloat16`): v is then
-    # its own float16 big part, and the Q/K kernels skip a value product (`_exact_in_big_part`).
-    bf16 = {f"{n}_bf16": to(x.bfloat16().float()) for n, x in (("q", q), ("k", k), ("v", v))}
+    # The same q, k, v as a bfloat16 model's projections give them (`--dtype bfloat16`): bfloat16
+    # tensors, whose v the Q/K kernels take for its own big part and skip a value product for
+    # (`_exact_in_big_part`).
+    bf16 = {f"{n}_bf16": to(x.bfloat16()) for n, x in (("q", q), ("k", k), ("v", v))}
     return dict(q=to(q), k=to(k), v=to(v), cos=to(emb.cos()[None]), sin=to(emb.sin()[None]), h=to(h),
                 mask=to(mask), h_mask=to(h_mask), impacts=to(impacts), spec=spec, **bf16)
 

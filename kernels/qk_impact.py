@@ -1265,36 +1265,38 @@ def _operand(x: torch.Tensor, cos, sin, tokens, precision: str, rotate: bool, ke
     return plain, rotated, big, small, unscale
 
 
-def _exact_in_big_part(x: torch.Tensor | None, small: torch.Tensor, precision: str) -> torch.Tensor:
-    """Whether every value of x [B, H, T, D] is its own big part (`_operand` under fp16x3, the
-    kernel's `_split` under tf32x3), as the values of a bfloat16 or float16 model's v_proj are: then
-    the value products skip the small part's product, which would add exact zeros (two products of
-    three; the results are the same to the bit). A bool on the device (`_operands` reads it)."""
+def _exact_in_big_part(dtype: torch.dtype, precision: str) -> bool:
+    """Whether values of `dtype` are their own big part (`_operand`'s float16 halves under fp16x3,
+    the kernel's `_split` under tf32x3), as a bfloat16 or float16 model's v_proj outputs are: then
+    the value products skip the small part's product (two products of three). Under tf32x3 a
+    bfloat16 value (8 significant bits) is exactly a TF32 one (10); under fp16x3 a bfloat16 or
+    float16 value scaled into its head's float16 range is exactly a float16 one, but where it falls
+    under float16's normal range (under 2^-28 of its head's largest value), whose small part, at
+    most 2^-24 of the scaled units, is then dropped: an error under 2^-38 of the head's largest
+    value, against fp16x3's 2^-22 for any operand. Decided from the dtype, so no read of the device."""
     if precision == "fp16x3":
-        return ~small.any()
-    if precision == "tf32x3":  # TF32 keeps 10 of float32's 23 mantissa bits
-        return ~(x.view(torch.int32) & 0x1FFF).any()
-    return torch.zeros((), dtype=torch.bool, device=small.device)
+        return dtype in (torch.bfloat16, torch.float16)
+    return precision == "tf32x3" and dtype == torch.bfloat16
 
 
-def _operands(qn, kn, vv, cos, sin, tokens, spec: AttentionSpec, precision: str):
+def _operands(qn, kn, vv, cos, sin, tokens, spec: AttentionSpec, precision: str, right_padded: bool | None):
     """What the kernels read of q, k and v [B, heads, T, D] (normed, not yet rotated; views of any
     float dtype) with cos, sin [B, T, D] and the token flags [B, T] (float32, int32, contiguous):
     q and k as float32 [B, heads, T, D], before and after RoPE (four tensors); the (big, small)
     parts of the rotated q, k and of v, six tensors (`_operand`); per (sentence, query head) what
     undoes the parts' scaling of Q·Kᵀ and of (probabilities·2^15)·V, [B, H, 2]; whether v is its
-    own big part (`_exact_in_big_part`) and whether padding comes before a real token, read from
-    the device together (each read waits for the GPU: once a call, not twice). Three launches and a
+    own big part (`_exact_in_big_part`) and whether padding comes before a real token (unless
+    `right_padded` says: the one read of the device, a wait for the GPU). Three launches and a
     handful of small operations."""
     qn, qr, q_big, q_small, q_unscale = _operand(qn, cos, sin, tokens, precision, rotate=True, keep_plain=True)
     kn, kr, k_big, k_small, k_unscale = _operand(kn, cos, sin, tokens, precision, rotate=True, keep_plain=True)
-    _, v_values, v_big, v_small, v_unscale = _operand(vv, cos, sin, tokens, precision, rotate=False, keep_plain=False)
+    _, _, v_big, v_small, v_unscale = _operand(vv, cos, sin, tokens, precision, rotate=False, keep_plain=False)
     kv_head = torch.arange(qn.shape[1], device=qn.device) // spec.group_size
     unscale = torch.stack((q_unscale * k_unscale[:, kv_head],
                            v_unscale[:, kv_head] * (2.0 ** -15 if precision == "fp16x3" else 1.0)), -1).contiguous()
-    padding_first = (tokens[:, 1:] > tokens[:, :-1]).any()
-    v_exact, padding_first = torch.stack((_exact_in_big_part(v_values, v_small, precision), padding_first)).tolist()
-    return (qn, qr, kn, kr), (q_big, q_small, k_big, k_small, v_big, v_small), unscale, v_exact, padding_first
+    padding_first = bool((tokens[:, 1:] > tokens[:, :-1]).any()) if right_padded is None else not right_padded
+    return ((qn, qr, kn, kr), (q_big, q_small, k_big, k_small, v_big, v_small), unscale,
+            _exact_in_big_part(vv.dtype, precision), padding_first)
 
 
 def _base_attention(parts, unscale, v_exact: bool, tokens, spec: AttentionSpec, precision: str):
@@ -1408,15 +1410,15 @@ def _expected_overflow():
 def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
                      precision: str = "fp16x3", block_m: int | None = None, block_n: int | None = None,
                      block_c: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                     layout: str | None = None):
+                     layout: str | None = None, right_padded: bool | None = None):
     """The Triton kernel of `qk_impact_torch` (same arguments and results), in float32.
 
     `precision` is how the tile products use the GPU's matrix units: `fp16x3` (the default: three
     products of 11-bit parts on the float16 units, q, k and v split once a call, see
     `_operand`; the probability changes A·(e^Δ − 1) carry one fixed scale, so to 2^-40
     absolute: a neuron that moves attention by less than about 1e-7 keeps less relative precision;
-    where v is its own float16 big part, as a bfloat16 or float16 model's v_proj output is, the value
-    products skip the small part's product: two of three, the same results, `_exact_in_big_part`),
+    where v is a bfloat16 or float16 tensor, as a model of that dtype's v_proj output is, the value
+    products skip its small part's product: two of three, `_exact_in_big_part`),
     `tf32x3` (three TF32 products of operands split in `_split`, float32-level accuracy), `ieee`
     (plain float32 FMAs) or `tf32` (one product, about 1e-3 relative). On an H200 at T = 1024
     (llama shape, stacked) fp16x3 took 23.8 ms with 64-key tiles, tf32x3, ieee and tf32 54.3, 77.5
@@ -1432,6 +1434,9 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     shared memory between the products and fewer instructions per (channel, row, key), for a Q·Kᵀ
     product per program. All are tuning knobs: `benchmarks/bench_kernels.py --sweep` times them on
     a GPU and `benchmarks/kernel_resources.py` reports their registers and spills without one.
+    `right_padded=True` vouches that no sentence has padding before a real token (as
+    `neurolang.impact.check_right_padded` ensures): then the call never waits for the GPU; None
+    reads that from the device (the plain-tile kernels mask padding keys only where it happens).
 
     Extra memory: float32 copies of q and k (before and after RoPE) and of v (except under fp16x3),
     the float16 halves (fp16x3), cos, sin, the q/k-norm factors, the base output and
@@ -1467,7 +1472,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     if b > per_call:
         sub = lambda x, i: x if x.shape[0] == 1 else x[i:i + per_call]  # noqa: E731 (cos/sin may be [1, T, D])
         parts = [qk_impact_triton(sub(q, i), sub(k, i), sub(v, i), sub(cos, i), sub(sin, i), token_mask[i:i + per_call],
-                                  spec, metric, precision, block_m, block_n, block_c, num_warps, num_stages, layout)
+                                  spec, metric, precision, block_m, block_n, block_c, num_warps, num_stages, layout,
+                                  right_padded)
                  for i in range(0, b, per_call)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     token_mask = token_mask.bool()
@@ -1479,7 +1485,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     qn, rq, rq_m1 = _normalise(_heads(q, hq, d, acc if spec.q_norm else None), spec.q_norm)
     kn, rk, rk_m1 = _normalise(_heads(k, hk, d, acc if spec.k_norm else None), spec.k_norm)
     (qn, qr, kn, kr), parts, unscale, v_exact, padding_first = _operands(qn, kn, _heads(v, hk, d, None), cos, sin,
-                                                                         tokens, spec, precision)
+                                                                         tokens, spec, precision, right_padded)
     lse, out = _base_attention(parts, unscale, v_exact, tokens, spec, precision)
     if num_stages is None:
         num_stages = defaults["num_stages"] or default_stages(block_d, block_n, precision, v_exact)

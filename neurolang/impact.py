@@ -21,10 +21,12 @@ class _StopForward(Exception):
 
 def attention_impacts(layer: Layer, cap: Captured, token_mask: torch.Tensor, metric: str = "output",
                       chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, backend: str = "torch") -> dict[str, torch.Tensor]:
-    """Q, K, V and O impacts of one layer from what its hooks captured: {group: [B, width]}."""
+    """Q, K, V and O impacts of one layer from what its hooks captured: {group: [B, width]}.
+    `token_mask` must be right-padded (`check_right_padded`)."""
     spec = layer.spec
     if backend == "triton":
-        q, k = qk_impact_triton(cap.q, cap.k, cap.v, cap.cos, cap.sin, token_mask, spec, metric)
+        q, k = qk_impact_triton(cap.q, cap.k, cap.v, cap.cos, cap.sin, token_mask, spec, metric,
+                                right_padded=True)  # `compute_impacts` checked: no wait for the GPU
         out_sumsq = masked_column_sumsq_triton(cap.attn_out, token_mask)
     else:
         q, k = qk_impact_torch(cap.q, cap.k, cap.v, cap.cos, cap.sin, token_mask, spec, metric, chunk_elements)

@@ -176,9 +176,9 @@ def test_qk_plain_tile_kernel_unmasked_tiles_and_padding_anywhere(padding, windo
 @pytest.mark.parametrize("precision, layout", [("fp16x3", "stacked"), ("tf32x3", "stacked"), ("fp16x3", "pair")])
 @pytest.mark.parametrize("scale, rtol", [(1, 1e-5), (6, 1e-4)])  # × 6: rows that change a lot (the rough kernels)
 def test_qk_kernel_v_of_a_bfloat16_model(precision, layout, scale, rtol, monkeypatch):
-    """v_proj outputs of a bfloat16 model (8-bit mantissas) are their own big part under fp16x3
-    and tf32x3, so the value products skip the small part's product; the impacts still match
-    float64. Float32-valued v is not taken for one (it needs the third product)."""
+    """v_proj outputs of a bfloat16 model (a bfloat16 tensor: 8-bit mantissas) are their own big
+    part under fp16x3 and tf32x3, so the value products skip the small part's product; the impacts
+    still match float64. A float32 v is not taken for one (it needs the third product)."""
     import kernels.qk_impact as qk
 
     hq, hk, d, t = 4, 2, 8, 21
@@ -189,11 +189,12 @@ def test_qk_kernel_v_of_a_bfloat16_model(precision, layout, scale, rtol, monkeyp
     exact = []
     detect = qk._exact_in_big_part
     monkeypatch.setattr(qk, "_exact_in_big_part", lambda *args: exact.append(detect(*args)) or exact[-1])
-    for values, expected in ((v.to(torch.bfloat16).double(), True), (v, False)):
-        ref = qk_impact_reference(q, k, values, cos, sin, mask, spec)
-        tri = qk_impact_triton(*on_device(q, k, values, cos, sin), mask.to(DEVICE), spec, precision=precision,
-                               layout=layout)
-        assert bool(exact[-1]) is expected
+    for values, expected in ((v.to(torch.bfloat16), True), (v, False)):
+        ref = qk_impact_reference(q, k, values.double(), cos, sin, mask, spec)
+        q32, k32, cos32, sin32 = on_device(q, k, cos, sin)
+        v_in = values.to(DEVICE) if expected else values.float().to(DEVICE)
+        tri = qk_impact_triton(q32, k32, v_in, cos32, sin32, mask.to(DEVICE), spec, precision=precision, layout=layout)
+        assert exact[-1] is expected
         for a, r in zip((x.cpu() for x in tri), ref):
             torch.testing.assert_close(a.double(), r, rtol=rtol, atol=1e-7 * float(r.max()))
 
@@ -258,7 +259,7 @@ def test_base_attention_kernel_matches_dense_float64(case, precision):
     qh, kh, vh = heads(q, hq), heads(k, hk), heads(v, hk)
     tokens = mask.int().to(DEVICE)
     no_rotation = torch.ones(q.shape[0], t, d), torch.zeros(q.shape[0], t, d)
-    _, parts, unscale, v_exact, _ = qk._operands(*on_device(qh, kh, vh, *no_rotation), tokens, spec, precision)
+    _, parts, unscale, v_exact, _ = qk._operands(*on_device(qh, kh, vh, *no_rotation), tokens, spec, precision, None)
     lse, out = (x.cpu().double() for x in qk._base_attention(parts, unscale, v_exact, tokens, spec, precision))
     i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
     for h in range(hq):
@@ -321,16 +322,39 @@ def test_qk_kernel_defaults(precision, d, kernel, tiles, bfloat16_v, monkeypatch
     for name in ("_qk_kernel", "_qk_rough_kernel", "_qk_channel_kernel", "_qk_channel_rough_kernel"):
         monkeypatch.setattr(qk, name, Spy(name))
     q, k, v, mask = inputs(2, 1, d, 5, 0)
-    if bfloat16_v:
-        v = v.to(torch.bfloat16).double()
+    v_in = v.to(torch.bfloat16).to(DEVICE) if bfloat16_v else v.float().to(DEVICE)
+    v = v_in.cpu().double()
     cos, sin = rope(5, d, torch.float64)
     spec = spec_for(2, 1, d, None, None, False, 0)
-    tri = qk.qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, precision=precision)
+    q32, k32, cos32, sin32 = on_device(q, k, cos, sin)
+    tri = qk.qk_impact_triton(q32, k32, v_in, cos32, sin32, mask.to(DEVICE), spec, precision=precision)
     for a, r in zip((x.cpu() for x in tri), qk_impact_reference(q, k, v, cos, sin, mask, spec)):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
     main = [kw for launched, kw in launches if launched is getattr(qk, kernel).kernel]
     assert len(main) == 2 and len(launches) == 4  # query and key channels, each with its rough kernel
     assert all(kw[name] == value for kw in main for name, value in tiles.items())
+
+
+@pytest.mark.parametrize("layout", ["stacked", "pair"])
+def test_qk_kernel_right_padded_reads_nothing_back(layout, monkeypatch):
+    """`right_padded=True` (what the pipeline passes once `check_right_padded` passed): a Q/K call
+    reads nothing back from the device, so that on a GPU it never waits for it, and its impacts are
+    those of the call that checks the padding itself, to the bit."""
+    hq, hk, d, t = 4, 2, 8, 21
+    q, k, v, mask = inputs(hq, hk, d, t, 5)
+    spec = spec_for(hq, hk, d, 3.0, 9, True, 5)
+    args = (*on_device(q, k, v, *rope(t, d, torch.float64)), mask.to(DEVICE), spec)
+    checked = qk_impact_triton(*args, layout=layout)
+
+    def read_back(*_, **__):
+        raise AssertionError("a value read back from the device")
+
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+    vouched = qk_impact_triton(*args, layout=layout, right_padded=True)
+    monkeypatch.undo()
+    for a, b in zip(vouched, checked):
+        assert torch.equal(a, b)
 
 
 def test_qk_channel_blocks():
