@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks: kernel tests on the device, the Q/K tile sweep (the default on float32- and on
 # bfloat16-valued q, k, v, and its neighbours), the Q/K call breakdown and accuracy, the kernel
-# table. The sweep step takes gemma2-9b alone, whose target is the open one (llama's and qwen's
-# sweeps are in h100-kernels.md: `bench_kernels.py --sweep qk --shapes llama3.1-8b` reruns them). (The FFN sweep, its target met on the H200: `bench_kernels.py --sweep ffn`.)
+# table. The sweep step takes gemma2-9b, whose target is the open one, and gemma2-27b (head_dim 128
+# with a soft-cap: stacked by default, pair beside it); llama's and qwen's sweeps are in
+# h100-kernels.md (`bench_kernels.py --sweep qk --shapes llama3.1-8b` reruns them). (The FFN sweep,
+# its target met on the H200: `bench_kernels.py --sweep ffn`.)
 # Usage (on a CUDA machine, from the repository root): bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
 # STEPS is a comma list of tests, sweep, table, profile, scan (default: the first three; on an H100
 # on 2026-11-26 tests, sweep, table and scan took 8.1 minutes together, the tests 2.6 of them;
-# the default limits, 180 + 170 + 150 + 70 + 120 s: one 10-minute call runs the first three, a second the rest).
+# the default limits, 180 + 200 + 150 + 70 + 120 s: one 10-minute call runs the first three, a
+# second the rest).
 # profile: Nsight Compute on warm launches of the Q/K and column-norm kernels (llama, T = 512),
 # when `ncu` is on the machine (about 1–2 minutes).
 # scan: end-to-end detection against a plain forward pass (`bench_scan.py`) on a Llama-3.1-8B-shaped
@@ -29,7 +32,8 @@ if [[ $steps == *,tests,* ]]; then
     tests/test_triton_kernels.py 2>&1 | tee "$out/tests.log" | tail -15
 fi
 if [[ $steps == *,sweep,* ]]; then
-  timeout "${SWEEP_S:-170}" python3 benchmarks/bench_kernels.py --sweep qk --breakdown --accuracy --ops "" --shapes gemma2-9b \
+  timeout "${SWEEP_S:-200}" python3 benchmarks/bench_kernels.py --sweep qk --breakdown --accuracy --ops "" \
+    --shapes gemma2-9b,gemma2-27b \
     --out "$out/sweep.md" 2>"$out/sweep.log"; tail -3 "$out/sweep.log"
 fi
 if [[ $steps == *,table,* ]]; then

@@ -1375,13 +1375,19 @@ def default_stages(block_d: int, block_n: int, precision: str, v_exact: bool = F
     return 2 if block_n < 64 or (precision == "fp16x3" and v_exact) else 1
 
 
-def default_layout(head_dim: int, precision: str) -> str:
+def default_layout(head_dim: int, precision: str, softcap: float | None = None) -> str:
     """"pair" (plain tiles, a channel and its rotary partner a program) under fp16x3 for an even
-    head_dim up to 128, "stacked" otherwise. H100, T = 1024, float32 q, k, v: llama3.1-8b 17.5 ms
-    against stacked's 19.7, qwen2.5-7b 15.4 against 17.5, and faster at T = 256 and 2048 too;
-    at head_dim 256 the plain tiles were slower (gemma2-9b, one channel a program: 88.8 ms against
-    64.7; `benchmarks/results/h100-kernels.md`). The other precisions were timed stacked only."""
-    return "pair" if precision == "fp16x3" and head_dim % 2 == 0 and head_dim <= 128 else "stacked"
+    head_dim up to 128 without a soft-cap, "stacked" otherwise. H100, T = 1024, float32 q, k, v:
+    llama3.1-8b 17.5 ms against stacked's 19.7, qwen2.5-7b 15.4 against 17.5, and faster at T = 256
+    and 2048 too; at head_dim 256 the plain tiles were slower (gemma2-9b, one channel a program:
+    88.8 ms against 64.7; `benchmarks/results/h100-kernels.md`). The other precisions were timed
+    stacked only. With a soft-cap (Gemma-2-27B: head_dim 128), where only the stacked kernel has
+    the Taylor form (`_capped_change`), its key loop is 56.7 SASS instructions per (channel, row,
+    key) against pair's 82.9 (sm_90a compile, soft-cap + window; without the cap 41.0 against 35,
+    and the H100 took 19.7 against 17.5 ms: times in about the instructions' ratio). Untimed with
+    a soft-cap: `bench_kernels.py --sweep qk --shapes gemma2-27b` compares them."""
+    plain = precision == "fp16x3" and head_dim % 2 == 0 and head_dim <= 128 and softcap is None
+    return "pair" if plain else "stacked"
 
 
 # The plain-tile layouts' tiles: 64 query rows, 32-key tiles, 4 warps, 2 stages (the fastest of the
@@ -1454,7 +1460,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     b, t, _ = q.shape
     d, hq, hk = spec.head_dim, spec.n_heads, spec.n_kv_heads
     block_d = max(16, triton.next_power_of_2(d))
-    layout = default_layout(d, precision) if layout is None else layout
+    layout = default_layout(d, precision, spec.softcap) if layout is None else layout
     if layout == "stacked":
         defaults = dict(block_m=16, block_n=default_key_block(block_d, precision),
                         num_warps=default_warps(block_d, precision), num_stages=None)  # stages: once v is read

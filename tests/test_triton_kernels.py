@@ -298,16 +298,17 @@ def test_qk_kernel_runs_a_batch_past_its_offsets_a_few_sentences_at_a_time(monke
         qk_impact_triton(*args)
 
 
-@pytest.mark.parametrize("precision, d, kernel, tiles, bfloat16_v", [
-    ("fp16x3", 8, "_qk_channel_kernel", dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PAIR=True), False),
-    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_C=8, num_warps=8, num_stages=1), False),  # past 128
-    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_N=64, num_stages=2), True),  # no small part of v to hold: two stages
-    ("tf32x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=2, num_warps=4, num_stages=2), False),
-    ("tf32x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=3), False)])  # 64 keys: no shared memory
-def test_qk_kernel_defaults(precision, d, kernel, tiles, bfloat16_v, monkeypatch):
+@pytest.mark.parametrize("precision, d, kernel, tiles, inputs_kind", [
+    ("fp16x3", 8, "_qk_channel_kernel", dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PAIR=True), "float32"),
+    ("fp16x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=64, num_stages=3, HAS_CAP=True), "soft-cap"),  # its Taylor form
+    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_C=8, num_warps=8, num_stages=1), "float32"),  # past 128
+    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_N=64, num_stages=2), "bfloat16 v"),  # no small part of v to hold: two stages
+    ("tf32x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=2, num_warps=4, num_stages=2), "float32"),
+    ("tf32x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=3), "float32")])  # 64 keys: no shared memory
+def test_qk_kernel_defaults(precision, d, kernel, tiles, inputs_kind, monkeypatch):
     """With no layout or tiles given, the launch `default_layout` and its tiles choose, and the
     impacts match float64 (head_dim 136: the tiles of head_dim 256; v of a bfloat16 model changes
-    the pipeline's depth there)."""
+    the pipeline's depth there; a soft-cap takes the stacked kernel at any head_dim)."""
     import kernels.qk_impact as qk
 
     launches = []
@@ -322,10 +323,10 @@ def test_qk_kernel_defaults(precision, d, kernel, tiles, bfloat16_v, monkeypatch
     for name in ("_qk_kernel", "_qk_rough_kernel", "_qk_channel_kernel", "_qk_channel_rough_kernel"):
         monkeypatch.setattr(qk, name, Spy(name))
     q, k, v, mask = inputs(2, 1, d, 5, 0)
-    v_in = v.to(torch.bfloat16).to(DEVICE) if bfloat16_v else v.float().to(DEVICE)
+    v_in = v.to(torch.bfloat16).to(DEVICE) if inputs_kind == "bfloat16 v" else v.float().to(DEVICE)
     v = v_in.cpu().double()
     cos, sin = rope(5, d, torch.float64)
-    spec = spec_for(2, 1, d, None, None, False, 0)
+    spec = spec_for(2, 1, d, 3.0 if inputs_kind == "soft-cap" else None, None, False, 0)
     q32, k32, cos32, sin32 = on_device(q, k, cos, sin)
     tri = qk.qk_impact_triton(q32, k32, v_in, cos32, sin32, mask.to(DEVICE), spec, precision=precision)
     for a, r in zip((x.cpu() for x in tri), qk_impact_reference(q, k, v, cos, sin, mask, spec)):
