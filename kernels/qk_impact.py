@@ -1279,24 +1279,21 @@ def _exact_in_big_part(dtype: torch.dtype, precision: str) -> bool:
     return precision == "tf32x3" and dtype == torch.bfloat16
 
 
-def _operands(qn, kn, vv, cos, sin, tokens, spec: AttentionSpec, precision: str, right_padded: bool | None):
+def _operands(qn, kn, vv, cos, sin, tokens, spec: AttentionSpec, precision: str):
     """What the kernels read of q, k and v [B, heads, T, D] (normed, not yet rotated; views of any
     float dtype) with cos, sin [B, T, D] and the token flags [B, T] (float32, int32, contiguous):
     q and k as float32 [B, heads, T, D], before and after RoPE (four tensors); the (big, small)
     parts of the rotated q, k and of v, six tensors (`_operand`); per (sentence, query head) what
-    undoes the parts' scaling of Q·Kᵀ and of (probabilities·2^15)·V, [B, H, 2]; whether v is its
-    own big part (`_exact_in_big_part`) and whether padding comes before a real token (unless
-    `right_padded` says: the one read of the device, a wait for the GPU). Three launches and a
-    handful of small operations."""
+    undoes the parts' scaling of Q·Kᵀ and of (probabilities·2^15)·V, [B, H, 2]; and whether v is its
+    own big part (`_exact_in_big_part`). Three launches and a handful of small operations."""
     qn, qr, q_big, q_small, q_unscale = _operand(qn, cos, sin, tokens, precision, rotate=True, keep_plain=True)
     kn, kr, k_big, k_small, k_unscale = _operand(kn, cos, sin, tokens, precision, rotate=True, keep_plain=True)
     _, _, v_big, v_small, v_unscale = _operand(vv, cos, sin, tokens, precision, rotate=False, keep_plain=False)
     kv_head = torch.arange(qn.shape[1], device=qn.device) // spec.group_size
     unscale = torch.stack((q_unscale * k_unscale[:, kv_head],
                            v_unscale[:, kv_head] * (2.0 ** -15 if precision == "fp16x3" else 1.0)), -1).contiguous()
-    padding_first = bool((tokens[:, 1:] > tokens[:, :-1]).any()) if right_padded is None else not right_padded
     return ((qn, qr, kn, kr), (q_big, q_small, k_big, k_small, v_big, v_small), unscale,
-            _exact_in_big_part(vv.dtype, precision), padding_first)
+            _exact_in_big_part(vv.dtype, precision))
 
 
 def _base_attention(parts, unscale, v_exact: bool, tokens, spec: AttentionSpec, precision: str):
@@ -1442,7 +1439,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     a GPU and `benchmarks/kernel_resources.py` reports their registers and spills without one.
     `right_padded=True` vouches that no sentence has padding before a real token (as
     `neurolang.impact.check_right_padded` ensures): then the call never waits for the GPU; None
-    reads that from the device (the plain-tile kernels mask padding keys only where it happens).
+    reads that from the device for the plain-tile layouts, which mask padding keys only where it
+    happens (the stacked kernels always mask them).
 
     Extra memory: float32 copies of q and k (before and after RoPE) and of v (except under fp16x3),
     the float16 halves (fp16x3), cos, sin, the q/k-norm factors, the base output and
@@ -1463,7 +1461,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     layout = default_layout(d, precision, spec.softcap) if layout is None else layout
     if layout == "stacked":
         defaults = dict(block_m=16, block_n=default_key_block(block_d, precision),
-                        num_warps=default_warps(block_d, precision), num_stages=None)  # stages: once v is read
+                        num_warps=default_warps(block_d, precision))  # stages: once v is read
     else:
         defaults = PLAIN_TILES
     block_m = defaults["block_m"] if block_m is None else block_m
@@ -1490,11 +1488,12 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     # where a q/k norm is computed on them.
     qn, rq, rq_m1 = _normalise(_heads(q, hq, d, acc if spec.q_norm else None), spec.q_norm)
     kn, rk, rk_m1 = _normalise(_heads(k, hk, d, acc if spec.k_norm else None), spec.k_norm)
-    (qn, qr, kn, kr), parts, unscale, v_exact, padding_first = _operands(qn, kn, _heads(v, hk, d, None), cos, sin,
-                                                                         tokens, spec, precision, right_padded)
+    (qn, qr, kn, kr), parts, unscale, v_exact = _operands(qn, kn, _heads(v, hk, d, None), cos, sin, tokens, spec,
+                                                          precision)
     lse, out = _base_attention(parts, unscale, v_exact, tokens, spec, precision)
     if num_stages is None:
-        num_stages = defaults["num_stages"] or default_stages(block_d, block_n, precision, v_exact)
+        num_stages = default_stages(block_d, block_n, precision, v_exact) if layout == "stacked" else \
+            PLAIN_TILES["num_stages"]
     counted = _counted_rows(token_mask, spec.sliding_window)
     n_tiles = triton.cdiv(t, block_m)
     block_c = default_channel_block(block_m, d, num_warps, precision) if block_c is None else block_c
@@ -1512,7 +1511,9 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         kernels = (_qk_channel_kernel, _qk_channel_rough_kernel)
         grids = [(b * hq, n_tiles, d // 2 if layout == "pair" else d), (b * hq, n_tiles, d)]
         # Keys need the token mask only where padding comes before a real token (the pipeline pads on the
-        # right); with it, ptxas serialises the kernel's wgmma (sm_90a, triton 3.6), so it is kept off otherwise.
+        # right, `right_padded`); with it, ptxas serialises the kernel's wgmma (sm_90a, triton 3.6), so it is
+        # kept off otherwise. Unless the caller vouches, that is read from the device: one wait for the GPU.
+        padding_first = bool((tokens[:, 1:] > tokens[:, :-1]).any()) if right_padded is None else not right_padded
         specialise = [dict(MASK_KEYS=padding_first, PAIR=layout == "pair")] * 2
     results = []
     for is_key, r, r_m1, has_norm in ((False, rq, rq_m1, has_norm_q), (True, rk, rk_m1, has_norm_k)):

@@ -259,7 +259,7 @@ def test_base_attention_kernel_matches_dense_float64(case, precision):
     qh, kh, vh = heads(q, hq), heads(k, hk), heads(v, hk)
     tokens = mask.int().to(DEVICE)
     no_rotation = torch.ones(q.shape[0], t, d), torch.zeros(q.shape[0], t, d)
-    _, parts, unscale, v_exact, _ = qk._operands(*on_device(qh, kh, vh, *no_rotation), tokens, spec, precision, None)
+    _, parts, unscale, v_exact = qk._operands(*on_device(qh, kh, vh, *no_rotation), tokens, spec, precision)
     lse, out = (x.cpu().double() for x in qk._base_attention(parts, unscale, v_exact, tokens, spec, precision))
     i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
     for h in range(hq):
