@@ -114,7 +114,7 @@ def _tanh_change(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     tanh(d)·(1 − tanh a·tanh s) cancels once |a| passes 2: 1e-4 relative at 4, all digits at 10.)"""
     s = a + d
     same_sign = a * s > 0
-    u = torch.exp(-2 * a.abs())  # a: [B, 1, I, K], shared by the channels
+    u = torch.exp(-2 * a.abs())  # a: [B, K, I, 1], shared by the channels
     v = s.abs_().mul_(-2).exp_()  # e^-2|s|; in place from here on (the eager twin's time and memory)
     out = torch.maximum(u, v).masked_fill_(~same_sign, 1.0)  # E: the larger of e^-2|a|, e^-2|s|
     out.mul_(d.abs().mul_(-2).expm1_()).mul_(torch.sign(d)).mul_(-2)
@@ -131,7 +131,8 @@ def _base_logits(x: torch.Tensor, token_mask: torch.Tensor, rows: slice, keys: s
 
 
 def _probability_change(logp: torch.Tensor, p: torch.Tensor, dl: torch.Tensor) -> torch.Tensor:
-    """A' − A for rows of log-probabilities `logp` (−inf where masked) whose logits move by `dl`.
+    """A' − A for rows of log-probabilities `logp` (−inf where masked) whose logits move by `dl`,
+    keys along dim 1 (`_chunk_sq`'s [B, K, I, C]).
 
     A row that moves gently (|W| ≤ ½ and no logit up by more than 20) uses the expm1 form, exact
     to rounding however small the change; any other row recomputes its softmax, shifted by its own
@@ -139,25 +140,27 @@ def _probability_change(logp: torch.Tensor, p: torch.Tensor, dl: torch.Tensor) -
     `p` is exp(logp), which the caller already has.
     """
     e = torch.expm1(dl.clamp_max(20))
-    w_sum = (p * e).sum(-1, keepdim=True)
-    gentle = (w_sum.abs() <= 0.5) & (dl.amax(-1, keepdim=True) <= 20)
+    w_sum = (p * e).sum(1, keepdim=True)
+    gentle = (w_sum.abs() <= 0.5) & (dl.amax(1, keepdim=True) <= 20)
     small = p * (e - w_sum) / (1 + w_sum)
     if not torch.compiler.is_compiling() and bool(gentle.all()):
         return small
     shifted = logp + dl
-    q = torch.exp(shifted - shifted.amax(-1, keepdim=True))
-    return torch.where(gentle, small, q / q.sum(-1, keepdim=True) - p)
+    q = torch.exp(shifted - shifted.amax(1, keepdim=True))
+    return torch.where(gentle, small, q / q.sum(1, keepdim=True) - p)
 
 
 def _chunk_sq(x, logp, p, masked, out, v, valid_rows, row_c, row_p, col_c, col_p, r, r_m1,
               softcap: float | None, metric: str):
     """Σ over valid rows of ‖ΔA_i V‖² (or ‖ΔA_i‖²) for a chunk of channels: [B, C].
 
-    x, logp, p, masked: [B, 1, I, T] base logits (pre-cap), log-probs (−inf where masked),
-    probabilities and the mask; out: [B, 1, I, D] base output; v: [B, 1, T, D].
-    The scaled logit change before normalisation is Δ = row_c·col_c + row_p·col_p (a channel and
-    its rotary partner, [B, C, I, 1] times [B, C, 1, T]); with a head norm, x' = r·(x − Δ), r per
-    row (query channels) or per column (key channels).
+    Laid out keys first and channels last, [B, K, I, C]: the element-wise work runs along the
+    channels (whole vectors even for sentences of a few tokens) and the product with V is one
+    batched matmul of a transposed view. x, logp, p, masked: [B, K, I, 1] base logits (pre-cap),
+    log-probs (−inf where masked), probabilities and the mask; out: [B, I, 1, D] base output;
+    v: [B, K, D]. The scaled logit change before normalisation is Δ = row_c·col_c + row_p·col_p
+    (a channel and its rotary partner, [B, 1, I, C] times [B, K, 1, C]); with a head norm,
+    x' = r·(x − Δ), r per row (query channels, [B, 1, I, C]) or per key (key channels, [B, K, 1, C]).
     """
     delta = torch.addcmul(row_c * col_c, row_p, col_p)
     dx = delta.neg_() if r is None else torch.addcmul(r_m1 * x, r, delta, value=-1.0)
@@ -169,20 +172,25 @@ def _chunk_sq(x, logp, p, masked, out, v, valid_rows, row_c, row_p, col_c, col_p
     if metric == "output":
         # ΔO_i = (Σ_j p_ij·e_ij·V_j − W_i·O_i) / (1 + W_i): the expm1 form without forming A' − A.
         pe = torch.expm1(dl.clamp_max(20)).mul_(p)
-        w_sum = pe.sum(-1, keepdim=True)
-        gentle = (w_sum.abs() <= 0.5) & (dl.amax(-1, keepdim=True) <= 20)
+        b, k, i, c = pe.shape
+        w_sum = pe.sum(1)[..., None]  # [B, I, C, 1]
+        gentle = (w_sum.abs() <= 0.5) & (dl.amax(1)[..., None] <= 20)
+
+        def times_v(a):  # Σ_j a_j·V_j: [B, K, I, C] → [B, I, C, D]
+            return torch.bmm(a.reshape(b, k, i * c).transpose(1, 2), v).view(b, i, c, -1)
+
         if torch.compiler.is_compiling() or not bool(gentle.all()):
             # Rows that change a lot: the new softmax directly; one matmul serves both kinds of row.
             shifted = logp + dl
-            q = torch.exp(shifted - shifted.amax(-1, keepdim=True))
-            mixed = torch.where(gentle, pe, q / q.sum(-1, keepdim=True)) @ v
+            q = torch.exp(shifted - shifted.amax(1, keepdim=True))
+            mixed = times_v(torch.where(gentle.view(b, 1, i, c), pe, q / q.sum(1, keepdim=True)))
             change = torch.where(gentle, (mixed - w_sum * out) / (1 + w_sum), mixed - out)
         else:
-            change = (pe @ v - w_sum * out) / (1 + w_sum)
+            change = (times_v(pe) - w_sum * out) / (1 + w_sum)
+        per_row = change.square().sum(-1)
     else:
-        change = _probability_change(logp, p, dl)
-    per_row = change.square().sum(-1)
-    return torch.where(valid_rows[:, None, :], per_row, 0.0).sum(-1)
+        per_row = _probability_change(logp, p, dl).square().sum(1)
+    return torch.where(valid_rows[..., None], per_row, 0.0).sum(1)
 
 
 _compiled_chunk = None
@@ -258,40 +266,40 @@ def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: 
             for i0 in range(0, t, n_rows):
                 rows = slice(i0, min(t, i0 + n_rows))
                 keys = _key_range(rows, spec.sliding_window)  # K keys: the others are masked anyway
-                vg = vv[:, g, None, keys]  # [B, 1, K, D]
+                vg = vv[:, g, keys].contiguous()  # [B, K, D]
                 x = s * qr[:, h, rows] @ kr[:, g, keys].transpose(-1, -2)  # [B, I, K]
                 logp = torch.log_softmax(_base_logits(x, token_mask, rows, keys, spec), dim=-1)
-                x, logp = x[:, None], logp[:, None]
                 p = logp.exp()
+                out = (p @ vg)[:, :, None]  # [B, I, 1, D]
+                x, logp, p = (y.transpose(1, 2).contiguous()[..., None] for y in (x, logp, p))  # [B, K, I, 1]
                 masked = torch.isinf(logp)
-                out = p @ vg
                 valid = token_mask[:, rows]
                 for c0 in range(0, d, n_chan):
                     ch = torch.arange(c0, min(d, c0 + n_chan), device=q.device)
                     partner = (ch + d // 2) % d
                     sign = torch.where(ch < d // 2, 1.0, -1.0).to(acc)
                     # Query channels of head h: the change of q̂_i[c] along its rotary column.
-                    qh = s * qn[:, h, rows][..., ch].transpose(1, 2)[..., None]  # [B, C, I, 1]
-                    row_c = qh * cos[:, rows][..., ch].transpose(1, 2)[..., None]
-                    row_p = qh * (sign * sin[:, rows][..., partner]).transpose(1, 2)[..., None]
-                    col_c = kr[:, g, keys][..., ch].transpose(1, 2)[:, :, None]  # [B, C, 1, K]
-                    col_p = kr[:, g, keys][..., partner].transpose(1, 2)[:, :, None]
+                    qh = s * qn[:, h, rows][..., ch]  # [B, I, C]
+                    row_c = (qh * cos[:, rows][..., ch])[:, None]  # [B, 1, I, C]
+                    row_p = (qh * sign * sin[:, rows][..., partner])[:, None]
+                    col_c = kr[:, g, keys][..., ch][:, :, None]  # [B, K, 1, C]
+                    col_p = kr[:, g, keys][..., partner][:, :, None]
                     r = r_m1 = None
                     if rq is not None:
-                        r = rq[:, h, rows][..., ch].transpose(1, 2)[..., None]
-                        r_m1 = rq_m1[:, h, rows][..., ch].transpose(1, 2)[..., None]
+                        r = rq[:, h, rows][..., ch][:, None]
+                        r_m1 = rq_m1[:, h, rows][..., ch][:, None]
                     q_sq[:, h, ch] += _run_chunk(x, logp, p, masked, out, vg, valid, row_c, row_p, col_c, col_p, r, r_m1,
                                                  spec.softcap, metric)
                     # Key channels of KV head g: the same with rows and columns swapped.
-                    kh = s * kn[:, g, keys][..., ch].transpose(1, 2)[:, :, None]  # [B, C, 1, K]
-                    col_c = kh * cos[:, keys][..., ch].transpose(1, 2)[:, :, None]
-                    col_p = kh * (sign * sin[:, keys][..., partner]).transpose(1, 2)[:, :, None]
-                    row_c = qr[:, h, rows][..., ch].transpose(1, 2)[..., None]  # [B, C, I, 1]
-                    row_p = qr[:, h, rows][..., partner].transpose(1, 2)[..., None]
+                    kh = s * kn[:, g, keys][..., ch]  # [B, K, C]
+                    col_c = (kh * cos[:, keys][..., ch])[:, :, None]  # [B, K, 1, C]
+                    col_p = (kh * sign * sin[:, keys][..., partner])[:, :, None]
+                    row_c = qr[:, h, rows][..., ch][:, None]  # [B, 1, I, C]
+                    row_p = qr[:, h, rows][..., partner][:, None]
                     r = r_m1 = None
                     if rk is not None:
-                        r = rk[:, g, keys][..., ch].transpose(1, 2)[:, :, None]
-                        r_m1 = rk_m1[:, g, keys][..., ch].transpose(1, 2)[:, :, None]
+                        r = rk[:, g, keys][..., ch][:, :, None]
+                        r_m1 = rk_m1[:, g, keys][..., ch][:, :, None]
                     k_sq[:, g, ch] += _run_chunk(x, logp, p, masked, out, vg, valid, row_c, row_p, col_c, col_p, r, r_m1,
                                                  spec.softcap, metric)
     return _finish(q_sq, metric), _finish(k_sq, metric)
