@@ -219,10 +219,15 @@ def _run_chunk(*args):
         return _chunk_sq(*args)
 
 
-def _chunks(b: int, t: int, d: int, budget: int) -> tuple[int, int]:
-    channels = d if b * d * t <= budget else max(1, budget // (b * t))
-    rows = max(1, min(t, budget // (b * channels * t)))
-    return channels, rows
+def _chunks(n: int, t: int, d: int, budget: int) -> tuple[int, int, int]:
+    """(sequences, channels, query rows) a chunk takes: its [sequences, rows, channels, keys or
+    head_dim] tensors stay within `budget` elements unless one sequence, channel and row exceed it.
+    Rows come in at least four chunks once a sentence passes 64 tokens (the causal mask then
+    spares a chunk the keys after its last row: 5/8 of the work of whole rows)."""
+    width = max(t, d)
+    channels = d if d * width <= budget else max(1, budget // width)
+    rows = max(1, min(t, budget // (channels * width), max(16, -(-t // 4))))
+    return max(1, min(n, budget // (channels * rows * width))), channels, rows
 
 
 @full_float32_matmuls()
@@ -235,73 +240,92 @@ def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: 
     Returns (q_impact [B, n_heads·D], k_impact [B, n_kv_heads·D]) in float32 (float64 stays);
     `output` gives ‖(A − A')V‖_F, `probs` gives ‖A − A'‖²_F.
 
+    The work goes in chunks of (sentence, query head) sequences × channels × query rows
+    (`_chunks`): sentences of a few tokens share a chunk across heads and sentences, long ones are
+    cut into row chunks that see only the keys they can attend to.
+
     Memory: beyond float32 copies of q, k, v, cos, sin (O(B·heads·T·D)), the working set is a
     few (about eight; more with soft-capping) float32 tensors of at most `chunk_elements`
-    elements each (B × channels × query rows × keys, chunked over channels and query rows; each
-    row chunk sees only the keys it can attend to), so peak extra memory is about 32·chunk_elements
-    bytes (64 MiB at the default) whatever T and the head count are; with soft-capping, eager,
-    194 MiB peak (process RSS) at gemma2-9b's shape and T = 256, against 110 MiB before the exact
-    soft-cap change. Smaller chunks also stay in the CPU's caches: 2^21 was the
-    fastest of 2^18 … 2^22 on the 2-core CI machine (llama3.1-8b, T = 256 and 512).
+    elements each (sequences × rows × channels × keys or head_dim), so peak extra memory is about
+    32·chunk_elements bytes (64 MiB at the default) whatever B, T and the head count are; with
+    soft-capping, eager, 194 MiB peak (process RSS) at gemma2-9b's shape and T = 256. Chunks of
+    2^21 elements were the fastest of 2^16 … 2^21 on the 2-core CI machine at llama3.1-8b's shape
+    (8 sentences, T = 32 and 64) and SmolLM2's (9 × 64, 3 KV heads; 8 sentences, T = 12 to 96)
+    and about level with 2^20 at T = 256 (one sentence), as before at 2^18 … 2^22. A tensor past
+    32 MiB (glibc's largest mmap threshold) is new pages each time, about 6 ms for 32 MiB here, which
+    is why the head_dim-wide tensors count too.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown Q/K metric {metric!r}; choose one of {', '.join(METRICS)}")
     acc = _accumulation_dtype(q)
     b, t, _ = q.shape
-    d, hk, group = spec.head_dim, spec.n_kv_heads, spec.group_size
+    d, hq, hk, group = spec.head_dim, spec.n_heads, spec.n_kv_heads, spec.group_size
     s = spec.scaling
     token_mask = token_mask.bool()
     cos = cos.to(acc).expand(b, t, d)
     sin = sin.to(acc).expand(b, t, d)
-    qn, rq, rq_m1 = _normalise(_heads(q, spec.n_heads, d, acc), spec.q_norm)
+    qn, rq, rq_m1 = _normalise(_heads(q, hq, d, acc), spec.q_norm)
     kn, rk, rk_m1 = _normalise(_heads(k, hk, d, acc), spec.k_norm)
     vv = _heads(v, hk, d, acc)
     qr = qn * cos[:, None] + _rotate_half(qn) * sin[:, None]
     kr = kn * cos[:, None] + _rotate_half(kn) * sin[:, None]
-    q_sq = torch.zeros(b, spec.n_heads, d, dtype=acc, device=q.device)
-    k_sq = torch.zeros(b, hk, d, dtype=acc, device=q.device)
-    n_chan, n_rows = _chunks(b, t, d, chunk_elements)
-    for g in range(hk):
-        for h in range(g * group, (g + 1) * group):
-            for i0 in range(0, t, n_rows):
-                rows = slice(i0, min(t, i0 + n_rows))
-                keys = _key_range(rows, spec.sliding_window)  # K keys: the others are masked anyway
-                vg = vv[:, g, keys].contiguous()  # [B, K, D]
-                x = s * qr[:, h, rows] @ kr[:, g, keys].transpose(-1, -2)  # [B, I, K]
-                logp = torch.log_softmax(_base_logits(x, token_mask, rows, keys, spec), dim=-1)
-                p = logp.exp()
-                out = (p @ vg)[:, :, None]  # [B, I, 1, D]
-                x, logp, p = (y.transpose(1, 2).contiguous()[..., None] for y in (x, logp, p))  # [B, K, I, 1]
-                masked = torch.isinf(logp)
-                valid = token_mask[:, rows]
-                for c0 in range(0, d, n_chan):
-                    ch = torch.arange(c0, min(d, c0 + n_chan), device=q.device)
-                    partner = (ch + d // 2) % d
-                    sign = torch.where(ch < d // 2, 1.0, -1.0).to(acc)
-                    # Query channels of head h: the change of q̂_i[c] along its rotary column.
-                    qh = s * qn[:, h, rows][..., ch]  # [B, I, C]
-                    row_c = (qh * cos[:, rows][..., ch])[:, None]  # [B, 1, I, C]
-                    row_p = (qh * sign * sin[:, rows][..., partner])[:, None]
-                    col_c = kr[:, g, keys][..., ch][:, :, None]  # [B, K, 1, C]
-                    col_p = kr[:, g, keys][..., partner][:, :, None]
-                    r = r_m1 = None
-                    if rq is not None:
-                        r = rq[:, h, rows][..., ch][:, None]
-                        r_m1 = rq_m1[:, h, rows][..., ch][:, None]
-                    q_sq[:, h, ch] += _run_chunk(x, logp, p, masked, out, vg, valid, row_c, row_p, col_c, col_p, r, r_m1,
-                                                 spec.softcap, metric)
-                    # Key channels of KV head g: the same with rows and columns swapped.
-                    kh = s * kn[:, g, keys][..., ch]  # [B, K, C]
-                    col_c = (kh * cos[:, keys][..., ch])[:, :, None]  # [B, K, 1, C]
-                    col_p = (kh * sign * sin[:, keys][..., partner])[:, :, None]
-                    row_c = qr[:, h, rows][..., ch][:, None]  # [B, 1, I, C]
-                    row_p = qr[:, h, rows][..., partner][:, None]
-                    r = r_m1 = None
-                    if rk is not None:
-                        r = rk[:, g, keys][..., ch][:, :, None]
-                        r_m1 = rk_m1[:, g, keys][..., ch][:, :, None]
-                    k_sq[:, g, ch] += _run_chunk(x, logp, p, masked, out, vg, valid, row_c, row_p, col_c, col_p, r, r_m1,
-                                                 spec.softcap, metric)
+    # One sequence per (sentence, query head): the query side flattened to [B·n_heads, T, D], the
+    # key side to [B·n_kv_heads, T, D], each sequence's KV head in `kv`.
+    qn, rq, rq_m1, qr, kn, rk, rk_m1, kr, vv = (None if x is None else x.flatten(0, 1)
+                                                for x in (qn, rq, rq_m1, qr, kn, rk, rk_m1, kr, vv))
+    n = b * hq
+    sentence = torch.arange(n, device=q.device) // hq
+    kv = sentence * hk + torch.arange(n, device=q.device) % hq // group
+    q_sq = torch.zeros(n, d, dtype=acc, device=q.device)
+    k_sq = torch.zeros(n, d, dtype=acc, device=q.device)  # per query head, summed over the group at the end
+    n_seq, n_chan, n_rows = _chunks(n, t, d, chunk_elements)
+    for n0 in range(0, n, n_seq):
+        seqs = slice(n0, min(n, n0 + n_seq))
+        kv_heads, sentences = kv[seqs], sentence[seqs]
+        mask = token_mask[sentences]
+        for i0 in range(0, t, n_rows):
+            rows = slice(i0, min(t, i0 + n_rows))
+            keys = _key_range(rows, spec.sliding_window)  # K keys: the others are masked anyway
+            q_rows, k_keys, v_keys = qr[seqs, rows], kr[kv_heads, keys], vv[kv_heads, keys]  # [N, I | K, D]
+            x = s * q_rows @ k_keys.transpose(-1, -2)  # [N, I, K]
+            logp = torch.log_softmax(_base_logits(x, mask, rows, keys, spec), dim=-1)
+            p = logp.exp()
+            out = (p @ v_keys)[:, :, None]  # [N, I, 1, D]
+            x, logp, p = (y.transpose(1, 2).contiguous()[..., None] for y in (x, logp, p))  # [N, K, I, 1]
+            masked = torch.isinf(logp)
+            valid = mask[:, rows]
+            cos_rows, sin_rows = cos[sentences, rows], sin[sentences, rows]
+            cos_keys, sin_keys = cos[sentences, keys], sin[sentences, keys]
+            for c0 in range(0, d, n_chan):
+                ch = torch.arange(c0, min(d, c0 + n_chan), device=q.device)
+                partner = (ch + d // 2) % d
+                sign = torch.where(ch < d // 2, 1.0, -1.0).to(acc)
+                # Query channels: the change of q̂_i[c] along its rotary column.
+                qh = s * qn[seqs, rows][..., ch]  # [N, I, C]
+                row_c = (qh * cos_rows[..., ch])[:, None]  # [N, 1, I, C]
+                row_p = (qh * sign * sin_rows[..., partner])[:, None]
+                col_c = k_keys[..., ch][:, :, None]  # [N, K, 1, C]
+                col_p = k_keys[..., partner][:, :, None]
+                r = r_m1 = None
+                if rq is not None:
+                    r = rq[seqs, rows][..., ch][:, None]
+                    r_m1 = rq_m1[seqs, rows][..., ch][:, None]
+                q_sq[seqs, ch] += _run_chunk(x, logp, p, masked, out, v_keys, valid, row_c, row_p, col_c, col_p, r,
+                                             r_m1, spec.softcap, metric)
+                # Key channels of the sequence's KV head: the same with rows and columns swapped.
+                kh = s * kn[kv_heads, keys][..., ch]  # [N, K, C]
+                col_c = (kh * cos_keys[..., ch])[:, :, None]  # [N, K, 1, C]
+                col_p = (kh * sign * sin_keys[..., partner])[:, :, None]
+                row_c = q_rows[..., ch][:, None]  # [N, 1, I, C]
+                row_p = q_rows[..., partner][:, None]
+                r = r_m1 = None
+                if rk is not None:
+                    r = rk[kv_heads, keys][..., ch][:, :, None]
+                    r_m1 = rk_m1[kv_heads, keys][..., ch][:, :, None]
+                k_sq[seqs, ch] += _run_chunk(x, logp, p, masked, out, v_keys, valid, row_c, row_p, col_c, col_p, r,
+                                             r_m1, spec.softcap, metric)
+    q_sq = q_sq.view(b, hq, d)
+    k_sq = k_sq.view(b, hk, group, d).sum(2)
     return _finish(q_sq, metric), _finish(k_sq, metric)
 
 

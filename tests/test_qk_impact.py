@@ -58,6 +58,20 @@ def test_twin_matches_float64_reference(case, metric):
     torch.testing.assert_close(small_k.double(), ref_k, rtol=1e-5, atol=1e-7 * float(ref_k.max()))
 
 
+@pytest.mark.parametrize("t,budget", [(9, 5 * 12 * 9 * 12), (70, 1 << 21)])
+def test_chunks_of_several_sequences(t, budget):
+    """Chunks of a few (sentence, query head) sequences, the last one short (9 tokens: 5 of 18 a
+    chunk), and sentences past 64 tokens cut into four row chunks of several sequences each."""
+    hq, hk, d = 6, 2, 12
+    q, k, v, mask = inputs(hq, hk, d, t, 5)
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, None, None, False, 5)
+    ref_q, ref_k = qk_impact_reference(q, k, v, cos, sin, mask, spec)
+    twin_q, twin_k = qk_impact_torch(q, k, v, cos, sin, mask, spec, chunk_elements=budget)
+    torch.testing.assert_close(twin_q, ref_q, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(twin_k, ref_k, rtol=1e-10, atol=1e-14)
+
+
 def test_padding_does_not_change_impacts():
     hq, hk, d, t = 4, 2, 10, 11
     q, k, v, _ = inputs(hq, hk, d, t, 5)
