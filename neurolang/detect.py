@@ -146,6 +146,7 @@ def count_activations(adapter: ModelAdapter, seqs, pad_id: int, *, ratio=0.01, s
     ranks = None if sigma is not None else {
         g: torch.zeros(len(seqs), adapter.n_layers, k, dtype=torch.int32, device=device) for g, k in ks.items()}
     timings = {"impacts_s": 0.0}
+    weight_norms = {}  # o_proj's and down_proj's column norms, read once per detection
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
     rows = None
     try:
@@ -173,7 +174,7 @@ def count_activations(adapter: ModelAdapter, seqs, pad_id: int, *, ratio=0.01, s
         batch = [seqs[i] for i in order[start:start + batch_size]]
         ids, mask = pad_batch(batch, pad_id, device)
         compute_impacts(adapter, ids, mask, metric=metric, backend=backend, on_layer=on_layer, timings=timings,
-                        compat=compat)
+                        compat=compat, weight_norms=weight_norms)
         if progress is not None:
             progress(sum(len(s) for s in batch))
     return counts, ranks, timings["impacts_s"]

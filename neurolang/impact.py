@@ -19,10 +19,20 @@ class _StopForward(Exception):
     """Raised by a hook once the last requested layer is done: later layers need not run."""
 
 
+def _column_norms(weight: torch.Tensor, kept: dict | None) -> torch.Tensor:
+    """`weight_column_norms` of a layer's weight; with a dict `kept`, computed once per weight."""
+    if kept is None:
+        return weight_column_norms(weight.detach())
+    if weight not in kept:
+        kept[weight] = weight_column_norms(weight.detach())
+    return kept[weight]
+
+
 def attention_impacts(layer: Layer, cap: Captured, token_mask: torch.Tensor, metric: str = "output",
-                      chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, backend: str = "torch") -> dict[str, torch.Tensor]:
+                      chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, backend: str = "torch",
+                      weight_norms: dict | None = None) -> dict[str, torch.Tensor]:
     """Q, K, V and O impacts of one layer from what its hooks captured: {group: [B, width]}.
-    `token_mask` must be right-padded (`check_right_padded`)."""
+    `token_mask` must be right-padded (`check_right_padded`); `weight_norms` as in `compute_impacts`."""
     spec = layer.spec
     if backend == "triton":
         q, k = qk_impact_triton(cap.q, cap.k, cap.v, cap.cos, cap.sin, token_mask, spec, metric,
@@ -37,15 +47,16 @@ def attention_impacts(layer: Layer, cap: Captured, token_mask: torch.Tensor, met
         "q": q,
         "k": k,
         "v": per_kv.sqrt().reshape(b, -1),
-        "o": out_sumsq.sqrt() * weight_column_norms(layer.o_proj.weight.detach()),
+        "o": out_sumsq.sqrt() * _column_norms(layer.o_proj.weight, weight_norms),
     }
 
 
-def ffn_impacts(layer: Layer, cap: Captured, token_mask: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+def ffn_impacts(layer: Layer, cap: Captured, token_mask: torch.Tensor, backend: str = "torch",
+                weight_norms: dict | None = None) -> torch.Tensor:
     """FFN impacts of one layer: ‖H[:, k]‖₂ · ‖W_down[:, k]‖₂ per sentence, [B, intermediate]."""
     column_sumsq = masked_column_sumsq_triton if backend == "triton" else masked_column_sumsq_torch
     h = column_sumsq(cap.ffn_hidden, token_mask).sqrt()
-    return h * weight_column_norms(layer.down_proj.weight.detach())
+    return h * _column_norms(layer.down_proj.weight, weight_norms)
 
 
 def check_right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -60,7 +71,8 @@ def check_right_padded(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     layers=None, metric: str = "output", backend: str = "auto",
-                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, on_layer=None, timings=None, compat=None):
+                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, on_layer=None, timings=None, compat=None,
+                    weight_norms: dict | None = None):
     """Impacts of all neurons of the given layers for a right-padded batch of sentences.
 
     Returns {layer: {group: float32 tensor [B, width]}}; with `on_layer(layer_index, impacts)`
@@ -68,6 +80,9 @@ def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_ma
     so a padded batch gives the same numbers as its sentences one at a time. With a `timings`
     dict, the seconds spent computing impacts (and in `on_layer`) are added to its "impacts_s".
     `compat="released-code"` returns the released code's scores instead (see neurolang.compat).
+    `weight_norms`, a dict, keeps the column norms of o_proj and down_proj from call to call
+    (`count_activations` passes one per detection: the weights do not change in between); the
+    caller must not reuse it once a weight has changed.
     """
     if metric not in METRICS:
         raise NeurolangError(f"unknown Q/K metric {metric!r}; choose one of {', '.join(METRICS)}")
@@ -89,7 +104,8 @@ def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_ma
     def on_attention(layer, cap):
         start = time.perf_counter()
         if compat is None:
-            pending[layer.index] = attention_impacts(layer, cap, token_mask, metric, chunk_elements, backend)
+            pending[layer.index] = attention_impacts(layer, cap, token_mask, metric, chunk_elements, backend,
+                                                     weight_norms)
         else:
             pending[layer.index] = released.attention_scores(layer, cap, token_mask)
         if timings is not None:
@@ -98,7 +114,7 @@ def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_ma
     def on_ffn(layer, cap):
         start = time.perf_counter()
         impacts = pending.pop(layer.index)
-        impacts["ffn"] = (ffn_impacts(layer, cap, token_mask, backend) if compat is None
+        impacts["ffn"] = (ffn_impacts(layer, cap, token_mask, backend, weight_norms) if compat is None
                           else released.ffn_scores(cap, token_mask))
         impacts = {g: impacts[g] for g in GROUPS}
         if on_layer is None:

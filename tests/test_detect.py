@@ -98,6 +98,20 @@ def test_batch_size_and_rerun_invariance(model_and_tokenizer, corpus_dir):
         assert torch.equal(value, c.tensors()[key]), key
 
 
+def test_weight_norms_are_read_once_a_detection(monkeypatch, model_and_tokenizer):
+    import neurolang.impact
+    from neurolang.detect import count_activations
+
+    model, _ = model_and_tokenizer
+    adapter = ModelAdapter(model)
+    reads = []
+    real = neurolang.impact.weight_column_norms
+    monkeypatch.setattr(neurolang.impact, "weight_column_norms", lambda w: reads.append(w) or real(w))
+    seqs = [[5 + i] * (3 + i) for i in range(5)]
+    count_activations(adapter, seqs, 0, batch_size=2)  # three batches
+    assert len(reads) == 2 * adapter.n_layers  # o_proj and down_proj of each layer
+
+
 def test_classify_counts_add_up(model_and_tokenizer, corpus_dir):
     sets = run_detect(model_and_tokenizer, corpus_dir, tau=0.5)
     result = classify(sets)
