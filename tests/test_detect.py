@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels import select_count_torch, top_k_size
+from kernels import select_count_torch, top_k_order, top_k_size
 from neurolang.adapters import GROUPS, ModelAdapter
 from neurolang.classify import Classification, classify
 from neurolang.cli import main
@@ -52,6 +52,22 @@ def test_select_count_matches_a_loop():
     assert torch.equal(select_count_torch(impacts, k=k), expected)
     assert torch.equal(select_count_torch(impacts, sigma=0.5), (impacts > 0.5).sum(0, dtype=torch.int32))
     assert top_k_size(0.01, 50) == 1 and top_k_size(0.01, 14336) == 143
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_k_order_is_a_stable_sort(dtype):
+    gen = torch.Generator().manual_seed(1)
+    impacts = torch.randn(6, 300, generator=gen).to(dtype)
+    impacts[0, 10:20] = 2.0  # ties inside the top k and across its edge
+    impacts[1, :50] = 0.0
+    impacts[1, 25:50] = -0.0  # equal to 0.0 for a sort
+    impacts[2, [5, 77]] = float("nan")  # first, as a descending sort has them
+    impacts[2, 90] = -float("nan")
+    impacts[3, [1, 2, 3]] = float("inf")
+    impacts[4] = impacts[4].abs()
+    for k in (1, 15, 60, 300):
+        expected = torch.sort(impacts, dim=1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(top_k_order(impacts, k), expected), k
 
 
 def test_sets_equal_brute_force(model_and_tokenizer, corpus_dir):
