@@ -296,6 +296,8 @@ def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: 
             valid = mask[:, rows]
             cos_rows, sin_rows = cos[sentences, rows], sin[sentences, rows]
             cos_keys, sin_keys = cos[sentences, keys], sin[sentences, keys]
+            k_plain = kn[kv_heads, keys]  # [N, K, D]
+            rk_keys, rk_m1_keys = (None, None) if rk is None else (rk[kv_heads, keys], rk_m1[kv_heads, keys])
             for c0 in range(0, d, n_chan):
                 ch = torch.arange(c0, min(d, c0 + n_chan), device=q.device)
                 partner = (ch + d // 2) % d
@@ -313,15 +315,15 @@ def qk_impact_torch(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: 
                 q_sq[seqs, ch] += _run_chunk(x, logp, p, masked, out, v_keys, valid, row_c, row_p, col_c, col_p, r,
                                              r_m1, spec.softcap, metric)
                 # Key channels of the sequence's KV head: the same with rows and columns swapped.
-                kh = s * kn[kv_heads, keys][..., ch]  # [N, K, C]
+                kh = s * k_plain[..., ch]  # [N, K, C]
                 col_c = (kh * cos_keys[..., ch])[:, :, None]  # [N, K, 1, C]
                 col_p = (kh * sign * sin_keys[..., partner])[:, :, None]
                 row_c = q_rows[..., ch][:, None]  # [N, 1, I, C]
                 row_p = q_rows[..., partner][:, None]
                 r = r_m1 = None
                 if rk is not None:
-                    r = rk[kv_heads, keys][..., ch][:, :, None]
-                    r_m1 = rk_m1[kv_heads, keys][..., ch][:, :, None]
+                    r = rk_keys[..., ch][:, :, None]
+                    r_m1 = rk_m1_keys[..., ch][:, :, None]
                 k_sq[seqs, ch] += _run_chunk(x, logp, p, masked, out, v_keys, valid, row_c, row_p, col_c, col_p, r,
                                              r_m1, spec.softcap, metric)
     q_sq = q_sq.view(b, hq, d)
