@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -65,20 +66,34 @@ def _scan_command(run_dir):
             "--out", str(run_dir), "--no-report", *FAST]
 
 
+def _scan_killed_inside_a_stage(run_dir, env, rng) -> bool:
+    """Start a scan and SIGKILL it a moment after it announces its 1st, 2nd or 3rd stage (chosen by rng).
+
+    The kill follows the scan's own progress lines, not the clock, so it lands inside the stages
+    however fast this machine imports or computes. Returns whether the scan was still running.
+    """
+    proc = subprocess.Popen(_scan_command(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    wanted, seen = rng.randint(1, 3), 0
+    for line in proc.stderr:
+        seen += bool(re.fullmatch(r"tiny-\S+: (verify|detect|classify|score)", line.strip()))
+        if seen == wanted:
+            time.sleep(rng.uniform(0.0, 0.3))
+            break
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    return killed
+
+
 def test_killed_scans_resume_to_the_uninterrupted_table(tmp_path):
     env = {**os.environ, "NEUROLANG_COMPILE": "0"}
     subprocess.run(_scan_command(tmp_path / "straight"), check=True, capture_output=True, env=env, timeout=600)
     expected = read_table(tmp_path / "straight")
     rng = random.Random(7)
-    kills = 0
-    for _ in range(4):
-        proc = subprocess.Popen(_scan_command(tmp_path / "killed"), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env)
-        time.sleep(rng.uniform(3.0, 8.0))  # after the imports, somewhere inside the stages
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
+    kills = sum(_scan_killed_inside_a_stage(tmp_path / "killed", env, rng) for _ in range(4))
     assert kills >= 2
     subprocess.run(_scan_command(tmp_path / "killed"), check=True, capture_output=True, env=env, timeout=600)
     got = read_table(tmp_path / "killed")
