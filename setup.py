@@ -22,7 +22,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist"],
         "gguf": ["gguf>=0.10", "accelerate"],
         "train": ["accelerate>=1.0", "peft>=0.13"],
         "report": ["matplotlib", "scipy"],
