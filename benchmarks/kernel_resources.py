@@ -39,7 +39,7 @@ from kernels.qk_impact import (OPERAND_TILE, OPERAND_WARPS, PRECISIONS, _base_at
 
 OPERANDS = ("QB", "QS", "KB", "KS", "VB", "VS")  # float16 halves under fp16x3, else the float32 values
 TYPES = dict(TOKENS="*i32", COUNTED="*i8", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32", softcap="fp32", series_limit="fp32",
-             window="i32", unit="fp32")
+             window="i32")
 SM90_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_90 (227 KiB)
 # (precision, BLOCK_M, BLOCK_N, BLOCK_C, warps)
 CONFIGS = [("fp16x3", 16, 64, 8, 8), ("fp16x3", 16, 32, 8, 8), ("fp16x3", 32, 32, 4, 8), ("fp16x3", 16, 32, 4, 4),

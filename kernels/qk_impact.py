@@ -433,6 +433,16 @@ if triton is not None:
             return 1.0 / x
 
     @triton.jit
+    def _opaque(x):
+        """x itself, through an empty inline asm (output tied to input: no instruction) that the
+        compiler cannot see through. Given to a wgmma as its accumulator, it makes Triton wait for
+        the previous products first (see `_qk_kernel`)."""
+        if _PTX:
+            return tl.inline_asm_elementwise("", "=r,0", [x], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return x
+
+    @triton.jit
     def _exp(x):
         """exp(x), as `_exp2`."""
         return _exp2(x * LOG2_E)
@@ -683,7 +693,7 @@ if triton is not None:
     @triton.jit
     def _qk_kernel(
         QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, COUNTED, PARTIAL, ROUGH,
-        T, D, n_heads, group, scaling, softcap, window, series_limit, unit,
+        T, D, n_heads, group, scaling, softcap, window, series_limit,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr, V_EXACT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -691,11 +701,12 @@ if triton is not None:
         """The common case, rows that move gently: W_i = Σ_j A_ij·e_ij and ‖ΔO_i‖ (or ‖ΔA_i‖²) by
         the expm1 form. Rows that move a lot are flagged in ROUGH for `_qk_rough_kernel`.
 
-        `unit` is 1.0, a value the compiler cannot see: the value product's accumulator is
-        multiplied by it each key tile, which makes Triton wait for the tile's products before
-        the next tile's instead of carrying them across the loop's back edge, where ptxas then
-        serialised every wgmma (note C7515: 12 waits a 16 × 64 tile, 3 with it; sm_90a, triton
-        3.6.0; `benchmarks/kernel_resources.py`). The multiplication is exact."""
+        The value product's accumulator goes through `_opaque` each key tile, which makes Triton
+        wait for the tile's products before the next tile's instead of carrying them across the
+        loop's back edge, where ptxas then serialised every wgmma (note C7515: 12 waits a 16 × 64
+        tile, 3 with it; sm_90a, triton 3.6.0; `benchmarks/kernel_resources.py`). A multiplication
+        by a 1.0 the compiler could not see did the same for 4 instructions per (channel, row, key)
+        at gemma's tiles, 2 at head_dim 128."""
         (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
          value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
             QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, softcap, window,
@@ -720,7 +731,7 @@ if triton is not None:
                 v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
                                                (cols < T)[:, None] & (dims < D)[None, :], PRECISION, V_EXACT)
                 pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION)
-                u_acc = _dot(pe_big, pe_small, v_big, v_small, u_acc * unit, PRECISION, V_EXACT)
+                u_acc = _dot(pe_big, pe_small, v_big, v_small, _opaque(u_acc), PRECISION, V_EXACT)
         w_sum = tl.sum(w_acc, axis=2)
         counted = counted[None, :]  # `_counted_rows`
         gentle = tl.abs(w_sum) <= 0.5  # False for NaN
@@ -1394,12 +1405,12 @@ def default_stages(block_d: int, block_n: int, precision: str, v_exact: bool = F
     in three stages need more shared memory than an H100 has (about 228 KiB), 2 with 32-key tiles,
     and with 64 1, but 2 under fp16x3 where v is its own big part (`_exact_in_big_part`, a bfloat16
     model: no small part of V to hold; 181 KiB, against 245 KiB with it). At
-    gemma2-9b's head_dim 256, fp16x3, 8 channels and 8 warps, 64 keys in one stage run 68 SASS
-    instructions per (channel, row, key) and in two, with such a v, 64, against 85 for 32 keys in two
+    gemma2-9b's head_dim 256, fp16x3, 8 channels and 8 warps, 64 keys in one stage run 64 SASS
+    instructions per (channel, row, key) and in two, with such a v, 60, against 75 for 32 keys in two
     (sm_90a compile, Taylor soft-cap; 8 warps then split the Q·Kᵀ tile without doing it twice, and
-    the accumulator's `unit` multiply is spread over twice the keys); on an H200 (an older kernel,
-    2 and 4 channels) 64 keys in one stage beat 32 in two by 10–13 % (`h200-kernels.md`). Not yet
-    timed on an H100 in this form: the sweep's first rows compare them
+    the per-tile work is spread over twice the keys); on an H200 (an older kernel, 2 and 4
+    channels) 64 keys in one stage beat 32 in two by 10–13 % (`h200-kernels.md`). Not yet timed on
+    an H100 in this form: the sweep's first rows compare them
     (`benchmarks/results/sm90a-qk-kernel-resources.md`)."""
     if block_d <= 128:
         return 3
@@ -1537,8 +1548,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     if layout == "stacked":
         kernels = (_qk_kernel, _qk_rough_kernel)
         grids = [(b * hq, n_tiles, triton.cdiv(d, block_c))] * 2
-        specialise = [dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, unit=1.0),
-                      dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT)]
+        specialise = [dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT)] * 2
     else:  # plain tiles
         if layout == "pair" and d % 2:
             raise ValueError(f"layout='pair' needs an even head_dim, not {d}")
