@@ -515,22 +515,33 @@ if triton is not None:
         return tl.where(y < 0, -t, t)
 
     @triton.jit
-    def _split(x, PRECISION: tl.constexpr):
+    def _split(x, PRECISION: tl.constexpr, PRESCALED: tl.constexpr = False):
         """x (float32) as (big, small) parts for `_dot`. tf32x3: a part with TF32's 10-bit mantissa
         (rounded to nearest, ties away, on its bits: exact in a TF32 product) and the rest — as
         Triton's own split, less its per-element guards against inf and NaN, which these finite
         operands never are (about a third of the key loop's instructions in sm_90a SASS). fp16x3:
         x·2^15 as a float16 and the float16 of the rest, for probability-like x (|x| ≤ 1.5 wherever
-        the result is used; larger values make inf or NaN, which stay in their own rows)."""
+        the result is used; larger values make inf or NaN, which stay in their own rows);
+        PRESCALED: x is x·2^15 already (`_value_scale`)."""
         if PRECISION == "tf32x3":
             big = ((x.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
             return big, x - big
         elif PRECISION == "fp16x3":
-            scaled = x * 32768.0
+            scaled = x if PRESCALED else x * 32768.0
             big = scaled.to(tl.float16)
             return big, (scaled - big.to(tl.float32)).to(tl.float16)
         else:
             return x, x
+
+    @triton.jit
+    def _value_scale(PRECISION: tl.constexpr, PROBS: tl.constexpr):
+        """(s, 2^s): the scale `_split` gives a value product's left operand under fp16x3, which
+        the stacked kernel builds A·e in directly (a multiplication per (channel, row, key)
+        fewer); 1 otherwise."""
+        if PRECISION == "fp16x3" and not PROBS:
+            return 15.0, 32768.0
+        else:
+            return 0.0, 1.0
 
     @triton.jit
     def _load_operand(BIG, SMALL, offsets, mask, PRECISION: tl.constexpr, EXACT: tl.constexpr):
@@ -716,6 +727,7 @@ if triton is not None:
         # reductions cost 160 shuffles a thread in sm_90a SASS).
         w_acc = tl.zeros([BLOCK_C, BLOCK_M, BLOCK_N], dtype=tl.float32)
         u_acc = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
+        shift, scale = _value_scale(PRECISION, PROBS)
         for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             _, logp, dl = _tile_change(
                 q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
@@ -723,16 +735,18 @@ if triton is not None:
                 window, series_limit, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
             # However large the logit change, A·e is exact to rounding; where A' overflows, W
             # becomes infinite (or NaN), so the row fails the gentle test and the rough kernel
-            # redoes it.
-            pe = _weighted_expm1(_exp(logp)[None, :, :], logp[None, :, :], dl)
+            # redoes it. A·e comes out times 2^s, as the value product's split wants it
+            # (`_value_scale`): from A·2^s (exact) and, for the far form, log2 A + s.
+            logp2 = logp * LOG2_E
+            pe = _weighted_expm1_2((_exp2(logp2) * scale)[None, :, :], (logp2 + shift)[None, :, :], dl)
             w_acc += pe
             if not PROBS:
                 cols = n0 + tl.arange(0, BLOCK_N)
                 v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
                                                (cols < T)[:, None] & (dims < D)[None, :], PRECISION, V_EXACT)
-                pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION)
+                pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION, True)
                 u_acc = _dot(pe_big, pe_small, v_big, v_small, _opaque(u_acc), PRECISION, V_EXACT)
-        w_sum = tl.sum(w_acc, axis=2)
+        w_sum = tl.sum(w_acc, axis=2) * (1.0 / scale)
         counted = counted[None, :]  # `_counted_rows`
         gentle = tl.abs(w_sum) <= 0.5  # False for NaN
         flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
@@ -1405,8 +1419,8 @@ def default_stages(block_d: int, block_n: int, precision: str, v_exact: bool = F
     in three stages need more shared memory than an H100 has (about 228 KiB), 2 with 32-key tiles,
     and with 64 1, but 2 under fp16x3 where v is its own big part (`_exact_in_big_part`, a bfloat16
     model: no small part of V to hold; 181 KiB, against 245 KiB with it). At
-    gemma2-9b's head_dim 256, fp16x3, 8 channels and 8 warps, 64 keys in one stage run 64 SASS
-    instructions per (channel, row, key) and in two, with such a v, 60, against 75 for 32 keys in two
+    gemma2-9b's head_dim 256, fp16x3, 8 channels and 8 warps, 64 keys in one stage run 63 SASS
+    instructions per (channel, row, key) and in two, with such a v, 59, against 74 for 32 keys in two
     (sm_90a compile, Taylor soft-cap; 8 warps then split the Q·Kᵀ tile without doing it twice, and
     the per-tile work is spread over twice the keys); on an H200 (an older kernel, 2 and 4
     channels) 64 keys in one stage beat 32 in two by 10–13 % (`h200-kernels.md`). Not yet timed on
