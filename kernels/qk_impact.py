@@ -449,14 +449,15 @@ if triton is not None:
 
     @triton.jit
     def _expm1_small(x):
-        """exp(x) − 1 for |x| ≤ ½ to float32 rounding: degree-8 Taylor (error < 1.5e-8 relative), FMAs."""
-        poly = 1.0 / 40320.0
-        poly = poly * x + 1.0 / 5040.0
-        poly = poly * x + 1.0 / 720.0
-        poly = poly * x + 1.0 / 120.0
-        poly = poly * x + 1.0 / 24.0
-        poly = poly * x + 1.0 / 6.0
-        poly = poly * x + 0.5
+        """exp(x) − 1 for |x| ≤ ½ to float32 rounding: x·P(x), P of degree 6 fitted to (eˣ − 1)/x
+        by Remez for the least largest relative error (3e-9; in float32, 1.3e-7 at worst, as the
+        degree-8 Taylor form it replaces, for one FMA fewer), FMAs."""
+        poly = 0.0001984119153348729
+        poly = poly * x + 0.0013997324276715517
+        poly = poly * x + 0.008333634585142136
+        poly = poly * x + 0.041665319353342056
+        poly = poly * x + 0.16666662693023682
+        poly = poly * x + 0.5000000596046448
         poly = poly * x + 1.0
         return poly * x
 
@@ -699,7 +700,10 @@ if triton is not None:
                                 series_limit)
         else:
             dl = dx
-        return allowed, logp, tl.where(allowed[None, :, :], dl, 0.0)
+        # chan_ok changes nothing (those channels' factors are 0) but makes the mask a [channels,
+        # rows, keys] one: LLVM then joins its terms once per (row, key) and selects once per
+        # element, not once per term (sm_90a SASS: one FSEL per (channel, row, key) fewer).
+        return allowed, logp, tl.where(allowed[None, :, :] & chan_ok[:, None, None], dl, 0.0)
 
     @triton.jit
     def _qk_kernel(
@@ -1419,8 +1423,8 @@ def default_stages(block_d: int, block_n: int, precision: str, v_exact: bool = F
     in three stages need more shared memory than an H100 has (about 228 KiB), 2 with 32-key tiles,
     and with 64 1, but 2 under fp16x3 where v is its own big part (`_exact_in_big_part`, a bfloat16
     model: no small part of V to hold; 181 KiB, against 245 KiB with it). At
-    gemma2-9b's head_dim 256, fp16x3, 8 channels and 8 warps, 64 keys in one stage run 63 SASS
-    instructions per (channel, row, key) and in two, with such a v, 59, against 74 for 32 keys in two
+    gemma2-9b's head_dim 256, fp16x3, 8 channels and 8 warps, 64 keys in one stage run 61 SASS
+    instructions per (channel, row, key) and in two, with such a v, 57, against 72 for 32 keys in two
     (sm_90a compile, Taylor soft-cap; 8 warps then split the Q·Kᵀ tile without doing it twice, and
     the per-tile work is spread over twice the keys); on an H200 (an older kernel, 2 and 4
     channels) 64 keys in one stage beat 32 in two by 10–13 % (`h200-kernels.md`). Not yet timed on
@@ -1438,9 +1442,10 @@ def default_layout(head_dim: int, precision: str, softcap: float | None = None) 
     and 2048 too; at head_dim 256 the plain tiles were slower (gemma2-9b, one channel a program:
     88.8 ms against 64.7; `benchmarks/results/h100-kernels.md`). The other precisions were timed
     stacked only. With a soft-cap (Gemma-2-27B: head_dim 128), where only the stacked kernel has
-    the Taylor form (`_capped_change`), its key loop is 56.7 SASS instructions per (channel, row,
-    key) against pair's 82.9 (sm_90a compile, soft-cap + window; without the cap 41.0 against 35,
-    and the H100 took 19.7 against 17.5 ms: times in about the instructions' ratio). Untimed with
+    the Taylor form (`_capped_change`), its key loop is 50.9 SASS instructions per (channel, row,
+    key) against pair's 82.1 (sm_90a compile, soft-cap + window; without the cap, in the version the
+    H100 timed, 41.0 against 35, and it took 19.7 against 17.5 ms: times in about the instructions'
+    ratio). Untimed with
     a soft-cap: `bench_kernels.py --sweep qk --shapes gemma2-27b` compares them."""
     plain = precision == "fp16x3" and head_dim % 2 == 0 and head_dim <= 128 and softcap is None
     return "pair" if plain else "stacked"
