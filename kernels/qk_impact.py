@@ -545,17 +545,26 @@ if triton is not None:
             return 0.0, 1.0
 
     @triton.jit
+    def _load(PTR, offsets, mask):
+        """tl.load, 0 where masked; mask None: unmasked (no predicates, no zeroed registers)."""
+        if mask is None:
+            return tl.load(PTR + offsets)
+        else:
+            return tl.load(PTR + offsets, mask=mask, other=0.0)
+
+    @triton.jit
     def _load_operand(BIG, SMALL, offsets, mask, PRECISION: tl.constexpr, EXACT: tl.constexpr):
         """A tile of q, k or v as (big, small) parts for `_dot`: fp16x3 reads the two float16 halves
         `_operand_kernel` made; the others read the float32 values and `_split` them.
-        EXACT (an operand that is its own big part, `_exact_in_big_part`): the big part alone, twice."""
+        EXACT (an operand that is its own big part, `_exact_in_big_part`): the big part alone, twice.
+        mask None: unmasked, for key tiles (`KEY_SLACK`)."""
         if EXACT:
-            big = tl.load(BIG + offsets, mask=mask, other=0.0)
+            big = _load(BIG, offsets, mask)
             return big, big
         elif PRECISION == "fp16x3":
-            return tl.load(BIG + offsets, mask=mask, other=0.0), tl.load(SMALL + offsets, mask=mask, other=0.0)
+            return _load(BIG, offsets, mask), _load(SMALL, offsets, mask)
         else:
-            return _split(tl.load(BIG + offsets, mask=mask, other=0.0), PRECISION)
+            return _split(_load(BIG, offsets, mask), PRECISION)
 
     @triton.jit
     def _dot(a_big, a_small, b_big, b_small, acc, PRECISION: tl.constexpr, B_EXACT: tl.constexpr):
@@ -658,8 +667,9 @@ if triton is not None:
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < T
         dims = tl.arange(0, BLOCK_D)
-        k_big, k_small = _load_operand(KB, KS, k_base + cols[:, None] * D + dims[None, :],
-                                       col_ok[:, None] & (dims < D)[None, :], PRECISION, False)
+        # Unmasked (`KEY_SLACK`): keys past T and dims past D read other finite values, which
+        # meet q's zero dims past D and then the allowed mask.
+        k_big, k_small = _load_operand(KB, KS, k_base + cols[:, None] * D + dims[None, :], None, PRECISION, False)
         x = logit_scale * _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small),
                                tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, False)
         allowed = _allowed_keys(rows, cols, col_ok, b, TOKENS, T, window, HAS_WINDOW) & row_ok[:, None]
@@ -746,8 +756,9 @@ if triton is not None:
             w_acc += pe
             if not PROBS:
                 cols = n0 + tl.arange(0, BLOCK_N)
-                v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :],
-                                               (cols < T)[:, None] & (dims < D)[None, :], PRECISION, V_EXACT)
+                # Unmasked (`KEY_SLACK`): keys past T meet A·e = 0; dims past D are dropped below.
+                v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :], None, PRECISION,
+                                               V_EXACT)
                 pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION, True)
                 u_acc = _dot(pe_big, pe_small, v_big, v_small, _opaque(u_acc), PRECISION, V_EXACT)
         w_sum = tl.sum(w_acc, axis=2) * (1.0 / scale)
@@ -770,6 +781,7 @@ if triton is not None:
             out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
                           mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
             u = tl.reshape(u_acc, [BLOCK_C, BLOCK_M, BLOCK_D]) * value_unscale
+            u = tl.where((dims < D)[None, None, :], u, 0.0)  # the unmasked V tiles' dims past D
             change = (u - w_sum[:, :, None] * out[None, :, :]) / (1.0 + w_sum[:, :, None])
             per_row = tl.sum(change * change, axis=2)  # columns past D are 0 in u and out
         total = tl.sum(tl.where(counted & gentle, per_row, 0.0), axis=1)
@@ -1173,12 +1185,14 @@ if triton is not None:
     # ------------------------------------------------------------------------------------------
     @triton.jit
     def _operand_kernel(X, stride_b, stride_h, stride_t, COS, SIN, TOKENS, PLAIN, ROTATED, BIG, SMALL, UNSCALE,
-                        T, D, n_heads, ROTATE: tl.constexpr, KEEP_PLAIN: tl.constexpr, KEEP_ROTATED: tl.constexpr,
-                        SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                        T, D, n_heads, slack_rows, ROTATE: tl.constexpr, KEEP_PLAIN: tl.constexpr,
+                        KEEP_ROTATED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         """One (sentence, head) of x [B, H, T, D] (any float dtype and strides, unit stride along D), as
         `_operands` describes: its float32 copy (KEEP_PLAIN), x·cos + rotate_half(x)·sin in float32 (ROTATE;
         else x; stored with KEEP_ROTATED) and, under fp16x3 (SPLIT), that rotated x times one power of two,
-        2^s, as two float16 halves, with 2^-s in UNSCALE (1 without SPLIT). Padding is 0 in the halves."""
+        2^s, as two float16 halves, with 2^-s in UNSCALE (1 without SPLIT). Padding is 0 in the halves.
+        The last program also zeroes `slack_rows` rows after the last head of the rotated x and the
+        halves (`KEY_SLACK`)."""
         bh = tl.program_id(0)
         b = bh // n_heads
         x_base = X + b * stride_b + (bh % n_heads) * stride_h
@@ -1213,6 +1227,17 @@ if triton is not None:
                 big = scaled.to(tl.float16)
                 tl.store(BIG + at, big, mask=ok)
                 tl.store(SMALL + at, (scaled - big.to(tl.float32)).to(tl.float16), mask=ok)  # exact subtraction
+        if bh == tl.num_programs(0) - 1:
+            zero = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            for t0 in range(T, T + slack_rows, BLOCK_T):
+                steps = t0 + tl.arange(0, BLOCK_T)
+                at = bh * T * D + steps[:, None] * D + dims[None, :]
+                ok = (steps < T + slack_rows)[:, None] & dim_ok[None, :]
+                if KEEP_ROTATED:
+                    tl.store(ROTATED + at, zero, mask=ok)
+                if SPLIT:
+                    tl.store(BIG + at, zero.to(tl.float16), mask=ok)
+                    tl.store(SMALL + at, zero.to(tl.float16), mask=ok)
 
     @triton.jit
     def _operand_tile(x_base, stride_t, COS, SIN, b, steps, dims, partners, sign, T, D, ROTATE: tl.constexpr):
@@ -1298,8 +1323,22 @@ def _counted_rows(token_mask: torch.Tensor, window: int | None) -> torch.Tensor:
 OPERAND_TILE, OPERAND_WARPS = 4096, 8  # `_operand_kernel`'s tile (elements) and warps: no spills on sm_90a,
 # where 4 warps spill (`kernel_resources.py --operand`)
 
+# The stacked kernels read their K and V tiles unmasked: in one pipeline stage (gemma2-9b) a masked
+# tile is loaded through registers that must first be zeroed, and its predicates computed, 3.1 SASS
+# instructions per (channel, row, key) of 60.6 (sm_90a compile; 0.9 of 50.9 at head_dim 128 in
+# three stages). Keys past T then read the next head's rows, and past the last head `_slack_rows`
+# rows of zeros that `_operand` allocates and `_operand_kernel` writes: finite values that meet the
+# allowed mask (K) or A·e = 0 (V).
+KEY_SLACK = 128  # the most keys a stacked tile may have
 
-def _operand(x: torch.Tensor, cos, sin, tokens, precision: str, rotate: bool, keep_plain: bool):
+
+def _slack_rows(d: int) -> int:
+    """Rows of d values after the last head: a tile of KEY_SLACK keys from the last row, each
+    read as the kernels' block_d values."""
+    return KEY_SLACK + triton.cdiv(max(16, triton.next_power_of_2(d)), d)
+
+
+def _operand(x: torch.Tensor, cos, sin, tokens, precision: str, rotate: bool, keep_plain: bool, keys: bool = False):
     """`_operand_kernel` on x [B, H, T, D] (a view of any float dtype; unit stride along D), one
     launch: (its float32 copy or None, its rotated float32 values or None, big, small, unscale [B, H]).
 
@@ -1308,23 +1347,31 @@ def _operand(x: torch.Tensor, cos, sin, tokens, precision: str, rotate: bool, ke
     carries x to about 2^-22 of that largest entry, as tf32x3's TF32 pair does (float16's narrower
     range costs only entries under 2^-39 of it). Padding tokens are 0 in the halves (they would
     overflow a scale they took no part in; they never count). The other precisions read the rotated
-    float32 values themselves (big = small = them, unscale 1)."""
+    float32 values themselves (big = small = them, unscale 1). For k and v (`keys`), the rotated x
+    and the halves are followed in memory by `_slack_rows(d)` rows of zeros (`KEY_SLACK`)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     b, h, t, d = x.shape
     split = precision == "fp16x3"
     keep_rotated = rotate or not split
-    new = lambda dtype: torch.empty(b, h, t, d, dtype=dtype, device=x.device)  # noqa: E731
-    plain = new(torch.float32) if keep_plain else None
-    rotated = new(torch.float32) if keep_rotated else None
-    big, small = (new(torch.float16), new(torch.float16)) if split else (rotated, rotated)
+    slack_rows = _slack_rows(d) if keys else 0
+
+    def new(dtype, slack):
+        if not slack:
+            return torch.empty(b, h, t, d, dtype=dtype, device=x.device)
+        flat = torch.empty(b * h * t * d + slack_rows * d, dtype=dtype, device=x.device)
+        return flat.as_strided((b, h, t, d), (h * t * d, t * d, d, 1))
+
+    plain = new(torch.float32, False) if keep_plain else None
+    rotated = new(torch.float32, keys) if keep_rotated else None
+    big, small = (new(torch.float16, keys), new(torch.float16, keys)) if split else (rotated, rotated)
     unscale = torch.empty(b, h, dtype=torch.float32, device=x.device)
     block_d = max(16, triton.next_power_of_2(d))
     _operand_kernel[(b * h,)](
         x, x.stride(0), x.stride(1), x.stride(2), cos, sin, tokens, unscale if plain is None else plain,
-        unscale if rotated is None else rotated, big, small, unscale, t, d, h, ROTATE=rotate, KEEP_PLAIN=keep_plain,
-        KEEP_ROTATED=keep_rotated, SPLIT=split, BLOCK_T=max(1, OPERAND_TILE // block_d), BLOCK_D=block_d,
-        num_warps=OPERAND_WARPS, enable_fp_fusion=False)
+        unscale if rotated is None else rotated, big, small, unscale, t, d, h, slack_rows, ROTATE=rotate,
+        KEEP_PLAIN=keep_plain, KEEP_ROTATED=keep_rotated, SPLIT=split, BLOCK_T=max(1, OPERAND_TILE // block_d),
+        BLOCK_D=block_d, num_warps=OPERAND_WARPS, enable_fp_fusion=False)
     return plain, rotated, big, small, unscale
 
 
@@ -1350,8 +1397,10 @@ def _operands(qn, kn, vv, cos, sin, tokens, spec: AttentionSpec, precision: str)
     undoes the parts' scaling of Q·Kᵀ and of (probabilities·2^15)·V, [B, H, 2]; and whether v is its
     own big part (`_exact_in_big_part`). Three launches and a handful of small operations."""
     qn, qr, q_big, q_small, q_unscale = _operand(qn, cos, sin, tokens, precision, rotate=True, keep_plain=True)
-    kn, kr, k_big, k_small, k_unscale = _operand(kn, cos, sin, tokens, precision, rotate=True, keep_plain=True)
-    _, _, v_big, v_small, v_unscale = _operand(vv, cos, sin, tokens, precision, rotate=False, keep_plain=False)
+    kn, kr, k_big, k_small, k_unscale = _operand(kn, cos, sin, tokens, precision, rotate=True, keep_plain=True,
+                                                 keys=True)
+    _, _, v_big, v_small, v_unscale = _operand(vv, cos, sin, tokens, precision, rotate=False, keep_plain=False,
+                                               keys=True)
     kv_head = torch.arange(qn.shape[1], device=qn.device) // spec.group_size
     unscale = torch.stack((q_unscale * k_unscale[:, kv_head],
                            v_unscale[:, kv_head] * (2.0 ** -15 if precision == "fp16x3" else 1.0)), -1).contiguous()
@@ -1423,8 +1472,8 @@ def default_stages(block_d: int, block_n: int, precision: str, v_exact: bool = F
     in three stages need more shared memory than an H100 has (about 228 KiB), 2 with 32-key tiles,
     and with 64 1, but 2 under fp16x3 where v is its own big part (`_exact_in_big_part`, a bfloat16
     model: no small part of V to hold; 181 KiB, against 245 KiB with it). At
-    gemma2-9b's head_dim 256, fp16x3, 8 channels and 8 warps, 64 keys in one stage run 61 SASS
-    instructions per (channel, row, key) and in two, with such a v, 57, against 72 for 32 keys in two
+    gemma2-9b's head_dim 256, fp16x3, 8 channels and 8 warps, 64 keys in one stage run 57.5 SASS
+    instructions per (channel, row, key) and in two, with such a v, 56, against 71 for 32 keys in two
     (sm_90a compile, Taylor soft-cap; 8 warps then split the Q·Kᵀ tile without doing it twice, and
     the per-tile work is spread over twice the keys); on an H200 (an older kernel, 2 and 4
     channels) 64 keys in one stage beat 32 in two by 10–13 % (`h200-kernels.md`). Not yet timed on
@@ -1442,7 +1491,7 @@ def default_layout(head_dim: int, precision: str, softcap: float | None = None) 
     and 2048 too; at head_dim 256 the plain tiles were slower (gemma2-9b, one channel a program:
     88.8 ms against 64.7; `benchmarks/results/h100-kernels.md`). The other precisions were timed
     stacked only. With a soft-cap (Gemma-2-27B: head_dim 128), where only the stacked kernel has
-    the Taylor form (`_capped_change`), its key loop is 50.9 SASS instructions per (channel, row,
+    the Taylor form (`_capped_change`), its key loop is 49.9 SASS instructions per (channel, row,
     key) against pair's 82.1 (sm_90a compile, soft-cap + window; without the cap, in the version the
     H100 timed, 41.0 against 35, and it took 19.7 against 17.5 ms: times in about the instructions'
     ratio). Untimed with
@@ -1531,9 +1580,11 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     block_m = defaults["block_m"] if block_m is None else block_m
     block_n = defaults["block_n"] if block_n is None else block_n
     num_warps = defaults["num_warps"] if num_warps is None else num_warps
-    # The kernels index q, the base output and the row flags with 32-bit offsets (B·heads·T·D):
-    # a batch past that runs a few sentences at a time.
-    per_call = (MAX_KERNEL_OFFSET - 1) // (hq * t * d)
+    if layout == "stacked" and block_n > KEY_SLACK:
+        raise ValueError(f"the stacked Q/K kernel takes at most {KEY_SLACK} keys a tile (KEY_SLACK), not {block_n}")
+    # The kernels index q, the base output and the row flags with 32-bit offsets (B·heads·T·D, and
+    # the zeros after the operands): a batch past that runs a few sentences at a time.
+    per_call = min((MAX_KERNEL_OFFSET - 1) // (hq * t * d), (MAX_KERNEL_OFFSET - 1 - _slack_rows(d) * d) // (hk * t * d))
     if per_call < 1:
         raise ValueError(f"a sentence of {t} tokens is too long for the Q/K kernel ({hq} heads × {d} channels × "
                          f"{t} tokens ≥ 2^31 offsets)")

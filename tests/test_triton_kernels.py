@@ -35,6 +35,19 @@ def on_device(*tensors):
     return [t.float().to(DEVICE) for t in tensors]
 
 
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty that fills floating tensors with NaN: a kernel that reads memory nobody wrote
+    (the stacked kernels read key tiles past T unmasked, `KEY_SLACK`) then returns NaN."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        x = empty(*args, **kwargs)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("precision, layout", [(p, "stacked") for p in PRECISIONS] + [("fp16x3", "channel"),
@@ -93,6 +106,27 @@ def test_qk_kernel_tiles_longer_than_one_block(block_m, block_n, block_c, layout
     tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, block_m=block_m, block_n=block_n,
                            block_c=block_c, layout=layout)
     for a, r in zip((t.cpu() for t in tri), ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("d, t", [(6, 37), (8, 70)])
+def test_qk_stacked_kernel_reads_past_the_keys_only_what_is_masked(metric, precision, d, t, nan_empty):
+    """The stacked kernels read K and V tiles unmasked (`KEY_SLACK`): past T, the next head's rows
+    and, after the last head, zeros; past head_dim (6 of 16 dims), the next row's values. All of it
+    must meet a zero (q's dims past head_dim, A·e of keys not attended to) or a dropped column,
+    whatever the model's values there (padding 1e6 times larger), in memory allocated NaN."""
+    hq, hk = 4, 2
+    q, k, v, mask = inputs(hq, hk, d, t, 13)
+    pad = torch.where(mask, 1.0, 1e6).to(q.dtype)[:, :, None]
+    q, k, v = q * pad, k * pad, v * pad
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, 5.0, 20, False, 13)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, precision, block_n=64,
+                           layout="stacked")
+    for a, r in zip((x.cpu() for x in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
 
@@ -202,13 +236,14 @@ def test_qk_kernel_v_of_a_bfloat16_model(precision, layout, scale, rtol, monkeyp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("d, t", [(8, 21), (6, 70), (256, 5)])  # BLOCK_T is 4096 // BLOCK_D rows: 256, 256, 16
-def test_operand_kernel_is_rope_and_the_float16_split_to_the_bit(dtype, precision, d, t):
+def test_operand_kernel_is_rope_and_the_float16_split_to_the_bit(dtype, precision, d, t, nan_empty):
     """`_operand_kernel` against the same steps in PyTorch, bit for bit: q [B, T, H·D] of the model's
     dtype read as heads in place; float32 q; q·cos + rotate_half(q)·sin (two rounded products, a
     rounded sum); under fp16x3 the rotated q times 2^(15 − e) per head (e: torch.frexp's exponent of
     its largest |entry| over real tokens) as float16 and the float16 of the rest, padding 0, and
     2^(e − 15). Heads of very different sizes, an all-zero head (e = 0) and one of entries near
-    2^-115 (frexp exponent −113: the scale capped at 2^126, so that 2^-s stays a normal float) included."""
+    2^-115 (frexp exponent −113: the scale capped at 2^126, so that 2^-s stays a normal float) included.
+    After the rotated values and the halves, the `KEY_SLACK` rows of zeros (memory allocated NaN)."""
     import kernels.qk_impact as qk
 
     b, h = 3, 4
@@ -222,7 +257,12 @@ def test_operand_kernel_is_rope_and_the_float16_split_to_the_bit(dtype, precisio
     mask[2, 1:] = False
     cos, sin = (f.expand(b, t, d).contiguous().float() for f in rope(t, d, torch.float64))
     heads = x.unflatten(-1, (h, d)).transpose(1, 2)  # a strided view, as the wrapper passes it
-    on_gpu = qk._operand(heads.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), mask.int().to(DEVICE), precision, True, True)
+    on_gpu = qk._operand(heads.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), mask.int().to(DEVICE), precision, True, True,
+                         keys=True)
+    for part in on_gpu[1:4]:
+        if part is not None:
+            after = part.new_empty(0).set_(part.untyped_storage())[part.numel():]
+            assert after.numel() == qk._slack_rows(d) * d and not bool(after.any())
     plain, rotated, big, small, unscale = (None if y is None else y.cpu() for y in on_gpu)
     want_plain = heads.float()
     want_rotated = want_plain * cos[:, None] + qk._rotate_half(want_plain) * sin[:, None]
@@ -289,7 +329,7 @@ def test_qk_kernel_runs_a_batch_past_its_offsets_a_few_sentences_at_a_time(monke
     spec = spec_for(hq, hk, d, None, None, False, 3)
     args = (*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec)
     whole = qk_impact_triton(*args)
-    monkeypatch.setattr(qk, "MAX_KERNEL_OFFSET", 2 * hq * t * d + 1)
+    monkeypatch.setattr(qk, "MAX_KERNEL_OFFSET", 2 * hk * t * d + qk._slack_rows(d) * d + 1)  # K and V: 2 sentences
     split = qk_impact_triton(*args)
     for a, b in zip(whole, split):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
@@ -371,6 +411,9 @@ def test_qk_channel_blocks():
     with pytest.raises(ValueError, match="unknown Q/K kernel layout 'rows'"):
         qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec_for(2, 1, 8, None, None, False, 0),
                          layout="rows")
+    with pytest.raises(ValueError, match="at most 128 keys a tile"):  # past the zeros after K and V
+        qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec_for(2, 1, 8, None, None, False, 0),
+                         block_n=256, layout="stacked")
 
 
 @pytest.mark.parametrize("metric", METRICS)
