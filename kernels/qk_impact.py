@@ -1494,8 +1494,7 @@ def default_layout(head_dim: int, precision: str, softcap: float | None = None) 
     the Taylor form (`_capped_change`), its key loop is 49.9 SASS instructions per (channel, row,
     key) against pair's 82.1 (sm_90a compile, soft-cap + window; without the cap, in the version the
     H100 timed, 41.0 against 35, and it took 19.7 against 17.5 ms: times in about the instructions'
-    ratio). Untimed with
-    a soft-cap: `bench_kernels.py --sweep qk --shapes gemma2-27b` compares them."""
+    ratio). Untimed with a soft-cap: `bench_kernels.py --sweep qk --shapes gemma2-27b` compares them."""
     plain = precision == "fp16x3" and head_dim % 2 == 0 and head_dim <= 128 and softcap is None
     return "pair" if plain else "stacked"
 
