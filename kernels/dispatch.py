@@ -42,10 +42,15 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """`torch` or `triton` for tensors on `device`; raises ValueError with a one-line reason."""
+def check_backend(backend: str) -> None:
+    """Raise ValueError unless `backend` is one of BACKENDS (whatever the device)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`torch` or `triton` for tensors on `device`; raises ValueError with a one-line reason."""
+    check_backend(backend)
     if backend == "auto":
         backend = os.environ.get("NEUROLANG_BACKEND", "auto")
         if backend not in BACKENDS:

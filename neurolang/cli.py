@@ -12,6 +12,7 @@ from neurolang.score import HIGH_BOUNDARY, LOW_BOUNDARY
 DEFAULT_MODEL = "tiny:llama"
 BACKEND_HELP = ("auto (default: Triton kernels for CUDA tensors, PyTorch on the CPU), torch, or triton "
                 "(on the CPU only with TRITON_INTERPRET=1)")
+QK_METRIC_HELP = "Q/K impact: output change (default; the paper's) or probability change (the released code's)"
 
 
 def _layers(text: str):
@@ -35,8 +36,34 @@ def _model_options(parser, default_help=f"default {DEFAULT_MODEL}", default=DEFA
     parser.add_argument("--model", default=default, metavar="MODEL",
                         help="local Hugging Face directory, cached hub id, GGUF file, or tiny:<family> "
                              f"(a built-in random model; {default_help})")
+    _placement_options(parser)
+
+
+def _placement_options(parser):
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+
+
+def _detection_options(parser, threshold: bool, seed_help: str):
+    """The options of detection, shared by detect and scan; `threshold` adds --sigma, exclusive of --ratio."""
+    parser.add_argument("--corpus", default="builtin",
+                        help="'builtin' (default) or a directory of <lang>.txt, <lang>.jsonl or <lang>/ (datasets)")
+    parser.add_argument("--langs", type=_langs, default=",".join(PAPER_LANGS),
+                        help="comma-separated (default: %(default)s)")
+    selection = parser.add_mutually_exclusive_group() if threshold else parser
+    selection.add_argument("--ratio", type=float, default=0.01,
+                           help="top fraction ρ activated per sentence (default 0.01)")
+    if threshold:
+        selection.add_argument("--sigma", type=float, help="fixed impact threshold σ instead of a top fraction")
+    parser.add_argument("--tau", type=float, default=1.0,
+                        help="fraction of sentences a neuron must be activated in (default 1.0)")
+    parser.add_argument("--max-sentences", type=int, default=200,
+                        help="detection sentences per language (default 200)")
+    parser.add_argument("--eval-sentences", type=int, default=40, help="held-out sentences per language (default 40)")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens kept per sentence (default 128)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sentences per forward pass (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+    parser.add_argument("--backend", default="auto", help=BACKEND_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--neurons-per-group", type=_neurons, default=16, metavar="N",
                    help="neurons sampled per group and layer, or 'all' (default 16)")
     v.add_argument("--backend", default="auto", help=BACKEND_HELP)
-    v.add_argument("--qk-metric", default="output", choices=("output", "probs"),
-                   help="Q/K impact: output change (the paper's) or probability change (released code's)")
+    v.add_argument("--qk-metric", default="output", choices=("output", "probs"), help=QK_METRIC_HELP)
     v.add_argument("--text", metavar="FILE", help="sentences to use, one per line (default: built-in sample)")
     v.add_argument("--max-length", type=int, default=256, help="longest sentence in tokens (default 256)")
     v.add_argument("--tolerance", type=float, help="worst relative error allowed (default by dtype: 1e-4 in float32)")
@@ -61,21 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Count, per language, the sentences in which each neuron is among the top "
                                    "ρ of its layer and group; N_ℓ = neurons activated in at least τ of them.")
     _model_options(d)
-    d.add_argument("--corpus", default="builtin",
-                   help="'builtin' (default) or a directory of <lang>.txt, <lang>.jsonl or <lang>/ (datasets)")
-    d.add_argument("--langs", type=_langs, default=",".join(PAPER_LANGS), help="comma-separated (default: %(default)s)")
     d.add_argument("--out", required=True, help="output directory (neurons.safetensors, detect.json)")
-    d.add_argument("--ratio", type=float, default=0.01, help="top fraction ρ activated per sentence (default 0.01)")
-    d.add_argument("--sigma", type=float, help="fixed impact threshold σ instead of a top fraction")
-    d.add_argument("--tau", type=float, default=1.0, help="fraction of sentences a neuron must be activated in (default 1.0)")
-    d.add_argument("--max-sentences", type=int, default=200, help="detection sentences per language (default 200)")
-    d.add_argument("--eval-sentences", type=int, default=40, help="held-out sentences per language (default 40)")
-    d.add_argument("--max-length", type=int, default=128, help="tokens kept per sentence (default 128)")
-    d.add_argument("--batch-size", type=int, default=8)
-    d.add_argument("--seed", type=int, default=0)
+    _detection_options(d, threshold=True, seed_help="seed of the detection / held-out split")
     d.add_argument("--text-field", default="text", help="field of JSON Lines / dataset records (default text)")
-    d.add_argument("--backend", default="auto", help=BACKEND_HELP)
-    d.add_argument("--qk-metric", default="output", choices=("output", "probs"))
+    d.add_argument("--qk-metric", default="output", choices=("output", "probs"), help=QK_METRIC_HELP)
     d.add_argument("--compat", choices=("released-code",),
                    help="score and select as the authors' released code (SPEC §7; not the paper's method): FFN "
                         "Σ|up|, Q/K Σ(ΔA)² on post-RoPE channels for both, V/O Σ|y|, swapped top-k sizes; "
@@ -121,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "(--learning-rate, --max-steps, --num-train-epochs, --per-device-train-batch-size, "
                               "--gradient-accumulation-steps, --bf16, --save-steps, --logging-steps, ...). "
                               "Defaults follow the paper: AdamW, lr 5e-5, 1 epoch, batch 8 x 16 accumulation, "
-                              "3%% warmup, linear decay. An interrupted run resumes from OUT/checkpoints.")
+                              "3% warmup, linear decay. An interrupted run resumes from OUT/checkpoints.")
     _model_options(t, default_help="default: the model named in NEURONS/detect.json", default=None)
     t.add_argument("--neurons", required=True, metavar="DIR", help="a directory written by `neurolang detect`")
     t.add_argument("--strategy", default="auto", choices=("auto", "all", "shared", "exclusive", "random"),
@@ -147,18 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or YAML file with name, path, family, size, release_date (default: SmolLM2-135M "
                                      "from the demo extra)")
     sc.add_argument("--out", default="runs/scan", help="run directory (default runs/scan)")
-    sc.add_argument("--langs", type=_langs, default=",".join(PAPER_LANGS), help="comma-separated (default: %(default)s)")
-    sc.add_argument("--corpus", default="builtin", help="'builtin' (default) or a corpus directory as for detect")
-    sc.add_argument("--dtype", default="float32")
-    sc.add_argument("--device", default="auto")
-    sc.add_argument("--max-sentences", type=int, default=200)
-    sc.add_argument("--eval-sentences", type=int, default=40)
-    sc.add_argument("--max-length", type=int, default=128)
-    sc.add_argument("--batch-size", type=int, default=8)
-    sc.add_argument("--ratio", type=float, default=0.01)
-    sc.add_argument("--tau", type=float, default=1.0)
-    sc.add_argument("--seed", type=int, default=0)
-    sc.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    _placement_options(sc)
+    _detection_options(sc, threshold=False, seed_help="seed of the split, of verify's samples and of score's "
+                                                       "random controls")
     sc.add_argument("--eval", dest="eval_task", choices=("mgsm", "mmmlu"), help="also evaluate every model")
     sc.add_argument("--eval-data", help="the benchmark's directory for --eval")
     sc.add_argument("--eval-limit", type=int, help="items per language for --eval")
@@ -180,9 +186,11 @@ def _langs(text: str):
 
 def cmd_detect(args) -> int:
     from neurolang.classify import classify, format_table
-    from neurolang.detect import detect
+    from neurolang.detect import check_options, detect
     from neurolang.models import load_model
 
+    check_options(ratio=args.ratio, sigma=args.sigma, tau=args.tau, max_sentences=args.max_sentences,
+                  eval_sentences=args.eval_sentences, max_length=args.max_length, batch_size=args.batch_size)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     sets = detect(model, tokenizer, args.corpus, args.langs, ratio=args.ratio, sigma=args.sigma, tau=args.tau,
                   max_sentences=args.max_sentences, eval_sentences=args.eval_sentences, max_length=args.max_length,
@@ -213,10 +221,10 @@ def cmd_classify(args) -> int:
 def cmd_score(args) -> int:
     from neurolang.detect import NeuronSets
     from neurolang.models import load_model
-    from neurolang.score import format_scores, score
+    from neurolang.score import check_options, format_scores, score
 
-    if not 0 < args.shrink < 1:
-        raise NeurolangError(f"--shrink must be in (0, 1), got {args.shrink}")
+    check_options(batch_size=args.batch_size, low=args.low, high=args.high, tolerance=args.tolerance,
+                  shrink=args.shrink)
     model_name = args.model or NeuronSets.load(args.dir).info.get("model")
     if not model_name:
         raise NeurolangError(f"{args.dir}/detect.json names no model: pass --model")
@@ -267,7 +275,7 @@ def training_arguments(argv, out: str, device):
     """transformers.TrainingArguments from the Trainer flags in `argv`, with the paper's defaults."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    from neurolang.train import PAPER_TRAINING_ARGUMENTS
+    from neurolang.train import PAPER_TRAINING_ARGUMENTS, check_training_arguments
 
     parser = HfArgumentParser(TrainingArguments, prog="neurolang train")
 
@@ -281,6 +289,7 @@ def training_arguments(argv, out: str, device):
         (args,) = parser.parse_args_into_dataclasses(argv)
     except ValueError as err:
         raise NeurolangError(f"bad training flag: {str(err).splitlines()[0]}") from None
+    check_training_arguments(args)
     return args
 
 
@@ -308,8 +317,6 @@ def cmd_train(args, rest) -> int:
 def cmd_scan(args) -> int:
     from neurolang.scan import ScanOptions, default_model_path, read_models, read_table, scan
 
-    if args.eval_task and not args.eval_data:
-        raise NeurolangError("--eval needs --eval-data")
     if args.workers < 1:
         raise NeurolangError("--workers must be positive")
     entries = read_models(args.models or default_model_path())

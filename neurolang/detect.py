@@ -196,18 +196,28 @@ class _Progress:
         self.bar.close()
 
 
+def check_options(*, ratio, sigma, tau, max_sentences, eval_sentences, max_length, batch_size) -> None:
+    """Refuse detection options that have no meaning, with the flag's name, before any work."""
+    if sigma is None and not 0 < ratio <= 1:
+        raise NeurolangError(f"--ratio must be in (0, 1], got {ratio}")
+    if sigma is not None and not sigma >= 0:  # impacts are norms: a negative σ would select every neuron
+        raise NeurolangError(f"--sigma must be at least 0, got {sigma}")
+    if not 0 < tau <= 1:
+        raise NeurolangError(f"--tau must be in (0, 1], got {tau}")
+    if batch_size < 1 or max_length < 1 or max_sentences < 1:
+        raise NeurolangError("--batch-size, --max-length and --max-sentences must be positive")
+    if eval_sentences < 0:
+        raise NeurolangError(f"--eval-sentences must be at least 0, got {eval_sentences}")
+
+
 def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "de", "sw"), *, ratio=0.01,
            sigma=None, tau=1.0, max_sentences=200, eval_sentences=40, max_length=128, batch_size=8, seed=0,
            metric="output", backend="auto", text_field="text", model_name=None, progress=True,
            compat=None) -> NeuronSets:
     """Detect N_ℓ for each language of a corpus (see `neurolang detect --help` for the options);
     `compat="released-code"` scores and selects as the authors' released code (neurolang.compat)."""
-    if sigma is None and not 0 < ratio <= 1:
-        raise NeurolangError(f"--ratio must be in (0, 1], got {ratio}")
-    if not 0 < tau <= 1:
-        raise NeurolangError(f"--tau must be in (0, 1], got {tau}")
-    if batch_size < 1 or max_length < 1 or max_sentences < 1:
-        raise NeurolangError("--batch-size, --max-length and --max-sentences must be positive")
+    check_options(ratio=ratio, sigma=sigma, tau=tau, max_sentences=max_sentences, eval_sentences=eval_sentences,
+                  max_length=max_length, batch_size=batch_size)
     adapter = ModelAdapter(model)
     if compat is not None:
         from neurolang.compat import COMPAT_MODES, check_compatible

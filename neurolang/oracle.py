@@ -215,6 +215,8 @@ def verify(adapter: ModelAdapter, tokenizer, sentences, layers=None, neurons_per
     """
     dtype = next(adapter.model.parameters()).dtype
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else tolerance
+    if not tolerance >= 0:
+        raise NeurolangError(f"--tolerance must be at least 0, got {tolerance}")
     layers = default_layers(adapter.n_layers) if layers is None else sorted(set(layers))
     bad = [i for i in layers if not 0 <= i < adapter.n_layers]
     if bad:

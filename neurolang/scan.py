@@ -17,7 +17,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from neurolang.detect import DETECT_FILE, NEURONS_FILE, atomic_write_text
+from neurolang.detect import DETECT_FILE, NEURONS_FILE, atomic_write_text, check_options
 from neurolang.errors import NeurolangError
 
 RESULTS_FILE = "results.parquet"
@@ -52,6 +52,21 @@ class ScanOptions:
     eval_task: str | None = None
     eval_data: str | None = None
     eval_limit: int | None = None
+
+    def __post_init__(self):
+        """Bad options fail the scan at once, not every model at its detect stage."""
+        from kernels.dispatch import check_backend
+        from neurolang.models import resolve_dtype
+
+        check_options(ratio=self.ratio, sigma=None, tau=self.tau, max_sentences=self.max_sentences,
+                      eval_sentences=self.eval_sentences, max_length=self.max_length, batch_size=self.batch_size)
+        resolve_dtype(self.dtype)
+        try:
+            check_backend(self.backend)
+        except ValueError as err:
+            raise NeurolangError(str(err)) from None
+        if self.eval_task and not self.eval_data:
+            raise NeurolangError("--eval needs --eval-data")
 
 
 def default_model_path() -> str:

@@ -111,11 +111,24 @@ def validate_threshold(sets: NeuronSets, ppl_with, base: dict, tolerance: float,
     return sets, steps
 
 
+def check_options(*, batch_size, low, high, tolerance, shrink) -> None:
+    """Refuse scoring options that have no meaning, with the flag's name, before any work."""
+    if batch_size < 1:
+        raise NeurolangError(f"--batch-size must be positive, got {batch_size}")
+    if not low < high:
+        raise NeurolangError(f"--low must be below --high, got {low} and {high}")
+    if not tolerance >= 0:
+        raise NeurolangError(f"--tolerance must be at least 0, got {tolerance}")
+    if not 0 < shrink < 1:
+        raise NeurolangError(f"--shrink must be in (0, 1), got {shrink}")
+
+
 def score(model, tokenizer, run_dir, *, batch_size: int = 8, seed: int = 0, low: float = LOW_BOUNDARY,
           high: float = HIGH_BOUNDARY, validate: bool = False, tolerance: float = 0.05, shrink: float = 0.5) -> dict:
     """Base PPL, ΔPPL for shared / exclusive_ℓ / random controls, Imp_ℓ, LAS and stage; saved to
     RUN/scores.json. With `validate`, the threshold is validated first (and the run's neuron
     files are rewritten at the validated ρ)."""
+    check_options(batch_size=batch_size, low=low, high=high, tolerance=tolerance, shrink=shrink)
     run_dir = Path(run_dir)
     start = time.perf_counter()
     sets = NeuronSets.load(run_dir)

@@ -238,6 +238,8 @@ def training_texts(data, langs, text_field="text", exclude=None, max_documents=N
     `exclude[lang]` (a detection run's evaluation split, so that its PPL stays held out)."""
     from neurolang.corpus import load_corpus
 
+    if max_documents is not None and max_documents < 1:
+        raise NeurolangError(f"--max-documents must be positive, got {max_documents}")
     texts = load_corpus(data, langs, text_field)
     out = {}
     for lang in langs:
@@ -267,6 +269,22 @@ def pack(tokenizer, documents, block_size: int = BLOCK_SIZE):
 
 # ---------------------------------------------------------------- the whole run
 
+def check_training_arguments(args: TrainingArguments) -> None:
+    """Refuse the Trainer settings that would train nothing or fail deep inside torch (transformers
+    checks only some), with the flag's name, before any work."""
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise NeurolangError("nothing to train: give --max-steps or --num-train-epochs above 0")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise NeurolangError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("learning_rate", "weight_decay", "adam_epsilon"):
+        if not getattr(args, name) >= 0:
+            raise NeurolangError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise NeurolangError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+
+
 def train(model, tokenizer, run_dir, out, *, strategy="auto", langs=None, data="builtin", method="neurons",
           training_args: TrainingArguments | None = None, block_size=BLOCK_SIZE, seed=0, match="auto",
           text_field="text", max_documents=None, model_name=None, evaluate_ppl=True, callbacks=None) -> dict:
@@ -279,6 +297,8 @@ def train(model, tokenizer, run_dir, out, *, strategy="auto", langs=None, data="
     start, out = time.perf_counter(), Path(out)
     if (out / TRAIN_FILE).is_file():
         raise NeurolangError(f"{out} already holds a finished training run; choose another --out")
+    args = training_args or TrainingArguments(output_dir=str(out / "checkpoints"), seed=seed, **PAPER_TRAINING_ARGUMENTS)
+    check_training_arguments(args)
     sets = NeuronSets.load(run_dir)
     langs = list(langs or sets.langs)
     masks, resolved = select_neurons(run_dir, strategy, langs, seed, match)
@@ -298,7 +318,6 @@ def train(model, tokenizer, run_dir, out, *, strategy="auto", langs=None, data="
         return {lang: perplexity(m, seqs, pad) for lang, seqs in eval_seqs.items()}
 
     ppl_before = ppl_all(model)
-    args = training_args or TrainingArguments(output_dir=str(out / "checkpoints"), seed=seed, **PAPER_TRAINING_ARGUMENTS)
     if method == "neurons":
         deltas = add_neuron_deltas(model, masks)
         trainable, rank, trained = deltas.parameter_count(), None, model

@@ -121,6 +121,7 @@ def test_bad_dtype_device_and_layers(capsys):
     one_line_error(["verify", "--device", "tpu"], capsys, "unknown device 'tpu'")
     one_line_error(["verify", "--layers", "9"], capsys, "layer 9 does not exist")
     one_line_error(["verify", "--backend", "cobol"], capsys, "unknown backend 'cobol'")
+    one_line_error(["verify", "--tolerance", "-1"], capsys, "--tolerance must be at least 0")
     if not torch.cuda.is_available():
         one_line_error(["verify", "--device", "cuda"], capsys, "no CUDA GPU")
 

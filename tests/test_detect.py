@@ -241,3 +241,23 @@ def test_detect_errors(tmp_path, capsys):
     assert "has no en.txt" in capsys.readouterr().err
     assert main(["detect", "--ratio", "2", "--out", str(tmp_path / "o")]) == 2
     assert "--ratio must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sigma", "-1"], "--sigma must be at least 0"),
+    (["--sigma", "nan"], "--sigma must be at least 0"),
+    (["--tau", "0"], "--tau must be in (0, 1]"),
+    (["--eval-sentences", "-1"], "--eval-sentences must be at least 0"),
+    (["--batch-size", "0"], "must be positive"),
+])
+def test_meaningless_detection_options_fail_before_the_model_loads(tmp_path, capsys, flags, message):
+    assert main(["detect", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1  # not the missing model's error: checked first
+
+
+def test_ratio_and_sigma_exclude_each_other(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["detect", "--ratio", "0.1", "--sigma", "0.5", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "argument --sigma: not allowed with argument --ratio" in capsys.readouterr().err

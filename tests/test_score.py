@@ -163,12 +163,25 @@ def test_score_command(corpus, tmp_path, capsys):
             assert lang in scores["imp_undefined"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--low", "2", "--high", "1"], "--low must be below --high"),
+    (["--validate-threshold", "--tolerance", "-0.1"], "--tolerance must be at least 0"),
+    (["--shrink", "1"], "--shrink must be in (0, 1)"),
+])
+def test_meaningless_score_options_fail_first(tmp_path, capsys, flags, message):
+    assert main(["score", str(tmp_path / "no-run"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1  # not the missing run's error: checked first
+
+
 def test_threshold_validation_lowers_the_ratio(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["detect", "--model", "tiny:llama", "--corpus", str(corpus), "--langs", "en,fr", "--ratio", "0.4",
                  "--tau", "0.3", "--max-sentences", "10", "--eval-sentences", "5", "--out", str(out)]) == 0
-    # A tolerance no random control can meet: ρ halves until k = 1 everywhere.
-    assert main(["score", str(out), "--validate-threshold", "--tolerance", "-1"]) == 0
+    # No rise allowed: on this random model a control always raises some language's PPL, so ρ halves
+    # until k = 1 everywhere.
+    assert main(["score", str(out), "--validate-threshold", "--tolerance", "0"]) == 0
     steps = json.loads((out / "scores.json").read_text())["threshold_validation"]
     ratios = [step["ratio"] for step in steps]
     assert ratios[0] == 0.4 and all(b == pytest.approx(a / 2) for a, b in zip(ratios, ratios[1:]))

@@ -203,6 +203,12 @@ def test_train_command(run_dir, tmp_path, capsys):
     (["--strategy", "all", "--max-steps", "x"], "bad training flag"),
     (["--strategy", "all", "--no-such-flag", "1"], "bad training flag"),
     (["--strategy", "all", "--langs", "sw"], "has no neurons for sw"),
+    (["--strategy", "all", "--max-documents", "0"], "--max-documents must be positive"),
+    (["--strategy", "all", "--num-train-epochs", "0"], "nothing to train"),
+    (["--strategy", "all", "--learning-rate", "-1"], "--learning-rate must be at least 0"),
+    (["--strategy", "all", "--per-device-train-batch-size", "0"], "--per-device-train-batch-size must be positive"),
+    (["--strategy", "all", "--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps must be positive"),
+    (["--strategy", "all", "--adam-beta2", "1"], "--adam-beta2 must be in [0, 1)"),
 ])
 def test_train_errors_are_one_line(run_dir, tmp_path, capsys, extra, message):
     assert main(["train", "--neurons", str(run_dir), "--out", str(tmp_path / "x"), *extra]) == 2
