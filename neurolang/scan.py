@@ -67,6 +67,10 @@ class ScanOptions:
             raise NeurolangError(str(err)) from None
         if self.eval_task and not self.eval_data:
             raise NeurolangError("--eval needs --eval-data")
+        if self.eval_data and not Path(self.eval_data).is_dir():
+            raise NeurolangError(f"--eval-data {self.eval_data} is not a directory")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise NeurolangError(f"--eval-limit must be positive, got {self.eval_limit}")
 
 
 def default_model_path() -> str:
