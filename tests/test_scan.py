@@ -1,4 +1,5 @@
 """Scans: model lists, failures recorded, resumption after kills, Ray and worker pools, the report."""
+import dataclasses
 import json
 import os
 import random
@@ -59,6 +60,26 @@ def test_scan_records_failures_and_never_redoes_a_stage(tmp_path):
     assert [s["status"] for s in again] == ["done", "error", "done"]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "tiny-llama").iterdir()} == stamps
     pd.testing.assert_frame_equal(read_table(tmp_path / "run"), table)
+
+
+def test_eval_added_to_a_finished_scan_runs_only_the_eval_stage(tmp_path):
+    data = tmp_path / "mgsm"
+    data.mkdir()
+    for lang in ("zh", "fr"):  # MGSM's TSV form: question, tab, answer
+        (data / f"mgsm_{lang}.tsv").write_text("".join(f"{lang} {n} + 2 = ?\t{n + 2}\n" for n in range(3)))
+    entries, run = read_models("tiny:llama"), tmp_path / "run"
+    scan(entries, run, OPTIONS, log=lambda m: None)
+    kept = [f for f in (run / "tiny-llama").iterdir() if f.name not in ("timings.json", "eval")]
+    stamps = {f: f.stat().st_mtime_ns for f in kept}
+    logged = []
+    with_eval = dataclasses.replace(OPTIONS, eval_task="mgsm", eval_data=str(data), eval_limit=2)
+    assert [s["status"] for s in scan(entries, run, with_eval, log=logged.append)] == ["done"]
+    assert logged == ["tiny-llama: eval"] and {f: f.stat().st_mtime_ns for f in kept} == stamps
+    results = json.loads((run / "tiny-llama" / "eval" / "mgsm" / "results.json").read_text())
+    assert {lang: info["items"] for lang, info in results["per_language"].items()} == {"zh": 2, "fr": 2}
+    row = read_table(run).iloc[0]
+    assert row["acc_mgsm_avg"] == pytest.approx((row["acc_mgsm_zh"] + row["acc_mgsm_fr"]) / 2)
+    assert all(0 <= row[f"acc_mgsm_{lang}"] <= 100 for lang in ("zh", "fr")) and row["seconds_eval"] > 0
 
 
 def _scan_command(run_dir):
