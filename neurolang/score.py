@@ -159,7 +159,7 @@ def score(model, tokenizer, run_dir, *, batch_size: int = 8, seed: int = 0, low:
     for i, lang in enumerate(langs):
         excl = classes.exclusive[lang]
         n = set_size(excl)
-        results[f"exclusive.{lang}"] = {"size": n, "ppl": ppl_with(excl, langs) if n else dict(base)}
+        results[f"exclusive.{lang}"] = {"size": n, "ppl": ppl_with(excl, [lang]) if n else {lang: base[lang]}}
         for kind in ("uniform", "matched"):
             control = random_control(excl, kind, seed + 1 + i)
             results[f"random_{kind}.exclusive.{lang}"] = {"size": n, "ppl": ppl_with(control, [lang]) if n else {lang: base[lang]}}

@@ -153,6 +153,8 @@ def test_score_command(corpus, tmp_path, capsys):
             assert delta == pytest.approx(entry["ppl"][lang] - scores["base_ppl"][lang])
     n_shared = scores["sets"]["shared"]["size"]
     assert scores["sets"]["random_uniform.shared"]["size"] == n_shared
+    assert set(scores["sets"]["shared"]["ppl"]) == {"en", "fr"}  # shared sets on every language,
+    assert set(scores["sets"]["exclusive.fr"]["ppl"]) == {"fr"}  # exclusive_ℓ on ℓ alone (Eq. 5)
     for lang in ("en", "fr"):
         imp = scores["imp"][lang]
         if imp is not None:
