@@ -277,10 +277,17 @@ def evaluate(runner, task: str, langs, data, *, limit=None, shots=None, max_new_
     if task not in TASKS:
         raise NeurolangError(f"unknown task {task!r}; choose {' or '.join(TASKS)}")
     shots = DEFAULT_SHOTS[task] if shots is None else shots
-    if shots < 0 or (limit is not None and limit < 1) or max_new_tokens < 1:
-        raise NeurolangError("--shots must be ≥ 0, --limit and --max-new-tokens ≥ 1")
+    if shots < 0:
+        raise NeurolangError(f"--shots must be at least 0, got {shots}")
+    if limit is not None and limit < 1:
+        raise NeurolangError(f"--limit must be positive, got {limit}")
+    if max_new_tokens < 1:
+        raise NeurolangError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     max_length = min(max_length, getattr(runner, "max_positions", None) or max_length)
     budget = max_length - (max_new_tokens if task == "mgsm" else 2)
+    if budget < 1:
+        raise NeurolangError(f"a length of {max_length} tokens (--max-length, or the model's context) leaves no room "
+                             f"for a prompt beside the {max_length - budget} answer tokens")
     per_language, records, start = {}, [], time.perf_counter()
     for lang in langs:
         items = read_task(data, task, lang)

@@ -206,6 +206,10 @@ def test_eval_command_and_compare(mgsm_dir, tmp_path, capsys):
     (["--task", "mmmlu", "--langs", "th", "--data", ".", "--out", "x"], "MMMLU has no 'th' file"),
     (["--task", "mgsm", "--langs", "xx", "--data", ".", "--out", "x"], "expected mgsm_xx.tsv"),
     (["--compare", "/nonexistent"], "no results.json"),
+    (["--task", "mgsm", "--data", ".", "--out", "x", "--limit", "0"], "--limit must be positive"),
+    (["--task", "mgsm", "--data", ".", "--out", "x", "--shots", "-1"], "--shots must be at least 0"),
+    (["--task", "mgsm", "--data", ".", "--out", "x", "--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["--task", "mgsm", "--data", ".", "--out", "x", "--max-length", "48"], "leaves no room for a prompt"),
 ])
 def test_eval_errors_are_one_line(argv, message, capsys):
     assert main(["eval", "--model", "tiny:llama", *argv]) == 2
