@@ -230,7 +230,8 @@ def cmd_score(args) -> int:
         raise NeurolangError(f"{args.dir}/detect.json names no model: pass --model")
     model, tokenizer = load_model(model_name, args.dtype, args.device)
     scores = score(model, tokenizer, args.dir, batch_size=args.batch_size, seed=args.seed, low=args.low,
-                   high=args.high, validate=args.validate_threshold, tolerance=args.tolerance, shrink=args.shrink)
+                   high=args.high, validate=args.validate_threshold, tolerance=args.tolerance, shrink=args.shrink,
+                   progress=sys.stderr.isatty())
     for step in scores["threshold_validation"] or []:
         rises = ", ".join(f"{lang} {100 * r:+.1f}%" for lang, r in step["random_ppl_rise"].items())
         print(f"threshold ρ = {step['ratio']:.4g}: random-control PPL rise {rises}"

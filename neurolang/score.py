@@ -124,10 +124,13 @@ def check_options(*, batch_size, low, high, tolerance, shrink) -> None:
 
 
 def score(model, tokenizer, run_dir, *, batch_size: int = 8, seed: int = 0, low: float = LOW_BOUNDARY,
-          high: float = HIGH_BOUNDARY, validate: bool = False, tolerance: float = 0.05, shrink: float = 0.5) -> dict:
+          high: float = HIGH_BOUNDARY, validate: bool = False, tolerance: float = 0.05, shrink: float = 0.5,
+          progress: bool = False) -> dict:
     """Base PPL, ΔPPL for shared / exclusive_ℓ / random controls, Imp_ℓ, LAS and stage; saved to
     RUN/scores.json. With `validate`, the threshold is validated first (and the run's neuron
-    files are rewritten at the validated ρ)."""
+    files are rewritten at the validated ρ). `progress` shows the perplexity passes on stderr."""
+    from tqdm.auto import tqdm
+
     check_options(batch_size=batch_size, low=low, high=high, tolerance=tolerance, shrink=shrink)
     run_dir = Path(run_dir)
     start = time.perf_counter()
@@ -139,30 +142,53 @@ def score(model, tokenizer, run_dir, *, batch_size: int = 8, seed: int = 0, low:
     langs = sets.langs
     pad = tokenizer.pad_token_id
 
+    # One pass per (model state, language): base, shared and its two controls on every language,
+    # exclusive_ℓ and its two controls on ℓ; threshold validation's passes, of unknown number, come
+    # between base and the rest.
+    bar = tqdm(total=None if validate else 7 * len(langs), desc="score", unit="pass", disable=not progress,
+               leave=False)
+
+    def ppl_on(on_langs):
+        out = {}
+        for lang in on_langs:
+            out[lang] = perplexity(model, seqs[lang], pad, batch_size)
+            bar.update()
+        return out
+
     def ppl_with(masks, on_langs):
         with deactivated(adapter, masks):
-            return {lang: perplexity(model, seqs[lang], pad, batch_size) for lang in on_langs}
+            return ppl_on(on_langs)
 
-    base = {lang: perplexity(model, seqs[lang], pad, batch_size) for lang in langs}
+    def measured(masks, on_langs):
+        """PPL with `masks` off, or the base PPL where the set is empty (nothing to deactivate)."""
+        if set_size(masks):
+            return ppl_with(masks, on_langs)
+        bar.update(len(on_langs))
+        return {lang: base[lang] for lang in on_langs}
+
+    base = ppl_on(langs)
     steps = None
     if validate:
         sets, steps = validate_threshold(sets, ppl_with, base, tolerance, shrink, seed)
         sets.info["threshold_validation"] = steps
         sets.save(run_dir)
+        bar.total = bar.n + 6 * len(langs)
+        bar.refresh()
     classes = classify(sets)
     classes.save(run_dir)
     n_shared = set_size(classes.shared)
-    results = {"shared": {"size": n_shared, "ppl": ppl_with(classes.shared, langs) if n_shared else dict(base)}}
+    results = {"shared": {"size": n_shared, "ppl": measured(classes.shared, langs)}}
     for kind in ("uniform", "matched"):
         control = random_control(classes.shared, kind, seed)
-        results[f"random_{kind}.shared"] = {"size": n_shared, "ppl": ppl_with(control, langs) if n_shared else dict(base)}
+        results[f"random_{kind}.shared"] = {"size": n_shared, "ppl": measured(control, langs)}
     for i, lang in enumerate(langs):
         excl = classes.exclusive[lang]
         n = set_size(excl)
-        results[f"exclusive.{lang}"] = {"size": n, "ppl": ppl_with(excl, [lang]) if n else {lang: base[lang]}}
+        results[f"exclusive.{lang}"] = {"size": n, "ppl": measured(excl, [lang])}
         for kind in ("uniform", "matched"):
             control = random_control(excl, kind, seed + 1 + i)
-            results[f"random_{kind}.exclusive.{lang}"] = {"size": n, "ppl": ppl_with(control, [lang]) if n else {lang: base[lang]}}
+            results[f"random_{kind}.exclusive.{lang}"] = {"size": n, "ppl": measured(control, [lang])}
+    bar.close()
     for entry in results.values():
         entry["delta_ppl"] = {lang: entry["ppl"][lang] - base[lang] for lang in entry["ppl"]}
     imps, reasons = {}, {}

@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 
+import neurolang.score
 from neurolang.ablate import deactivated, empty_masks, random_control, set_size, union
 from neurolang.adapters import GROUPS, ModelAdapter
 from neurolang.cli import main
 from neurolang.corpus import BUILTIN_DIR, encode
 from neurolang.detect import NeuronSets, detect
+from neurolang.models import load_model
 from neurolang.score import importance, language_agnostic_score, perplexity, stage_of
 from neurolang.tiny import byte_tokenizer, tiny_model
 
@@ -163,6 +165,22 @@ def test_score_command(corpus, tmp_path, capsys):
             assert imp == pytest.approx((d_s / n_shared) / (excl["delta_ppl"][lang] / excl["size"]))
         else:
             assert lang in scores["imp_undefined"]
+
+
+def test_one_perplexity_pass_per_model_state_and_language(corpus, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(["detect", "--model", "tiny:gemma", "--corpus", str(corpus), "--langs", "en,fr", "--ratio", "0.2",
+                 "--tau", "0.5", "--max-sentences", "10", "--eval-sentences", "5", "--out", str(out)]) == 0
+    passes = []
+    monkeypatch.setattr(neurolang.score, "perplexity", lambda *args: passes.append(args) or 1.0 + len(passes))
+    model, tokenizer = load_model("tiny:gemma")
+    scores = neurolang.score.score(model, tokenizer, out, progress=True)
+    sizes = {name: entry["size"] for name, entry in scores["sets"].items()}
+    # base on both languages; shared and its two controls on both; exclusive_ℓ and its two controls on ℓ
+    expected = 2 + 3 * 2 * (sizes["shared"] > 0) + sum(3 * (sizes[f"exclusive.{l}"] > 0) for l in ("en", "fr"))
+    assert len(passes) == expected and expected > 2
+    err = capsys.readouterr().err
+    assert "score:   0%" in err and "0/14" in err  # a bar of 7 passes a language (empty sets' count too)
 
 
 @pytest.mark.parametrize("flags, message", [
