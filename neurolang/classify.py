@@ -12,10 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from neurolang.adapters import GROUPS
-from neurolang.detect import NeuronSets, atomic_save_tensors, atomic_write_text
+from neurolang.detect import CLASSES_FILE, STATS_FILE, NeuronSets, atomic_save_tensors, atomic_write_text
 
-CLASSES_FILE = "classes.safetensors"
-STATS_FILE = "stats.json"
 COMPONENTS = {"QK": ("q", "k"), "VO": ("v", "o"), "FFN": ("ffn",)}
 STAGES = ("early", "middle", "late")
 

@@ -26,6 +26,10 @@ from neurolang.impact import compute_impacts
 NEURONS_FILE = "neurons.safetensors"
 RANKS_FILE = "ranks.safetensors"
 DETECT_FILE = "detect.json"
+# What classify and score compute from the sets: stale, and removed, whenever the sets are saved anew.
+CLASSES_FILE = "classes.safetensors"
+STATS_FILE = "stats.json"
+SCORES_FILE = "scores.json"
 
 
 @dataclass
@@ -50,8 +54,13 @@ class NeuronSets:
         return out
 
     def save(self, out_dir) -> None:
+        """Write the sets, replacing an earlier detection's in `out_dir` whole: its classes, scores and
+        (in threshold mode) ranks are removed, and detect.json, written last, is absent in between."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        stale = (DETECT_FILE, CLASSES_FILE, STATS_FILE, SCORES_FILE) + ((RANKS_FILE,) if self.ranks is None else ())
+        for name in stale:
+            (out_dir / name).unlink(missing_ok=True)
         atomic_save_tensors(self.tensors(), out_dir / NEURONS_FILE)
         if self.ranks is not None:
             ranks = {f"ranks.{lang}.{g}": self.ranks[lang][g].cpu().contiguous() for lang in self.langs for g in GROUPS}

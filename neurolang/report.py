@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from neurolang.corpus import PAPER_LANGS
-from neurolang.detect import atomic_write_text
+from neurolang.detect import SCORES_FILE, STATS_FILE, atomic_write_text
 from neurolang.errors import NeurolangError
 from neurolang.scan import read_json, read_table
 
@@ -115,7 +115,7 @@ def _fractions_figure(plt, path, table, langs):
 def _delta_ppl_figure(plt, path, dirs):
     import numpy as np
 
-    scored = {name: read_json(d / "scores.json") for name, d in dirs.items() if (d / "scores.json").is_file()}
+    scored = {name: read_json(d / SCORES_FILE) for name, d in dirs.items() if (d / SCORES_FILE).is_file()}
     if not scored:
         return False
     fig, axes = plt.subplots(1, len(scored), figsize=(5.5 * len(scored), 4.2), squeeze=False)
@@ -141,7 +141,7 @@ def _delta_ppl_figure(plt, path, dirs):
 
 
 def _layers_figure(plt, path, dirs):
-    stats = {name: read_json(d / "stats.json") for name, d in dirs.items() if (d / "stats.json").is_file()}
+    stats = {name: read_json(d / STATS_FILE) for name, d in dirs.items() if (d / STATS_FILE).is_file()}
     if not stats:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -164,9 +164,9 @@ def _layers_figure(plt, path, dirs):
 def _component_rows(dirs):
     rows = []
     for name, d in dirs.items():
-        if not (d / "stats.json").is_file():
+        if not (d / STATS_FILE).is_file():
             continue
-        comps = read_json(d / "stats.json")["components"]
+        comps = read_json(d / STATS_FILE)["components"]
         for kind in ("shared", "exclusive", "unique"):
             shares = comps.get(kind) or {}
             rows.append([name, kind] + [f"{100 * shares[c]:.1f}" if c in shares else "–" for c in ("QK", "VO", "FFN")])

@@ -17,7 +17,8 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from neurolang.detect import DETECT_FILE, NEURONS_FILE, atomic_write_text, check_options
+from neurolang.detect import (DETECT_FILE, NEURONS_FILE, SCORES_FILE, STATS_FILE, atomic_write_text,
+                              check_options)
 from neurolang.errors import NeurolangError
 
 RESULTS_FILE = "results.parquet"
@@ -139,9 +140,9 @@ def stage_done(model_dir: Path, stage: str, options: ScanOptions) -> bool:
     if stage == "detect":
         return (model_dir / DETECT_FILE).is_file() and (model_dir / NEURONS_FILE).is_file()
     if stage == "classify":
-        return (model_dir / "stats.json").is_file()
+        return (model_dir / STATS_FILE).is_file()
     if stage == "score":
-        return (model_dir / "scores.json").is_file()
+        return (model_dir / SCORES_FILE).is_file()
     return options.eval_task is None or (model_dir / "eval" / options.eval_task / "results.json").is_file()
 
 
@@ -239,8 +240,8 @@ def read_json(path: Path):
 def model_row(model_dir: Path) -> dict:
     """One row of the results table from a model's directory."""
     entry, error = read_json(model_dir / "model.json") or {}, read_json(model_dir / "error.json")
-    detect_info, stats = read_json(model_dir / DETECT_FILE), read_json(model_dir / "stats.json")
-    scores, timings = read_json(model_dir / "scores.json"), read_json(model_dir / "timings.json") or {}
+    detect_info, stats = read_json(model_dir / DETECT_FILE), read_json(model_dir / STATS_FILE)
+    scores, timings = read_json(model_dir / SCORES_FILE), read_json(model_dir / "timings.json") or {}
     row = {"model": model_dir.name, "path": entry.get("path"), "family": entry.get("family"),
            "size": entry.get("size"), "release_date": entry.get("release_date"),
            "status": "error" if error else "done" if scores else "incomplete",

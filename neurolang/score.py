@@ -16,10 +16,9 @@ from neurolang.ablate import deactivated, random_control, set_size
 from neurolang.adapters import ModelAdapter
 from neurolang.classify import classify
 from neurolang.corpus import encode, load_corpus, pad_batch
-from neurolang.detect import NeuronSets, atomic_write_text, model_fingerprint
+from neurolang.detect import SCORES_FILE, NeuronSets, atomic_write_text, model_fingerprint
 from neurolang.errors import NeurolangError
 
-SCORES_FILE = "scores.json"
 LOW_BOUNDARY = math.log(2)  # below: shared neurons matter less per neuron than exclusive ones
 HIGH_BOUNDARY = math.log(11)  # from here: shared neurons matter ten times as much per neuron
 STRATEGIES = {"low": "all", "medium": "shared", "high": "exclusive"}

@@ -20,7 +20,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from neurolang.ablate import random_control, set_size, union
 from neurolang.adapters import GROUPS, ModelAdapter
 from neurolang.classify import classify
-from neurolang.detect import NeuronSets, atomic_write_text
+from neurolang.detect import SCORES_FILE, NeuronSets, atomic_write_text
 from neurolang.errors import NeurolangError
 
 STRATEGIES = ("auto", "all", "shared", "exclusive", "random")
@@ -186,7 +186,7 @@ def select_neurons(run_dir, strategy: str, langs, seed: int = 0, match: str = "a
         base, resolved = select_neurons(run_dir, match, langs, seed)
         return random_control(base, "matched", seed), f"random (matching {resolved})"
     if strategy == "auto":
-        scores_file = Path(run_dir) / "scores.json"
+        scores_file = Path(run_dir) / SCORES_FILE
         if not scores_file.is_file():
             raise NeurolangError(f"--strategy auto needs {scores_file}: run `neurolang score {run_dir}` first")
         scores = json.loads(scores_file.read_text())

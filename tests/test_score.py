@@ -183,6 +183,20 @@ def test_one_perplexity_pass_per_model_state_and_language(corpus, tmp_path, monk
     assert "score:   0%" in err and "0/14" in err  # a bar of 7 passes a language (empty sets' count too)
 
 
+def test_a_new_detection_replaces_the_old_one_whole(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["detect", "--model", "tiny:llama", "--corpus", str(corpus), "--langs", "en,fr", "--tau", "0.5",
+              "--max-sentences", "10", "--eval-sentences", "5", "--out", str(out)]
+    assert main([*common, "--ratio", "0.2"]) == 0 and main(["score", str(out)]) == 0
+    derived = ("classes.safetensors", "stats.json", "scores.json", "ranks.safetensors")
+    assert all((out / name).is_file() for name in derived)
+    assert main([*common, "--sigma", "0.5"]) == 0  # threshold mode: no ranks
+    assert not any((out / name).exists() for name in derived)
+    capsys.readouterr()
+    assert main(["score", str(out), "--validate-threshold"]) == 2  # not the first run's ranks, silently
+    assert "no ranks recorded" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--low", "2", "--high", "1"], "--low must be below --high"),
