@@ -23,6 +23,9 @@ from neurolang.errors import NeurolangError
 
 RESULTS_FILE = "results.parquet"
 MODELS_FILE = "models.json"
+OPTIONS_FILE = "options.json"
+# The options a model's verify / detect / classify / score results depend on: one set per RUN.
+RESULT_OPTIONS = ("langs", "corpus", "dtype", "max_sentences", "eval_sentences", "max_length", "ratio", "tau", "seed")
 STAGES = ("verify", "detect", "classify", "score", "eval")
 
 
@@ -134,7 +137,8 @@ def read_models(spec: str) -> list[ModelEntry]:
 # ---------------------------------------------------------------- one model
 
 def stage_done(model_dir: Path, stage: str, options: ScanOptions) -> bool:
-    """Whether the stage's final file exists (each stage writes it last, atomically)."""
+    """Whether the stage's final file exists (each stage writes it last, atomically); eval's must
+    also hold the items asked for now (--eval-data, --eval-limit), or the stage is redone."""
     if stage == "verify":
         return (model_dir / "verify.json").is_file()
     if stage == "detect":
@@ -143,7 +147,11 @@ def stage_done(model_dir: Path, stage: str, options: ScanOptions) -> bool:
         return (model_dir / STATS_FILE).is_file()
     if stage == "score":
         return (model_dir / SCORES_FILE).is_file()
-    return options.eval_task is None or (model_dir / "eval" / options.eval_task / "results.json").is_file()
+    if options.eval_task is None:
+        return True
+    results = read_json(model_dir / "eval" / options.eval_task / "results.json")
+    return results is not None and results["options"]["data"] == str(options.eval_data) \
+        and results["options"]["limit"] == options.eval_limit
 
 
 def _record_time(model_dir: Path, stage: str, seconds: float) -> None:
@@ -300,6 +308,22 @@ def read_table(run_dir):
 
 # ---------------------------------------------------------------- scheduling
 
+def check_run_options(run_dir: Path, options: ScanOptions) -> None:
+    """Record RUN's result-defining options at its first scan; refuse a later scan with others, whose
+    finished stages would otherwise stand for options they were not run with."""
+    wanted = json.loads(json.dumps({name: getattr(options, name) for name in RESULT_OPTIONS}))  # tuples as lists
+    recorded = read_json(run_dir / OPTIONS_FILE)
+    if recorded is None:
+        atomic_write_text(json.dumps(wanted, indent=1) + "\n", run_dir / OPTIONS_FILE)
+        return
+    changed = [name for name in RESULT_OPTIONS if name in recorded and recorded[name] != wanted[name]]
+    if changed:
+        name = changed[0]
+        was, now = (",".join(v) if isinstance(v, list) else v for v in (recorded[name], wanted[name]))
+        raise NeurolangError(f"{run_dir} was scanned with --{name.replace('_', '-')} {was}, not {now}: "
+                             "pass the same, or scan into another --out")
+
+
 def _pin_gpu(queue) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
 
@@ -314,6 +338,7 @@ def scan(entries, run_dir, options: ScanOptions, *, workers: int = 1, ray_addres
     or as Ray tasks (`ray_address`: 'local' or a cluster address; RUN must be on a shared disk)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_options(run_dir, options)
     names = [e.name for e in entries]
     known = read_json(run_dir / MODELS_FILE) or []
     atomic_write_text(json.dumps(known + [n for n in names if n not in known], indent=1) + "\n",

@@ -80,6 +80,24 @@ def test_eval_added_to_a_finished_scan_runs_only_the_eval_stage(tmp_path):
     row = read_table(run).iloc[0]
     assert row["acc_mgsm_avg"] == pytest.approx((row["acc_mgsm_zh"] + row["acc_mgsm_fr"]) / 2)
     assert all(0 <= row[f"acc_mgsm_{lang}"] <= 100 for lang in ("zh", "fr")) and row["seconds_eval"] > 0
+    logged.clear()  # other items asked for: the eval stage alone is redone
+    assert scan(entries, run, dataclasses.replace(with_eval, eval_limit=3), log=logged.append)[0]["status"] == "done"
+    assert logged == ["tiny-llama: eval"] and {f: f.stat().st_mtime_ns for f in kept} == stamps
+    assert read_table(run).iloc[0]["acc_mgsm_avg"] is not None
+    results = json.loads((run / "tiny-llama" / "eval" / "mgsm" / "results.json").read_text())
+    assert {lang: info["items"] for lang, info in results["per_language"].items()} == {"zh": 3, "fr": 3}
+
+
+def test_a_run_keeps_one_set_of_result_options(tmp_path):
+    entries, run = read_models("tiny:llama"), tmp_path / "run"
+    scan(entries, run, OPTIONS, log=lambda m: None)
+    for changed, message in ((dict(ratio=0.1), "--ratio 0.05, not 0.1"), (dict(langs=("en", "fr")), "--langs en,zh,fr"),
+                             (dict(max_sentences=20), "--max-sentences 12, not 20")):
+        with pytest.raises(NeurolangError, match=f"was scanned with {message}"):
+            scan(entries, run, dataclasses.replace(OPTIONS, **changed), log=lambda m: None)
+    logged = []  # options that change no result (batch size, backend, device) are free
+    assert scan(entries, run, dataclasses.replace(OPTIONS, batch_size=3), log=logged.append)[0]["status"] == "done"
+    assert logged == []
 
 
 def _scan_command(run_dir):
