@@ -6,19 +6,21 @@
 # h100-kernels.md (`bench_kernels.py --sweep qk --shapes llama3.1-8b` reruns them). (The FFN sweep,
 # its target met on the H200: `bench_kernels.py --sweep ffn`.)
 # Usage (on a CUDA machine, from the repository root): bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
-# STEPS is a comma list of tests, sweep, table, profile, scan (default: the first three; on an H100
-# on 2026-11-26 tests, sweep, table and scan took 8.1 minutes together, the tests 2.6 of them;
-# the default limits, 180 + 200 + 150 + 70 + 120 s: one 10-minute call runs the first three, a
-# second the rest).
+# STEPS is a comma list of target, tests, sweep, table, profile, scan, run in that order (default:
+# the first three; on an H100 on 2026-11-26 tests, sweep, table and scan took 8.1 minutes together,
+# the tests 2.6 of them; the default limits, 150 + 180 + 200 + 150 + 70 + 120 s: one 10-minute call
+# runs the first three, a second the rest).
+# target: issue #3's open figure first, so that a short lease still measures it: gemma2-9b's Q/K
+# call at T = 1024 beside the reference (time, ratio, peak memory, FlashAttention floor).
 # profile: Nsight Compute on warm launches of the Q/K and column-norm kernels (llama, T = 512),
 # when `ncu` is on the machine (about 1–2 minutes).
 # scan: end-to-end detection against a plain forward pass (`bench_scan.py`) on a Llama-3.1-8B-shaped
 # model with random weights in bfloat16, 6 languages × 100 sentences, then 8 batches of it profiled
 # per layer call (`--profile`; SCAN_S, 120 s; without the profile 85 s sufficed on an H100).
-# Each step has its own time limit (TEST_S, SWEEP_S, TABLE_S, PROFILE_S, SCAN_S) and writes its log to OUT_DIR as it goes.
+# Each step has its own time limit (TARGET_S, TEST_S, SWEEP_S, TABLE_S, PROFILE_S, SCAN_S) and writes its log to OUT_DIR as it goes.
 set -u
-out=${1:?usage: run_gpu.sh OUT_DIR [tests,sweep,table,profile,scan]}
-steps=",${2:-tests,sweep,table},"
+out=${1:?usage: run_gpu.sh OUT_DIR [target,tests,sweep,table,profile,scan]}
+steps=",${2:-target,tests,sweep},"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the image has no package index: no pip install
@@ -27,6 +29,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the image has no package in
 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"; } \
   >"$out/env.txt" 2>&1
 cat "$out/env.txt"
+if [[ $steps == *,target,* ]]; then
+  timeout "${TARGET_S:-150}" python3 benchmarks/bench_kernels.py --ops qk/reference,qk/triton,qk/triton-bf16 \
+    --shapes gemma2-9b --seq-lens 1024 --out "$out/target.md" 2>&1 | tee "$out/target.log" | grep -v "^{" | tail -8
+fi
 if [[ $steps == *,tests,* ]]; then
   NEUROLANG_GPU_TESTS=1 timeout "${TEST_S:-180}" python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark \
     tests/test_triton_kernels.py 2>&1 | tee "$out/tests.log" | tail -15
