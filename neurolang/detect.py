@@ -205,6 +205,21 @@ class _Progress:
         self.bar.close()
 
 
+def corpus_digest(lines: list[str]) -> str:
+    """A short digest of one language's corpus lines, recorded with the line numbers a run took."""
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:16]
+
+
+def check_corpus_unchanged(info: dict, texts: dict[str, list[str]]) -> None:
+    """Refuse corpus text that changed since the detection `info` took its line numbers from it:
+    they would name other sentences (held-out ones among them) without a word."""
+    for lang, lines in texts.items():
+        recorded = info["per_language"].get(lang, {}).get("corpus_digest")  # absent in older runs
+        if recorded is not None and recorded != corpus_digest(lines):
+            raise NeurolangError(f"the {lang} text of corpus {info['options']['corpus']} changed after detection, "
+                                 "so the run's line numbers name other sentences: re-run detect")
+
+
 def check_options(*, ratio, sigma, tau, max_sentences, eval_sentences, max_length, batch_size) -> None:
     """Refuse detection options that have no meaning, with the flag's name, before any work."""
     if sigma is None and not 0 < ratio <= 1:
@@ -253,7 +268,8 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
         members[lang] = {g: membership(c, n, tau) for g, c in counts[lang].items()}
         tokens = sum(map(len, seqs))
         per_lang[lang] = {
-            "detection_lines": split.detection, "evaluation_lines": split.evaluation, "sentences": n,
+            "detection_lines": split.detection, "evaluation_lines": split.evaluation,
+            "corpus_digest": corpus_digest(texts[lang]), "sentences": n,
             "tokens": tokens, "truncated": truncated, "seconds": round(elapsed, 3),
             "impact_seconds": round(impact_s, 3), "tokens_per_second": round(tokens / elapsed, 1),
         }

@@ -16,7 +16,7 @@ from neurolang.ablate import deactivated, random_control, set_size
 from neurolang.adapters import ModelAdapter
 from neurolang.classify import classify
 from neurolang.corpus import encode, load_corpus, pad_batch
-from neurolang.detect import SCORES_FILE, NeuronSets, atomic_write_text, model_fingerprint
+from neurolang.detect import SCORES_FILE, NeuronSets, atomic_write_text, check_corpus_unchanged, model_fingerprint
 from neurolang.errors import NeurolangError
 
 LOW_BOUNDARY = math.log(2)  # below: shared neurons matter less per neuron than exclusive ones
@@ -76,6 +76,7 @@ def evaluation_texts(info: dict, tokenizer):
     """Token ids of each language's held-out evaluation lines of a detection run: {lang: [ids]}."""
     options = info["options"]
     texts = load_corpus(options["corpus"], info["langs"], options["text_field"])
+    check_corpus_unchanged(info, texts)
     seqs = {}
     for lang in info["langs"]:
         lines = info["per_language"][lang]["evaluation_lines"]

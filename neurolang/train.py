@@ -20,7 +20,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from neurolang.ablate import random_control, set_size, union
 from neurolang.adapters import GROUPS, ModelAdapter
 from neurolang.classify import classify
-from neurolang.detect import SCORES_FILE, NeuronSets, atomic_write_text
+from neurolang.detect import SCORES_FILE, NeuronSets, atomic_write_text, check_corpus_unchanged
 from neurolang.errors import NeurolangError
 
 STRATEGIES = ("auto", "all", "shared", "exclusive", "random")
@@ -233,18 +233,21 @@ def add_lora(model, rank: int):
 
 # ---------------------------------------------------------------- data
 
-def training_texts(data, langs, text_field="text", exclude=None, max_documents=None) -> dict[str, list[str]]:
-    """{lang: documents} from `builtin` or a corpus directory, leaving out the line numbers in
-    `exclude[lang]` (a detection run's evaluation split, so that its PPL stays held out)."""
+def training_texts(data, langs, text_field="text", held_out=None, max_documents=None) -> dict[str, list[str]]:
+    """{lang: documents} from `builtin` or a corpus directory; `held_out`, the info of a detection
+    run on this corpus, leaves out its evaluation lines, so that their PPL stays held out."""
     from neurolang.corpus import load_corpus
 
     if max_documents is not None and max_documents < 1:
         raise NeurolangError(f"--max-documents must be positive, got {max_documents}")
     texts = load_corpus(data, langs, text_field)
+    evaluation = {}
+    if held_out is not None:
+        check_corpus_unchanged(held_out, texts)
+        evaluation = {lang: set(info["evaluation_lines"]) for lang, info in held_out["per_language"].items()}
     out = {}
     for lang in langs:
-        held_out = set((exclude or {}).get(lang, ()))
-        out[lang] = [t for i, t in enumerate(texts[lang]) if i not in held_out][:max_documents]
+        out[lang] = [t for i, t in enumerate(texts[lang]) if i not in evaluation.get(lang, ())][:max_documents]
         if not out[lang]:
             raise NeurolangError(f"no {lang} training text left after holding out the evaluation split")
     return out
@@ -307,8 +310,7 @@ def train(model, tokenizer, run_dir, out, *, strategy="auto", langs=None, data="
     if not n_params:
         raise NeurolangError(f"the {resolved} neuron set of {', '.join(langs)} is empty: nothing to train")
     same_corpus = str(data) == str(sets.info["options"]["corpus"])
-    exclude = {l: sets.info["per_language"][l]["evaluation_lines"] for l in langs if l in sets.info["per_language"]}
-    texts = training_texts(data, langs, text_field, exclude if same_corpus else None, max_documents)
+    texts = training_texts(data, langs, text_field, sets.info if same_corpus else None, max_documents)
     dataset = pack(tokenizer, [t for lang in langs for t in texts[lang]], block_size)
     eval_seqs = evaluation_texts(sets.info, tokenizer) if evaluate_ppl else {}
     pad = tokenizer.pad_token_id

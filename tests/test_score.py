@@ -197,6 +197,25 @@ def test_a_new_detection_replaces_the_old_one_whole(corpus, tmp_path, capsys):
     assert "no ranks recorded" in capsys.readouterr().err
 
 
+def test_a_corpus_changed_after_detection_is_refused(corpus, tmp_path, capsys):
+    own = tmp_path / "corpus"
+    own.mkdir()
+    for lang in ("en", "fr"):
+        (own / f"{lang}.txt").write_text((corpus / f"{lang}.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["detect", "--model", "tiny:llama", "--corpus", str(own), "--langs", "en,fr", "--ratio", "0.2",
+                 "--tau", "0.5", "--max-sentences", "10", "--eval-sentences", "5", "--out", str(out)]) == 0
+    assert main(["score", str(out)]) == 0
+    lines = (own / "fr.txt").read_text(encoding="utf-8").splitlines()
+    (own / "fr.txt").write_text("\n".join(["Une phrase de plus.", *lines]) + "\n", encoding="utf-8")  # indices shift
+    capsys.readouterr()
+    assert main(["score", str(out)]) == 2
+    assert main(["train", "--neurons", str(out), "--data", str(own), "--strategy", "all", "--langs", "fr",
+                 "--out", str(tmp_path / "trained"), "--max-steps", "1"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all("the fr text of corpus" in e and "re-run detect" in e for e in errors)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--low", "2", "--high", "1"], "--low must be below --high"),
