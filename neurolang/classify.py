@@ -147,6 +147,8 @@ def format_table(stats: dict) -> str:
              f"|shared| = {stats['sizes']['shared']['total']:,}; shared neuron ratio (Eq. 4) = "
              + (f"{stats['shared_ratio']:.3f}" if stats["shared_ratio"] is not None
                 else f"undefined ({stats['shared_ratio_undefined']})"), ""]
+    if len(langs) == 1:
+        lines[-1:-1] = [f"one language: 'shared' is N_{langs[0]} itself; shared and exclusive neurons need two or more"]
     lines.append(f"{'lang':<6}{'|N_l|':>9}{'|excl|':>9}{'|uniq|':>9}{'N_l %':>9}{'shared %':>10}{'excl %':>9}{'uniq %':>9}")
     for lang in langs:
         f = stats["fractions"][lang]

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from kernels import select_count_torch, top_k_order, top_k_size
 from neurolang.adapters import GROUPS, ModelAdapter
-from neurolang.classify import Classification, classify
+from neurolang.classify import Classification, classify, format_table
 from neurolang.cli import main
 from neurolang.corpus import BUILTIN_DIR, PAPER_LANGS, encode, load_corpus, pad_batch, split_indices
 from neurolang.detect import NeuronSets, detect
@@ -148,6 +148,16 @@ def test_classify_counts_add_up(model_and_tokenizer, corpus_dir):
     shares = stats["components"]["exclusive"]
     assert shares is None or sum(shares.values()) == pytest.approx(1.0)
     assert stats["neuron_count"] == ModelAdapter(model_and_tokenizer[0]).neuron_count()
+
+
+def test_one_language_is_classified_and_said_to_be_one(model_and_tokenizer, corpus_dir):
+    sets = run_detect(model_and_tokenizer, corpus_dir, langs=["en"], tau=0.5)
+    result = classify(sets)
+    for g in GROUPS:  # ∩ over one set is the set; nothing is exclusive; all of it is unique
+        assert torch.equal(result.shared[g], sets.members["en"][g]) and not result.exclusive["en"][g].any()
+        assert torch.equal(result.unique["en"][g], sets.members["en"][g])
+    assert "one language: 'shared' is N_en itself" in format_table(result.stats)
+    assert "one language" not in format_table(classify(run_detect(model_and_tokenizer, corpus_dir)).stats)
 
 
 def test_classify_by_hand():
