@@ -320,7 +320,7 @@ def cmd_scan(args) -> int:
 
     if args.workers < 1:
         raise NeurolangError("--workers must be positive")
-    entries = read_models(args.models or default_model_path())
+    entries = read_models(default_model_path() if args.models is None else args.models)
     options = ScanOptions(langs=tuple(args.langs), corpus=args.corpus, dtype=args.dtype, device=args.device,
                           max_sentences=args.max_sentences, eval_sentences=args.eval_sentences,
                           max_length=args.max_length, batch_size=args.batch_size, ratio=args.ratio, tau=args.tau,

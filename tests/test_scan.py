@@ -179,10 +179,11 @@ def test_scan_errors_are_one_line(tmp_path, capsys):
     assert main(["scan", "--models", str(tmp_path / "none.csv"), "--out", str(tmp_path / "r")]) == 2
     assert main(["scan", "--models", "tiny:llama", "--eval", "mgsm", "--out", str(tmp_path / "r")]) == 2
     assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert main(["scan", "--models", "", "--out", str(tmp_path / "r")]) == 2  # not the demo model
     for bad in (["--ratio", "2"], ["--eval-sentences", "-1"], ["--backend", "cobol"], ["--dtype", "float8"],
                 ["--eval", "mgsm", "--eval-data", str(tmp_path / "none")],
                 ["--eval", "mgsm", "--eval-data", str(tmp_path), "--eval-limit", "0"]):
         assert main(["scan", "--models", "tiny:llama", "--out", str(tmp_path / "r"), *bad]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 9 and all(line.startswith("neurolang: error:") for line in lines)
+    assert len(lines) == 10 and all(line.startswith("neurolang: error:") for line in lines)
     assert not (tmp_path / "r").exists()  # refused before any model ran
