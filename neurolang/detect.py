@@ -55,12 +55,14 @@ class NeuronSets:
 
     def save(self, out_dir) -> None:
         """Write the sets, replacing an earlier detection's in `out_dir` whole: its classes, scores and
-        (in threshold mode) ranks are removed, and detect.json, written last, is absent in between."""
+        (in threshold mode) ranks are removed, and detect.json, written last, is absent in between.
+        Files of those names in a directory that holds no detection are left alone."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stale = (DETECT_FILE, CLASSES_FILE, STATS_FILE, SCORES_FILE) + ((RANKS_FILE,) if self.ranks is None else ())
-        for name in stale:
-            (out_dir / name).unlink(missing_ok=True)
+        if (out_dir / NEURONS_FILE).is_file():
+            stale = (DETECT_FILE, CLASSES_FILE, STATS_FILE, SCORES_FILE) + ((RANKS_FILE,) if self.ranks is None else ())
+            for name in stale:
+                (out_dir / name).unlink(missing_ok=True)
         atomic_save_tensors(self.tensors(), out_dir / NEURONS_FILE)
         if self.ranks is not None:
             ranks = {f"ranks.{lang}.{g}": self.ranks[lang][g].cpu().contiguous() for lang in self.langs for g in GROUPS}

@@ -195,6 +195,11 @@ def test_a_new_detection_replaces_the_old_one_whole(corpus, tmp_path, capsys):
     capsys.readouterr()
     assert main(["score", str(out), "--validate-threshold"]) == 2  # not the first run's ranks, silently
     assert "no ranks recorded" in capsys.readouterr().err
+    elsewhere = tmp_path / "project"  # a directory that holds no detection keeps its files of those names
+    elsewhere.mkdir()
+    (elsewhere / "stats.json").write_text("{}")
+    assert main([*common[:-1], str(elsewhere), "--ratio", "0.2"]) == 0
+    assert (elsewhere / "stats.json").read_text() == "{}"
 
 
 def test_a_corpus_changed_after_detection_is_refused(corpus, tmp_path, capsys):
