@@ -32,6 +32,19 @@ def _neurons(text: str):
     return int(text)
 
 
+def _out_dir(text: str) -> str:
+    """An output directory that can be made or written: checked before any model loads."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a directory, got ''")
+    path = Path(text)
+    existing = next(p for p in (path, *path.parents) if p.exists())  # '.' or '/' at worst
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {existing}")
+    return text
+
+
 def _model_options(parser, default_help=f"default {DEFAULT_MODEL}", default=DEFAULT_MODEL):
     parser.add_argument("--model", default=default, metavar="MODEL",
                         help="local Hugging Face directory, cached hub id, GGUF file, or tiny:<family> "
@@ -87,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Count, per language, the sentences in which each neuron is among the top "
                                    "ρ of its layer and group; N_ℓ = neurons activated in at least τ of them.")
     _model_options(d)
-    d.add_argument("--out", required=True, help="output directory (neurons.safetensors, detect.json)")
+    d.add_argument("--out", type=_out_dir, required=True, help="output directory (neurons.safetensors, detect.json)")
     _detection_options(d, threshold=True, seed_help="seed of the detection / held-out split")
     d.add_argument("--text-field", default="text", help="field of JSON Lines / dataset records (default text)")
     d.add_argument("--qk-metric", default="output", choices=("output", "probs"), help=QK_METRIC_HELP)
@@ -127,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=48, help="MGSM generation length (default 48)")
     e.add_argument("--max-length", type=int, default=2048,
                    help="longest prompt plus generation in tokens; longer prompts lose exemplars (default 2048)")
-    e.add_argument("--out", help="output directory (results.json)")
+    e.add_argument("--out", type=_out_dir, help="output directory (results.json)")
     e.add_argument("--compare", nargs="+", metavar="RUN", help="print the before/after table of these eval runs")
     t = sub.add_parser("train", allow_abbrev=False, help="train only the language-related neurons (or a LoRA of equal size)",
                        description="Train the parameters owned by a neuron set of a detection run and write an "
@@ -153,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--block-size", type=int, default=1024, help="tokens per packed training block (default 1024)")
     t.add_argument("--method", default="neurons", choices=("neurons", "lora"),
                    help="neurons (default) or lora: peft LoRA on all projections, rank matched to the neuron set")
-    t.add_argument("--out", required=True, help="output directory: the merged checkpoint, deltas, train.json")
+    t.add_argument("--out", type=_out_dir, required=True, help="output directory: the merged checkpoint, deltas, train.json")
     sc = sub.add_parser("scan", help="verify, detect, classify, score (and eval) many models; resumable",
                         description="Run every stage for each model into RUN/<model>/ (finished stages are never "
                                     "redone; a failing model is recorded and skipped), keep RUN/results.parquet "
@@ -161,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--models", help="comma-separated paths / cached hub ids / GGUF files / tiny:<family>, or a CSV "
                                      "or YAML file with name, path, family, size, release_date (default: SmolLM2-135M "
                                      "from the demo extra)")
-    sc.add_argument("--out", default="runs/scan", help="run directory (default runs/scan)")
+    sc.add_argument("--out", type=_out_dir, default="runs/scan", help="run directory (default runs/scan)")
     _placement_options(sc)
     _detection_options(sc, threshold=False, seed_help="seed of the split, of verify's samples and of score's "
                                                        "random controls")
@@ -383,7 +396,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return cmd_train(args, rest) if args.command == "train" else COMMANDS[args.command](args)
-    except NeurolangError as err:
+    except (NeurolangError, OSError) as err:  # OSError: a file system's refusal (permissions, a full disk, ...)
         print(f"neurolang: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -126,6 +126,25 @@ def test_bad_dtype_device_and_layers(capsys):
         one_line_error(["verify", "--device", "cuda"], capsys, "no CUDA GPU")
 
 
+@pytest.mark.parametrize("command", [["detect"], ["scan", "--models", "tiny:llama"], ["eval", "--task", "mgsm"],
+                                     ["train", "--neurons", "."]])
+def test_an_output_path_that_is_a_file_is_refused_at_once(tmp_path, capsys, command):
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--out", str(out)])
+        assert exit_info.value.code == 2
+        assert f"argument --out: {tmp_path / 'file'} is a file, not a directory" in capsys.readouterr().err
+
+
+def test_file_system_refusals_are_one_line(monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/some/where")
+
+    monkeypatch.setattr("neurolang.models.load_model", refuse)
+    one_line_error(["verify"], capsys, "[Errno 13] Permission denied: '/some/where'")
+
+
 def test_bad_flags_exit_2_with_usage():
     result = run_cli("verify", "--neurons-per-group", "zero")
     assert result.returncode == 2
