@@ -311,7 +311,7 @@ def read_table(run_dir):
 def check_run_options(run_dir: Path, options: ScanOptions) -> None:
     """Record RUN's result-defining options at its first scan; refuse a later scan with others, whose
     finished stages would otherwise stand for options they were not run with."""
-    wanted = json.loads(json.dumps({name: getattr(options, name) for name in RESULT_OPTIONS}))  # tuples as lists
+    wanted = {name: getattr(options, name) for name in RESULT_OPTIONS} | {"langs": list(options.langs)}  # as JSON reads it
     recorded = read_json(run_dir / OPTIONS_FILE)
     if recorded is None:
         atomic_write_text(json.dumps(wanted, indent=1) + "\n", run_dir / OPTIONS_FILE)
