@@ -1,8 +1,13 @@
+import re
+
 from setuptools import setup
+
+# One place for the version: the package's own __version__.
+VERSION = re.search(r'__version__ = "(.+)"', open("neurolang/__init__.py", encoding="utf-8").read()).group(1)
 
 setup(
     name="neurolang",
-    version="0.1.0",
+    version=VERSION,
     description="Find, classify, score and train the language-related neurons of large language models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+from neurolang import __version__
 from neurolang.corpus import PAPER_LANGS
 from neurolang.errors import NeurolangError
 from neurolang.score import HIGH_BOUNDARY, LOW_BOUNDARY
@@ -81,6 +82,7 @@ def _detection_options(parser, threshold: bool, seed_help: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neurolang", description="Language-related neurons of LLMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     v = sub.add_parser("verify", help="check the fast impact path against the naive-loop oracle",
                        description="Zero sampled neurons of the model one at a time, re-run their sub-layer "

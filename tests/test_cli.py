@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import neurolang
 import neurolang.impact
 from neurolang.cli import main
 from neurolang.models import load_model
@@ -150,6 +151,13 @@ def test_bad_flags_exit_2_with_usage():
     assert result.returncode == 2
     assert "expected a positive number or 'all'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"neurolang {neurolang.__version__}"
 
 
 def _packaged_gguf():
