@@ -25,18 +25,24 @@ FAMILIES = {
     "qwen3": "Qwen3",
     "gemma": "Gemma",
     "gemma2": "Gemma2",
-    "gemma3_text": "Gemma3 (text)",
+    "gemma3_text": "Gemma3",
 }
+# Image-text checkpoints (Gemma3 4B, 12B, 27B) whose text model is a supported family: that text
+# model is loaded alone (`models.text_model`).
+IMAGE_TEXT = {"gemma3": "gemma3_text"}
 _ONE_PLUS_WEIGHT_NORM = {"gemma", "gemma2", "gemma3_text"}
 
 
 def supported_families() -> str:
-    return ", ".join(f"{name} ({key})" for key, name in FAMILIES.items())
+    image_text = ", ".join(f"{FAMILIES[text]} image-text ({key})" for key, text in IMAGE_TEXT.items())
+    return ", ".join(f"{name} ({key})" for key, name in FAMILIES.items()) + f", and the text model of {image_text}"
 
 
 def check_supported(config) -> None:
-    """Raise a one-line error unless the config is a supported decoder-only family."""
+    """Raise a one-line error unless the config is a supported decoder-only family (or an
+    image-text model whose text model is one)."""
     model_type = getattr(config, "model_type", None)
+    model_type = IMAGE_TEXT.get(model_type, model_type)
     if model_type not in FAMILIES:
         raise NeurolangError(
             f"unsupported architecture {model_type!r}; supported families: {supported_families()}"

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from neurolang.adapters import check_supported
+from neurolang.adapters import IMAGE_TEXT, check_supported
 from neurolang.errors import NeurolangError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,6 +122,21 @@ def resolve_model_path(model_name_or_path: str) -> Path:
     return cached
 
 
+def text_model(model):
+    """The text model of an image-text model (`IMAGE_TEXT`), as the ordinary causal LM of its text
+    family: the same modules, not copies. Its forward on text is the image-text model's exactly;
+    the vision tower is dropped, and `save_pretrained` writes a text-only checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # a shell: its modules are replaced by the loaded ones
+        text = AutoModelForCausalLM.from_config(model.config.text_config)
+    text.model, text.lm_head = model.model.language_model, model.lm_head
+    text.config.tie_word_embeddings = text.lm_head.weight is text.model.embed_tokens.weight
+    text.config._name_or_path = model.config._name_or_path
+    text.generation_config = model.generation_config
+    return text
+
+
 def load_model(model_name_or_path: str, torch_dtype: str = "float32", device: str = "auto"):
     """(model, tokenizer), in eval mode on the device, tokenizer padding on the right."""
     dtype, target = resolve_dtype(torch_dtype), resolve_device(device)
@@ -141,6 +156,8 @@ def load_model(model_name_or_path: str, torch_dtype: str = "float32", device: st
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NeurolangError(f"cannot load {path}: {first_line}") from None
+    if model.config.model_type in IMAGE_TEXT:
+        model = text_model(model)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

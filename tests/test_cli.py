@@ -62,6 +62,42 @@ def test_verify_on_a_model_directory(tmp_path):
     assert "PASS" in result.stdout
 
 
+def save_tiny_gemma3_image_text(path: Path) -> Path:
+    """A Gemma3 image-text checkpoint (as Gemma3 4B-27B are) around the tiny gemma3_text model."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = tiny_model("gemma3_text").config.to_dict()
+    vocab = text["vocab_size"]
+    config = Gemma3Config(text_config=text, mm_tokens_per_image=4, image_token_index=vocab - 1,
+                          boi_token_index=vocab - 2, eoi_token_index=vocab - 3,
+                          vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14))
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_gemma3_image_text_checkpoint_loads_its_text_model(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from neurolang.detect import model_fingerprint
+
+    model_dir = save_tiny_gemma3_image_text(tmp_path / "gemma3")
+    image_text = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model, _ = load_model(str(model_dir), device="cpu")
+    assert type(model).__name__ == "Gemma3ForCausalLM" and not hasattr(model.model, "vision_tower")
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, image_text(input_ids=ids).logits)
+    model.save_pretrained(tmp_path / "text")  # what `train` writes: a text-only checkpoint
+    byte_tokenizer().save_pretrained(tmp_path / "text")
+    reloaded, _ = load_model(str(tmp_path / "text"), device="cpu")
+    assert model_fingerprint(reloaded) == model_fingerprint(model)
+    assert main(["verify", "--model", str(model_dir), "--layers", "all", "--neurons-per-group", "8"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
 def test_hub_id_from_the_local_cache(tmp_path):
     cache = tmp_path / "hub"
     snapshot = cache / "models--someone--tiny-llama" / "snapshots" / "0123abcd"
