@@ -14,7 +14,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["kernels", "neurolang"],
-    package_data={"neurolang": ["data/corpus/*.txt", "data/corpus/LICENSE.md"]},
+    package_data={"neurolang": ["data/corpus/*.txt", "data/corpus/LICENSE.md", "data/paper_models.csv"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

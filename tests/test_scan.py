@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import date
 
 import pandas as pd
 import pytest
@@ -40,6 +41,16 @@ def test_read_models_from_a_list_csv_and_yaml(tmp_path):
         read_models("tiny:llama,tiny:llama")
     with pytest.raises(NeurolangError, match="no such models file"):
         read_models(str(tmp_path / "absent.yaml"))
+
+
+def test_the_papers_models(tmp_path):
+    entries = read_models("paper")
+    # §3.1's list: 20 models of the Llama, Qwen and Gemma families.
+    assert len(entries) == 20 and {e.family for e in entries} == {"Llama", "Qwen", "Gemma"}
+    assert [e.name for e in entries if e.family == "Gemma"] == ["Gemma-7B", "Gemma2-9B", "Gemma3-4B"]
+    dates = [date.fromisoformat(e.release_date) for e in entries]
+    assert min(dates) == date(2023, 2, 24) and max(dates) == date(2025, 3, 12)
+    assert all(e.path.count("/") == 1 and e.size.endswith("B") for e in entries)  # hub ids and sizes
 
 
 def test_scan_records_failures_and_never_redoes_a_stage(tmp_path):
