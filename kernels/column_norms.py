@@ -7,7 +7,7 @@ the V impact all reduce to per-sentence column sums of squares over the real tok
 """
 import torch
 
-from kernels.dispatch import full_float32_matmuls
+from kernels.dispatch import full_float32_matmuls, on_input_device
 
 
 @full_float32_matmuls()
@@ -75,6 +75,7 @@ def default_column_block(element_size: int, num_warps: int) -> int:
     return 16 // element_size * 32 * num_warps
 
 
+@on_input_device
 def masked_column_sumsq_triton(x: torch.Tensor, token_mask: torch.Tensor, programs: int = 2048, block_t: int = 8,
                                num_warps: int = 4, stages: int = 3, block_c: int | None = None) -> torch.Tensor:
     """The Triton kernel of `masked_column_sumsq_torch`: one pass over x, float32 accumulation.

@@ -5,6 +5,7 @@ environment variable NEUROLANG_BACKEND. With TRITON_INTERPRET=1 the Triton kerne
 through Triton's interpreter (slowly: for tests on small shapes).
 """
 import contextlib
+import functools
 import os
 
 import torch
@@ -32,6 +33,19 @@ def full_float32_matmuls():
     finally:
         for (owner, name, _), value in zip(_FULL_FLOAT32, previous):
             setattr(owner, name, value)
+
+
+def on_input_device(wrapper):
+    """Run a Triton wrapper with its first argument's CUDA device current. Triton launches on
+    torch's current device and stream, not on its tensors': without this, a model on `cuda:1`
+    would be read by kernels launched on `cuda:0`, on another stream than torch's work."""
+    @functools.wraps(wrapper)
+    def guarded(x, *args, **kwargs):
+        if not x.is_cuda:
+            return wrapper(x, *args, **kwargs)
+        with torch.cuda.device(x.device):
+            return wrapper(x, *args, **kwargs)
+    return guarded
 
 
 def triton_available() -> bool:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.dispatch import full_float32_matmuls
+from kernels.dispatch import full_float32_matmuls, on_input_device
 
 METRICS = ("output", "probs")
 PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16x3")
@@ -1522,6 +1522,7 @@ def _expected_overflow():
         yield
 
 
+@on_input_device
 def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric: str = "output",
                      precision: str = "fp16x3", block_m: int | None = None, block_n: int | None = None,
                      block_c: int | None = None, num_warps: int | None = None, num_stages: int | None = None,

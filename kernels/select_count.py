@@ -6,6 +6,8 @@ sentences in which it was activated; only these counts ever leave the device.
 """
 import torch
 
+from kernels.dispatch import on_input_device
+
 
 def top_k_size(ratio: float, width: int) -> int:
     """k = floor(ρ · width), at least 1."""
@@ -132,6 +134,7 @@ if triton is not None:
 MAX_TOP_K = 16384  # the k selected impacts are sorted as int64 keys in one program's shared memory
 
 
+@on_input_device
 def select_count_triton(impacts: torch.Tensor, counts: torch.Tensor, k: int | None = None,
                         sigma: float | None = None) -> torch.Tensor | None:
     """One launch for a batch [B, W] of one (layer, group): adds each neuron's activations to

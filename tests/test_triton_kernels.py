@@ -1,6 +1,8 @@
 """Triton kernels against their PyTorch twins and float64: on the CPU through Triton's interpreter,
 or on a GPU with NEUROLANG_GPU_TESTS=1."""
+import contextlib
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels import masked_column_sumsq_torch, masked_column_sumsq_triton, qk_impact_reference, qk_impact_triton
-from kernels.dispatch import resolve_backend
+from kernels.dispatch import on_input_device, resolve_backend
 from kernels.qk_impact import METRICS, AttentionSpec, _capped_change, _expm1, _tanh
 from neurolang.cli import main
 from test_qk_impact import CASES, inputs, rope, saturated_soft_cap_case, spec_for
@@ -524,6 +526,46 @@ def test_dispatch(monkeypatch):
         resolve_backend("triton", cpu)
     with pytest.raises(ValueError, match="unknown backend"):
         resolve_backend("cuda", cpu)
+
+
+def test_each_triton_wrapper_makes_its_tensors_device_current(monkeypatch):
+    """Triton launches on torch's current device: a wrapper given tensors on cuda:1 enters it."""
+    from kernels import select_count_triton
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    assert on_input_device(lambda x, y: (x, y))(on_gpu, 2) == (on_gpu, 2) and entered == [on_gpu.device]
+    assert on_input_device(lambda x: x.sum())(torch.ones(3)) == 3 and len(entered) == 1  # the CPU: nothing
+    guard = on_input_device(lambda x: x).__code__
+    assert all(w.__code__ is guard for w in (qk_impact_triton, masked_column_sumsq_triton, select_count_triton))
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_on_a_second_gpu_match_the_first():
+    from kernels import select_count_triton
+
+    hq, hk, d, t = 4, 2, 16, 9
+    q, k, v, mask = inputs(hq, hk, d, t, 3)
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, None, None, False, 3)
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        moved = [x.float().to(device) for x in (q, k, v, cos, sin)]
+        q_imp, k_imp = qk_impact_triton(*moved, mask.to(device), spec)
+        norms = masked_column_sumsq_triton(moved[0].flatten(2), mask.to(device))
+        counts = torch.zeros(q_imp.shape[1], dtype=torch.int32, device=device)
+        order = select_count_triton(q_imp, counts, k=3)
+        torch.cuda.synchronize(device)
+        results.append([x.cpu() for x in (q_imp, k_imp, norms, counts, order)])
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
 
 
 def test_verify_triton_backend_end_to_end(tmp_path, capsys):
