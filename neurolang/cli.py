@@ -300,6 +300,11 @@ def training_arguments(argv, out: str, device):
         raise NeurolangError(f"bad training flag: {message}")
 
     parser.error = fail
+    if device.type == "cuda" and device.index not in (None, 0):
+        # The Trainer places each process's model on its own first visible GPU (cuda:0, or the
+        # local rank's under torchrun), wherever it was loaded.
+        raise NeurolangError(f"train runs on the Trainer's GPU, not --device {device}: choose the GPU with "
+                             f"CUDA_VISIBLE_DEVICES={device.index} (several GPUs: torchrun)")
     parser.set_defaults(output_dir=str(Path(out) / "checkpoints"), use_cpu=device.type == "cpu",
                         **PAPER_TRAINING_ARGUMENTS)
     try:

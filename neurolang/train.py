@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers.training_args import ParallelMode
 
 from neurolang.ablate import random_control, set_size, union
 from neurolang.adapters import GROUPS, ModelAdapter
@@ -302,6 +303,12 @@ def train(model, tokenizer, run_dir, out, *, strategy="auto", langs=None, data="
         raise NeurolangError(f"{out} already holds a finished training run; choose another --out")
     args = training_args or TrainingArguments(output_dir=str(out / "checkpoints"), seed=seed, **PAPER_TRAINING_ARGUMENTS)
     check_training_arguments(args)
+    if args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+        # One process sees several GPUs: the Trainer would wrap the model in nn.DataParallel, whose
+        # replicas call the deltas' hooks with the first GPU's tensors (and it multiplies the
+        # batch). One GPU per process; several train through torchrun (DDP), as the Trainer does
+        # for model-parallel models.
+        args._n_gpu = 1
     sets = NeuronSets.load(run_dir)
     langs = list(langs or sets.langs)
     masks, resolved = select_neurons(run_dir, strategy, langs, seed, match)
@@ -335,6 +342,8 @@ def train(model, tokenizer, run_dir, out, *, strategy="auto", langs=None, data="
     train_start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
     train_seconds = time.perf_counter() - train_start
+    if args.should_save:
+        out.mkdir(parents=True, exist_ok=True)
     if method == "neurons":
         merged, deltas = model, merge_neuron_deltas(model)
         if args.should_save:

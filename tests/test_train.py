@@ -216,6 +216,27 @@ def test_train_errors_are_one_line(run_dir, tmp_path, capsys, extra, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_a_process_that_sees_several_gpus_trains_on_one(run_dir, tmp_path):
+    """nn.DataParallel, the Trainer's default there, would call the deltas' hooks on each replica
+    with the first GPU's tensors and multiply the batch: one GPU per process (torchrun for more)."""
+    args = _args(tmp_path, max_steps=1)
+    assert args.device.type == "cpu"
+    args._n_gpu = 2  # what the Trainer finds in a plain process on a machine with two GPUs
+    model, tokenizer = load_model("tiny:llama", device="cpu")
+    summary = train(model, tokenizer, run_dir, tmp_path / "out", strategy="all", training_args=args, block_size=64,
+                    max_documents=4, evaluate_ppl=False)  # out is not the checkpoints' parent: train makes it
+    assert summary["steps"] == 1 and args.n_gpu == 1 and (tmp_path / "out" / DELTAS_FILE).is_file()
+
+
+def test_train_refuses_a_gpu_the_trainer_would_not_use(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["train", "--neurons", str(run_dir), "--strategy", "all", "--out", str(tmp_path / "x"),
+                 "--device", "cuda:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CUDA_VISIBLE_DEVICES=1" in err and len(err.splitlines()) == 1
+
+
 def test_two_process_ddp_run_on_the_cpu(run_dir, tmp_path):
     """The Trainer's DDP path (gloo on the CPU, two processes) trains and writes one checkpoint."""
     import subprocess
