@@ -329,8 +329,24 @@ def check_run_options(run_dir: Path, options: ScanOptions) -> None:
                              "pass the same, or scan into another --out")
 
 
+def worker_gpus(workers: int) -> list[str]:
+    """The GPU each of `workers` processes pins (its CUDA_VISIBLE_DEVICES): the first `workers` of
+    those this process sees, so a CUDA_VISIBLE_DEVICES set by the user is respected. On a machine
+    without GPUs the workers share the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [str(i) for i in range(workers)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else []
+    gpus = gpus or [str(i) for i in range(torch.cuda.device_count())]
+    if workers > len(gpus):
+        raise NeurolangError(f"--workers {workers}, but this machine shows {len(gpus)} GPU(s): one worker per GPU")
+    return gpus[:workers]
+
+
 def _pin_gpu(queue) -> None:
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
+    os.environ["CUDA_VISIBLE_DEVICES"] = queue.get()
 
 
 def _scan_quietly(entry, run_dir, options):
@@ -341,6 +357,10 @@ def scan(entries, run_dir, options: ScanOptions, *, workers: int = 1, ray_addres
          log=print) -> list[dict]:
     """Scan every model; models run one after another, on `workers` GPUs of this machine at once,
     or as Ray tasks (`ray_address`: 'local' or a cluster address; RUN must be on a shared disk)."""
+    if (workers > 1 or ray_address) and options.device not in ("auto", "cuda", "cpu"):
+        raise NeurolangError(f"each worker has one GPU of its own: --device {options.device} cannot be "
+                             "with --workers or --ray-address (use auto or cuda)")
+    gpus = worker_gpus(workers) if workers > 1 and not ray_address else None
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_options(run_dir, options)
@@ -355,10 +375,10 @@ def scan(entries, run_dir, options: ScanOptions, *, workers: int = 1, ray_addres
         from concurrent.futures import ProcessPoolExecutor
 
         context = multiprocessing.get_context("spawn")
-        gpus = context.Queue()
-        for gpu in range(workers):
-            gpus.put(gpu)
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_pin_gpu, initargs=(gpus,)) as pool:
+        queue = context.Queue()
+        for gpu in gpus:
+            queue.put(gpu)
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_pin_gpu, initargs=(queue,)) as pool:
             statuses = list(pool.map(_scan_quietly, entries, [run_dir] * len(entries), [options] * len(entries)))
     else:
         statuses = []

@@ -16,7 +16,7 @@ import pytest
 from neurolang.cli import main
 from neurolang.errors import NeurolangError
 from neurolang.report import correlations
-from neurolang.scan import ScanOptions, read_models, read_table, scan
+from neurolang.scan import ScanOptions, read_models, read_table, scan, worker_gpus
 
 FAST = ["--max-sentences", "12", "--eval-sentences", "4", "--tau", "0.5", "--ratio", "0.05"]
 OPTIONS = ScanOptions(langs=("en", "zh", "fr"), max_sentences=12, eval_sentences=4, tau=0.5, ratio=0.05)
@@ -162,6 +162,22 @@ def test_scan_on_two_workers_and_on_local_ray(tmp_path):
     pytest.importorskip("ray")
     scan(entries, tmp_path / "ray", OPTIONS, ray_address="local")
     pd.testing.assert_frame_equal(stable(read_table(tmp_path / "ray")), stable(pooled))
+
+
+def test_workers_take_the_gpus_this_process_sees(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_gpus(2) == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6,7")  # the user's choice, kept
+    assert worker_gpus(3) == ["4", "6", "7"]
+    with pytest.raises(NeurolangError, match="--workers 4, but this machine shows 3 GPU"):
+        worker_gpus(4)
+    with pytest.raises(NeurolangError, match="--device cuda:1 cannot be with --workers"):
+        scan(read_models("tiny:llama,tiny:qwen2"), tmp_path, dataclasses.replace(OPTIONS, device="cuda:1"), workers=2)
+    assert not list(tmp_path.iterdir())  # refused before anything is written
 
 
 def test_report_writes_figures_tables_and_correlations(tmp_path, capsys):
