@@ -36,15 +36,16 @@ def full_float32_matmuls():
 
 
 def on_input_device(wrapper):
-    """Run a Triton wrapper with its first argument's CUDA device current. Triton launches on
+    """Run a Triton wrapper with its first tensor's CUDA device current. Triton launches on
     torch's current device and stream, not on its tensors': without this, a model on `cuda:1`
     would be read by kernels launched on `cuda:0`, on another stream than torch's work."""
     @functools.wraps(wrapper)
-    def guarded(x, *args, **kwargs):
-        if not x.is_cuda:
-            return wrapper(x, *args, **kwargs)
-        with torch.cuda.device(x.device):
-            return wrapper(x, *args, **kwargs)
+    def guarded(*args, **kwargs):
+        first = next(x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor))
+        if not first.is_cuda:
+            return wrapper(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return wrapper(*args, **kwargs)
     return guarded
 
 

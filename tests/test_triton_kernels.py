@@ -2,7 +2,6 @@
 or on a GPU with NEUROLANG_GPU_TESTS=1."""
 import contextlib
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -540,9 +539,13 @@ def test_each_triton_wrapper_makes_its_tensors_device_current(monkeypatch):
         yield
 
     monkeypatch.setattr(torch.cuda, "device", device)
-    on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
-    assert on_input_device(lambda x, y: (x, y))(on_gpu, 2) == (on_gpu, 2) and entered == [on_gpu.device]
-    assert on_input_device(lambda x: x.sum())(torch.ones(3)) == 3 and len(entered) == 1  # the CPU: nothing
+
+    class OnSecondGpu(torch.Tensor):  # what the guard reads of a tensor on cuda:1
+        is_cuda, device = True, torch.device("cuda", 1)
+
+    on_gpu = torch.ones(2).as_subclass(OnSecondGpu)
+    assert on_input_device(lambda n, x: (n, x))(2, x=on_gpu) == (2, on_gpu) and entered == [torch.device("cuda", 1)]
+    assert on_input_device(lambda x: x)(torch.ones(3)).sum() == 3 and len(entered) == 1  # the CPU: nothing
     guard = on_input_device(lambda x: x).__code__
     assert all(w.__code__ is guard for w in (qk_impact_triton, masked_column_sumsq_triton, select_count_triton))
 
