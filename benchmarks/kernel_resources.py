@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from bench_kernels import FFN_SWEEP  # noqa: E402
 from kernels.column_norms import _column_sumsq_kernel, default_column_block  # noqa: E402
 from kernels.qk_impact import (OPERAND_TILE, OPERAND_WARPS, PRECISIONS, _base_attention_kernel,  # noqa: E402
-                               _operand_kernel, _qk_channel_kernel, _qk_channel_rough_kernel, _qk_kernel,
+                               _operand_kernel, _qk_channel_kernel, _qk_kernel,
                                _qk_rough_kernel, base_attention_tiles, default_channel_block, default_key_block,
                                default_stages, default_warps)
 
