@@ -150,10 +150,10 @@ def load_model(model_name_or_path: str, torch_dtype: str = "float32", device: st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model_name_or_path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    try:  # the tokenizer first: it fails in seconds where a model takes minutes to load
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, ImportError) as err:  # ImportError: a tokenizer library not installed
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NeurolangError(f"cannot load {path}: {first_line}") from None
     if model.config.model_type in IMAGE_TEXT:

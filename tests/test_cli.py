@@ -135,6 +135,21 @@ def test_unsupported_architecture(tmp_path, capsys):
     one_line_error(["verify", "--model", str(tmp_path)], capsys, "unsupported architecture 'gpt2'; supported families: Llama")
 
 
+def test_a_tokenizer_that_needs_a_missing_library(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def needs_sentencepiece(*args, **kwargs):
+        raise ImportError("\nLlamaTokenizer requires the SentencePiece library but it was not found in your environment.")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before its tokenizer")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", needs_sentencepiece)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    one_line_error(["verify", "--model", str(save_tiny(tmp_path / "model"))], capsys,
+                   "LlamaTokenizer requires the SentencePiece library")
+
+
 def test_file_that_is_not_gguf(tmp_path, capsys):
     (tmp_path / "weights.bin").write_bytes(b"0")
     one_line_error(["verify", "--model", str(tmp_path / "weights.bin")], capsys, "not a .gguf model")
