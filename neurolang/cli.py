@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=_out_dir, required=True, help="output directory: the merged checkpoint, deltas, train.json")
     sc = sub.add_parser("scan", help="verify, detect, classify, score (and eval) many models; resumable",
                         description="Run every stage for each model into RUN/<model>/ (finished stages are never "
-                                    "redone; a failing model is recorded and skipped), keep RUN/results.parquet "
+                                    "redone; a failing model is recorded and skipped, and the exit status is then 1), keep "
+                                    "RUN/results.parquet "
                                     "(one row per model) and write the report. Without --models: the demo model.")
     sc.add_argument("--models", help="comma-separated paths / cached hub ids / GGUF files / tiny:<family>, or a CSV "
                                      "or YAML file with name, path, family, size, release_date, or paper: the paper's 20 "
@@ -358,7 +359,7 @@ def cmd_scan(args) -> int:
         from neurolang.report import report
 
         print(f"report: {report(args.out).parent}/index.html")
-    return 0
+    return 1 if failed else 0  # the others are done all the same: a script can tell
 
 
 def cmd_report(args) -> int:

@@ -164,6 +164,13 @@ def test_scan_on_two_workers_and_on_local_ray(tmp_path):
     pd.testing.assert_frame_equal(stable(read_table(tmp_path / "ray")), stable(pooled))
 
 
+def test_scan_exits_1_when_a_model_failed(tmp_path, capsys):
+    assert main(["scan", "--models", f"tiny:llama,{tmp_path / 'absent'}", "--langs", "en,fr", "--out",
+                 str(tmp_path / "run"), "--no-report", *FAST]) == 1
+    assert "1 of 2 models done" in capsys.readouterr().out
+    assert read_table(tmp_path / "run")["status"].tolist() == ["done", "error"]
+
+
 def test_workers_take_the_gpus_this_process_sees(tmp_path, monkeypatch):
     import torch
 
