@@ -329,14 +329,14 @@ def check_run_options(run_dir: Path, options: ScanOptions) -> None:
                              "pass the same, or scan into another --out")
 
 
-def worker_gpus(workers: int) -> list[str]:
+def worker_gpus(workers: int, device: str = "auto") -> list[str]:
     """The GPU each of `workers` processes pins (its CUDA_VISIBLE_DEVICES): the first `workers` of
-    those this process sees, so a CUDA_VISIBLE_DEVICES set by the user is respected. On a machine
-    without GPUs the workers share the CPU."""
+    those this process sees, so a CUDA_VISIBLE_DEVICES set by the user is respected. With
+    `--device cpu`, or on a machine without GPUs, the workers share the CPU and see no GPU."""
     import torch
 
-    if not torch.cuda.is_available():
-        return [str(i) for i in range(workers)]
+    if device == "cpu" or not torch.cuda.is_available():
+        return [""] * workers
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else []
     gpus = gpus or [str(i) for i in range(torch.cuda.device_count())]
@@ -360,7 +360,7 @@ def scan(entries, run_dir, options: ScanOptions, *, workers: int = 1, ray_addres
     if (workers > 1 or ray_address) and options.device not in ("auto", "cuda", "cpu"):
         raise NeurolangError(f"each worker has one GPU of its own: --device {options.device} cannot be "
                              "with --workers or --ray-address (use auto or cuda)")
-    gpus = worker_gpus(workers) if workers > 1 and not ray_address else None
+    gpus = worker_gpus(workers, options.device) if workers > 1 and not ray_address else None
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_options(run_dir, options)
@@ -399,7 +399,8 @@ def _scan_with_ray(entries, run_dir, options, address):
     ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False,
              include_dashboard=False)
     try:
-        gpus = 1 if torch.cuda.is_available() or ray.cluster_resources().get("GPU") else 0
+        on_gpu = options.device != "cpu" and (torch.cuda.is_available() or ray.cluster_resources().get("GPU"))
+        gpus = 1 if on_gpu else 0
         task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=0)(_scan_quietly)
         return ray.get([task.remote(e, str(run_dir), options) for e in entries])
     finally:

@@ -182,6 +182,7 @@ def test_workers_take_the_gpus_this_process_sees(tmp_path, monkeypatch):
     assert worker_gpus(3) == ["4", "6", "7"]
     with pytest.raises(NeurolangError, match="--workers 4, but this machine shows 3 GPU"):
         worker_gpus(4)
+    assert worker_gpus(4, "cpu") == [""] * 4  # CPU workers: as many as asked, none sees a GPU
     with pytest.raises(NeurolangError, match="--device cuda:1 cannot be with --workers"):
         scan(read_models("tiny:llama,tiny:qwen2"), tmp_path, dataclasses.replace(OPTIONS, device="cuda:1"), workers=2)
     assert not list(tmp_path.iterdir())  # refused before anything is written
