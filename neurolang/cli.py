@@ -326,7 +326,10 @@ def cmd_train(args, rest) -> int:
     model_name = args.model or sets.info.get("model")
     if not model_name:
         raise NeurolangError(f"{args.neurons}/detect.json names no model: pass --model")
-    model, tokenizer = load_model(model_name, args.dtype, args.device)
+    # The model goes straight to the Trainer's device for this process: under torchrun, its local
+    # rank's GPU (loaded on "cuda", every rank would first put a copy on cuda:0).
+    device = training_args.device
+    model, tokenizer = load_model(model_name, args.dtype, str(device) if device.type == "cuda" else args.device)
     summary = train(model, tokenizer, args.neurons, args.out, strategy=args.strategy, langs=args.langs,
                     data=args.data, method=args.method, training_args=training_args, block_size=args.block_size,
                     seed=training_args.seed, match=args.match, text_field=args.text_field,

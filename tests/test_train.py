@@ -10,6 +10,7 @@ from neurolang.ablate import random_control, set_size
 from neurolang.adapters import GROUPS, ModelAdapter
 from neurolang.cli import main
 from neurolang.detect import detect
+from neurolang.errors import NeurolangError
 from neurolang.models import load_model
 from neurolang.score import perplexity
 from neurolang.train import (DELTAS_FILE, _owned, add_neuron_deltas, lora_rank_for, merge_neuron_deltas,
@@ -235,6 +236,20 @@ def test_train_refuses_a_gpu_the_trainer_would_not_use(run_dir, tmp_path, capsys
                  "--device", "cuda:1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "CUDA_VISIBLE_DEVICES=1" in err and len(err.splitlines()) == 1
+
+
+def test_train_loads_the_model_on_the_trainers_device(run_dir, tmp_path, capsys, monkeypatch):
+    """Under torchrun the Trainer's device is the local rank's GPU; the model must be loaded there,
+    not on cuda:0 by every rank (which would hold N copies)."""
+    import neurolang.models
+
+    def recorded(name, dtype, device):
+        raise NeurolangError(f"loaded on {device}")
+
+    monkeypatch.setattr(TrainingArguments, "device", property(lambda self: torch.device("cuda", 1)))
+    monkeypatch.setattr(neurolang.models, "load_model", recorded)
+    assert main(["train", "--neurons", str(run_dir), "--strategy", "all", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip().endswith("loaded on cuda:1")
 
 
 def test_two_process_ddp_run_on_the_cpu(run_dir, tmp_path):
