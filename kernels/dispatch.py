@@ -7,6 +7,7 @@ through Triton's interpreter (slowly: for tests on small shapes).
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 
@@ -57,6 +58,27 @@ def triton_available() -> bool:
     return True
 
 
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter (TRITON_INTERPRET=1) cannot run here, or None. Before Triton
+    3.7 it reads one-element arrays with `int(array)`, which NumPy 2.4 refuses: every kernel would
+    fail inside the interpreter with "only 0-dimensional arrays can be converted to Python scalars"."""
+    import numpy
+    import triton
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # NumPy 1.25 to 2.3 only warn
+        try:
+            int(numpy.zeros(1))
+            return None
+        except TypeError:
+            pass
+    release = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
+    if release >= (3, 7):
+        return None
+    return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run with NumPy "
+            f"{numpy.__version__}: install triton>=3.7 or numpy<2.4")
+
+
 def check_backend(backend: str) -> None:
     """Raise ValueError unless `backend` is one of BACKENDS (whatever the device)."""
     if backend not in BACKENDS:
@@ -77,4 +99,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError("the triton backend needs the triton package (pip install triton)")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to emulate it on the CPU)")
+        if device.type != "cuda" and (problem := interpreter_problem()):
+            raise ValueError(problem)
     return backend

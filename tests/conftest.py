@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Triton kernels run on the CPU through the interpreter unless a GPU run asks otherwise.
 if os.environ.get("NEUROLANG_GPU_TESTS") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -11,3 +13,11 @@ os.environ.setdefault("NEUROLANG_COMPILE", "0")
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+
+def pytest_configure(config):
+    """One line, not every kernel test failing inside the interpreter, where it cannot run."""
+    from kernels.dispatch import interpreter_problem, triton_available
+
+    if os.environ.get("TRITON_INTERPRET") == "1" and triton_available() and (problem := interpreter_problem()):
+        raise pytest.UsageError(problem)

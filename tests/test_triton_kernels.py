@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from kernels import masked_column_sumsq_torch, masked_column_sumsq_triton, qk_impact_reference, qk_impact_triton
-from kernels.dispatch import on_input_device, resolve_backend
+from kernels.dispatch import interpreter_problem, on_input_device, resolve_backend
 from kernels.qk_impact import METRICS, AttentionSpec, _capped_change, _expm1, _tanh
 from neurolang.cli import main
 from test_qk_impact import CASES, inputs, rope, saturated_soft_cap_case, spec_for
@@ -525,6 +525,37 @@ def test_dispatch(monkeypatch):
         resolve_backend("triton", cpu)
     with pytest.raises(ValueError, match="unknown backend"):
         resolve_backend("cuda", cpu)
+
+
+def test_an_interpreter_that_cannot_run_is_named_in_one_line(monkeypatch):
+    """Triton before 3.7 reads one-element arrays with int(array), which NumPy 2.4 refuses."""
+    import numpy
+    import triton
+
+    class OneElement:
+        def __init__(self, strict):
+            self.strict = strict
+
+        def __int__(self):
+            if self.strict:
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return 0
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("NEUROLANG_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(numpy, "zeros", lambda *args, **kwargs: OneElement(strict=True))
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert interpreter_problem().endswith("cannot run with NumPy " + numpy.__version__ +
+                                          ": install triton>=3.7 or numpy<2.4")
+    with pytest.raises(ValueError, match="interpreter .* cannot run"):
+        resolve_backend("triton", cpu)
+    assert resolve_backend("triton", cuda) == "triton"  # compiled kernels do not use it
+    monkeypatch.setattr(triton, "__version__", "3.7.0+git1234")
+    assert interpreter_problem() is None
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "zeros", lambda *args, **kwargs: OneElement(strict=False))
+    assert interpreter_problem() is None
 
 
 def test_each_triton_wrapper_makes_its_tensors_device_current(monkeypatch):
