@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from neurolang.adapters import GROUPS
 from neurolang.detect import CLASSES_FILE, STATS_FILE, NeuronSets, atomic_save_tensors, atomic_write_text
+from neurolang.errors import NeurolangError
 
 COMPONENTS = {"QK": ("q", "k"), "VO": ("v", "o"), "FFN": ("ffn",)}
 STAGES = ("early", "middle", "late")
@@ -165,4 +166,67 @@ def format_table(stats: dict) -> str:
         row = stats["layers"]["stages"][stage]
         label = f"{stage} ({rng[0]}-{rng[1]})" if rng else stage
         lines.append(f"{label:<16}" + "".join(f"{_pct(row[n]):>9}" for n in ("shared", "exclusive", "unique")))
+    return "\n".join(lines)
+
+
+# Options of a detection that change its sets; how two runs differ in them is printed with a comparison.
+_SET_OPTIONS = ("corpus", "ratio", "sigma", "tau", "max_sentences", "max_length", "seed", "qk_metric", "compat")
+
+
+def _overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
+    """Sizes, intersection and Jaccard index of two sets of neurons, in all and per group."""
+    def counts(groups):
+        n_a = sum(int(a[g].sum()) for g in groups)
+        n_b = sum(int(b[g].sum()) for g in groups)
+        both = sum(int((a[g] & b[g]).sum()) for g in groups)
+        union = n_a + n_b - both
+        return n_a, n_b, both, (both / union if union else None)
+
+    n_a, n_b, both, jaccard = counts(GROUPS)
+    return {"a": n_a, "b": n_b, "both": both, "jaccard": jaccard,
+            "a_in_b": both / n_a if n_a else None, "b_in_a": both / n_b if n_b else None,
+            "jaccard_by_group": {g: counts((g,))[3] for g in GROUPS}}
+
+
+def compare(a: NeuronSets, b: NeuronSets) -> dict:
+    """How the sets of two detections of one model shape overlap: N_ℓ, exclusive_ℓ and unique_ℓ of
+    the languages both have, and shared (over each run's own languages). For the stability of the
+    sets across corpora, seeds, ρ or τ, the two Q/K metrics, `--compat released-code`, or a model
+    before and after training."""
+    if a.info.get("widths") != b.info.get("widths") or a.info.get("n_layers") != b.info.get("n_layers"):
+        raise NeurolangError("the two runs have different neuron universes (another model shape): nothing to compare")
+    langs = [lang for lang in a.langs if lang in b.langs]
+    if not langs:
+        raise NeurolangError(f"the two runs have no language in common ({', '.join(a.langs)} and {', '.join(b.langs)})")
+    ca, cb = classify(a), classify(b)
+    sets = {f"N.{lang}": _overlap(a.members[lang], b.members[lang]) for lang in langs}
+    sets["shared"] = _overlap(ca.shared, cb.shared)
+    sets.update({f"exclusive.{lang}": _overlap(ca.exclusive[lang], cb.exclusive[lang]) for lang in langs})
+    sets.update({f"unique.{lang}": _overlap(ca.unique[lang], cb.unique[lang]) for lang in langs})
+    options_a, options_b = a.info.get("options", {}), b.info.get("options", {})
+    differences = {k: [options_a.get(k), options_b.get(k)] for k in _SET_OPTIONS if options_a.get(k) != options_b.get(k)}
+    if a.langs != b.langs:
+        differences["langs"] = [a.langs, b.langs]
+    return {"models": [a.info.get("model"), b.info.get("model")],
+            "same_weights": a.info.get("fingerprint") == b.info.get("fingerprint"),
+            "langs": langs, "option_differences": differences, "sets": sets}
+
+
+def format_comparison(result: dict, names=("A", "B")) -> str:
+    """The overlap table of `compare`, one row per set."""
+    def num(x, digits=3):
+        return "—" if x is None else f"{x:.{digits}f}"
+
+    a, b = names
+    lines = [f"A: {a} ({result['models'][0]})", f"B: {b} ({result['models'][1]})"]
+    if not result["same_weights"]:
+        lines.append("the two runs were detected on different weights (model fingerprints differ)")
+    for option, (x, y) in result["option_differences"].items():
+        lines.append(f"options differ: {option} {x} (A) vs {y} (B)")
+    lines += ["", f"{'set':<14}{'|A|':>8}{'|B|':>8}{'|A∩B|':>8}{'Jaccard':>9}{'A in B':>8}{'B in A':>8}  "
+              + "".join(f"{g:>6}" for g in GROUPS)]
+    for name, o in result["sets"].items():
+        lines.append(f"{name:<14}{o['a']:>8}{o['b']:>8}{o['both']:>8}{num(o['jaccard']):>9}{num(o['a_in_b'], 2):>8}"
+                     f"{num(o['b_in_a'], 2):>8}  " + "".join(f"{num(o['jaccard_by_group'][g], 2):>6}" for g in GROUPS))
+    lines.append("Jaccard = |A∩B| / |A∪B| (in all, then per group); A in B = |A∩B| / |A|; — where a set is empty")
     return "\n".join(lines)

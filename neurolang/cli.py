@@ -111,8 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "Σ|up|, Q/K Σ(ΔA)² on post-RoPE channels for both, V/O Σ|y|, swapped top-k sizes; "
                         "models without grouped-query attention only")
     c = sub.add_parser("classify", help="shared / exclusive / unique neurons and their statistics",
-                       description="Read DIR/neurons.safetensors, write DIR/classes.safetensors and DIR/stats.json.")
+                       description="Read DIR/neurons.safetensors, write DIR/classes.safetensors and DIR/stats.json; "
+                                   "or, with --compare, print how DIR's sets overlap another run's.")
     c.add_argument("dir", help="a directory written by `neurolang detect`")
+    c.add_argument("--compare", metavar="OTHER",
+                   help="another detection of a model of the same shape: print the overlap of N_ℓ, shared, "
+                        "exclusive and unique sets (Jaccard, per group), write nothing")
     s = sub.add_parser("score", help="perplexity with neuron sets deactivated: ΔPPL, Imp, LAS and stage",
                        description="Deactivate shared, exclusive and random neurons in turn and measure perplexity "
                                    "on the held-out split; write DIR/scores.json.")
@@ -225,9 +229,13 @@ def cmd_detect(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from neurolang.classify import classify, format_table
+    from neurolang.classify import classify, compare, format_comparison, format_table
     from neurolang.detect import NeuronSets
 
+    if args.compare:
+        result = compare(NeuronSets.load(args.dir), NeuronSets.load(args.compare))
+        print(format_comparison(result, (args.dir, args.compare)))
+        return 0
     result = classify(NeuronSets.load(args.dir))
     result.save(args.dir)
     print(format_table(result.stats))

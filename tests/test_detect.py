@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from kernels import select_count_torch, top_k_order, top_k_size
 from neurolang.adapters import GROUPS, ModelAdapter
-from neurolang.classify import Classification, classify, format_table
+from neurolang.classify import Classification, classify, compare, format_comparison, format_table
 from neurolang.cli import main
 from neurolang.corpus import BUILTIN_DIR, PAPER_LANGS, encode, load_corpus, pad_batch, split_indices
 from neurolang.detect import NeuronSets, detect
@@ -178,6 +178,77 @@ def test_classify_by_hand():
     assert stats["components"]["shared"] == {"QK": 0.0, "VO": 0.0, "FFN": 1.0}
     assert stats["components"]["exclusive"]["QK"] == pytest.approx((0.5 + 1.0) / 2)
     assert stats["layers"]["per_layer"]["shared"] == [pytest.approx(1 / 10)]
+
+
+def _hand_sets(langs, ffn, q, info=None):
+    """Sets of one layer, two neurons a group: ffn[lang] and q[lang] are the members, others empty."""
+    members = {}
+    for lang in langs:
+        members[lang] = {g: torch.zeros(1, 2, dtype=torch.bool) for g in GROUPS}
+        members[lang]["ffn"] = torch.tensor([ffn[lang]])
+        members[lang]["q"] = torch.tensor([q[lang]])
+    counts = {lang: {g: m.int() for g, m in ms.items()} for lang, ms in members.items()}
+    info = {"neuron_count": 10, "n_layers": 1, "widths": {g: 2 for g in GROUPS}, "fingerprint": "f",
+            "options": {"ratio": 0.01, "qk_metric": "output"}, **(info or {})}
+    return NeuronSets(list(langs), counts, members, info)
+
+
+def test_compare_by_hand():
+    """Known masks: every overlap of `compare` by hand; a run against itself is identical."""
+    a = _hand_sets(["en", "fr"], ffn={"en": [True, True], "fr": [True, False]},
+                   q={"en": [True, False], "fr": [False, True]})
+    b = _hand_sets(["en", "fr", "de"], ffn={"en": [True, False], "fr": [True, False], "de": [False, False]},
+                   q={"en": [True, True], "fr": [False, False], "de": [True, True]},
+                   info={"options": {"ratio": 0.01, "qk_metric": "probs"}})
+    result = compare(a, b)
+    assert result["langs"] == ["en", "fr"] and result["same_weights"]
+    assert result["option_differences"] == {"qk_metric": ["output", "probs"], "langs": [["en", "fr"], ["en", "fr", "de"]]}
+    n_en = result["sets"]["N.en"]  # A: ffn 0, 1, q 0; B: ffn 0, q 0, 1
+    assert (n_en["a"], n_en["b"], n_en["both"]) == (3, 3, 2) and n_en["jaccard"] == pytest.approx(0.5)
+    assert n_en["a_in_b"] == pytest.approx(2 / 3) and n_en["jaccard_by_group"]["ffn"] == pytest.approx(0.5)
+    assert n_en["jaccard_by_group"]["q"] == pytest.approx(0.5) and n_en["jaccard_by_group"]["v"] is None
+    shared = result["sets"]["shared"]  # A: ffn 0 (en, fr); B: nothing in all of en, fr, de
+    assert (shared["a"], shared["b"], shared["both"], shared["jaccard"]) == (1, 0, 0, 0.0) and shared["b_in_a"] is None
+    excl_fr = result["sets"]["exclusive.fr"]  # A: q 1; B: ffn 0
+    assert (excl_fr["a"], excl_fr["b"], excl_fr["both"], excl_fr["jaccard"]) == (1, 1, 0, 0.0)
+    same = compare(a, a)
+    assert same["option_differences"] == {} and all(o["jaccard"] in (1.0, None) for o in same["sets"].values())
+    assert all(o["a"] == o["b"] == o["both"] for o in same["sets"].values())
+    table = format_comparison(result, ("runs/a", "runs/b"))
+    assert "options differ: qk_metric output (A) vs probs (B)" in table
+    assert "N.en" in table and "N.de" not in table and "unique.fr" in table
+
+
+def test_compare_refuses_what_cannot_be_compared():
+    a = _hand_sets(["en"], ffn={"en": [True, True]}, q={"en": [True, False]})
+    wider = _hand_sets(["en"], ffn={"en": [True, True]}, q={"en": [True, False]},
+                       info={"widths": {**{g: 2 for g in GROUPS}, "ffn": 3}})
+    with pytest.raises(NeurolangError, match="different neuron universes"):
+        compare(a, wider)
+    with pytest.raises(NeurolangError, match="no language in common"):
+        compare(a, _hand_sets(["fr"], ffn={"fr": [True, True]}, q={"fr": [True, False]}))
+
+
+def test_classify_compare_command(tmp_path, capsys):
+    """Two detections that differ only in the Q/K metric: FFN, V and O sets are the same; nothing written."""
+    runs = []
+    for metric in ("output", "probs"):
+        out = tmp_path / metric
+        assert main(["detect", "--model", "tiny:llama", "--langs", "en,fr", "--max-sentences", "6",
+                     "--eval-sentences", "4", "--max-length", "48", "--ratio", "0.1", "--qk-metric", metric,
+                     "--out", str(out)]) == 0
+        runs.append(out)
+    capsys.readouterr()
+    result = compare(NeuronSets.load(runs[0]), NeuronSets.load(runs[1]))
+    assert result["option_differences"] == {"qk_metric": ["output", "probs"]}
+    for o in result["sets"].values():
+        assert all(o["jaccard_by_group"][g] in (1.0, None) for g in ("ffn", "v", "o"))
+    assert main(["classify", str(runs[0]), "--compare", str(runs[1])]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"A: {runs[0]} (tiny:llama)") and "options differ: qk_metric" in printed
+    assert not (runs[0] / "classes.safetensors").exists()
+    assert main(["classify", str(runs[0]), "--compare", str(tmp_path / "none")]) == 2
+    assert "has no neurons.safetensors" in capsys.readouterr().err
 
 
 def test_empty_exclusive_is_reported_not_divided():
