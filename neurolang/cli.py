@@ -217,12 +217,13 @@ def cmd_detect(args) -> int:
                   max_sentences=args.max_sentences, eval_sentences=args.eval_sentences, max_length=args.max_length,
                   batch_size=args.batch_size, seed=args.seed, metric=args.qk_metric, backend=args.backend,
                   text_field=args.text_field, model_name=args.model, progress=sys.stderr.isatty(),
-                  compat=args.compat)
+                  compat=args.compat, resume_dir=args.out)
     sets.save(args.out)
     for lang, info in sets.info["per_language"].items():
         cut = f", {info['truncated']} truncated to {args.max_length} tokens" if info["truncated"] else ""
+        resumed = ", kept from the interrupted run" if info.get("resumed") else ""
         print(f"{lang}: {info['sentences']} sentences, {info['tokens']} tokens, {info['seconds']:.1f}s "
-              f"({info['tokens_per_second']:.0f} tok/s, impacts {info['impact_seconds']:.1f}s){cut}")
+              f"({info['tokens_per_second']:.0f} tok/s, impacts {info['impact_seconds']:.1f}s){cut}{resumed}")
     print(format_table(classify(sets).stats))
     print(f"wrote {args.out}/neurons.safetensors and detect.json in {sets.info['seconds']:.1f}s")
     return 0

@@ -8,12 +8,14 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kernels import count_selected, resolve_backend, select_count_torch, select_count_triton, top_k_order, top_k_size
@@ -30,6 +32,8 @@ DETECT_FILE = "detect.json"
 CLASSES_FILE = "classes.safetensors"
 STATS_FILE = "stats.json"
 SCORES_FILE = "scores.json"
+# The languages an interrupted detection finished, one file each; removed once the sets are saved.
+PROGRESS_DIR = "detect-progress"
 
 
 @dataclass
@@ -68,6 +72,7 @@ class NeuronSets:
             ranks = {f"ranks.{lang}.{g}": self.ranks[lang][g].cpu().contiguous() for lang in self.langs for g in GROUPS}
             atomic_save_tensors(ranks, out_dir / RANKS_FILE)
         atomic_write_text(json.dumps(self.info, indent=2, ensure_ascii=False) + "\n", out_dir / DETECT_FILE)
+        shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)
 
     @classmethod
     def load(cls, out_dir) -> "NeuronSets":
@@ -207,6 +212,48 @@ class _Progress:
         self.bar.close()
 
 
+class _LanguageProgress:
+    """Each finished language of a detection in RESUME_DIR/detect-progress/<lang>.safetensors (its
+    counts, ranks and per-language record), so that a detection interrupted after some languages
+    (killed, out of memory) computes only the others when re-run. A file is used only when the
+    model (its name, dtype and fingerprint), the language's corpus text and every option that
+    changes the counts are those of the run asking; the batch size, backend and device are not
+    among them (the counts do not depend on them)."""
+
+    def __init__(self, resume_dir, model_identity: dict, options: dict):
+        self.dir = Path(resume_dir) / PROGRESS_DIR
+        keep = ("corpus", "ratio", "sigma", "max_sentences", "eval_sentences", "max_length", "seed", "qk_metric",
+                "text_field", "compat")
+        self.identity = json.dumps({**model_identity, **{k: options[k] for k in keep}}, sort_keys=True)
+
+    def _key(self, lang: str, digest: str) -> str:
+        return hashlib.sha256(f"{self.identity}|{lang}|{digest}".encode()).hexdigest()
+
+    def load(self, lang: str, digest: str):
+        """(counts, ranks or None, record) of a finished language, or None."""
+        path = self.dir / f"{lang}.safetensors"
+        if not path.is_file():
+            return None
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != self._key(lang, digest):
+                return None
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        counts = {g: tensors[f"counts.{g}"] for g in GROUPS}
+        ranks = {g: tensors[f"ranks.{g}"] for g in GROUPS} if f"ranks.{GROUPS[0]}" in tensors else None
+        return counts, ranks, json.loads(meta["record"])
+
+    def save(self, lang: str, digest: str, counts: dict, ranks: dict | None, record: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"counts.{g}": c.contiguous() for g, c in counts.items()}
+        if ranks is not None:
+            tensors.update({f"ranks.{g}": r.contiguous() for g, r in ranks.items()})
+        path = self.dir / f"{lang}.safetensors"
+        partial = path.with_name(path.name + ".partial")
+        save_file(tensors, partial, metadata={"key": self._key(lang, digest), "record": json.dumps(record)})
+        os.replace(partial, path)
+
+
 def corpus_digest(lines: list[str]) -> str:
     """A short digest of one language's corpus lines, recorded with the line numbers a run took."""
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:16]
@@ -239,9 +286,11 @@ def check_options(*, ratio, sigma, tau, max_sentences, eval_sentences, max_lengt
 def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "de", "sw"), *, ratio=0.01,
            sigma=None, tau=1.0, max_sentences=200, eval_sentences=40, max_length=128, batch_size=8, seed=0,
            metric="output", backend="auto", text_field="text", model_name=None, progress=True,
-           compat=None) -> NeuronSets:
+           compat=None, resume_dir=None) -> NeuronSets:
     """Detect N_ℓ for each language of a corpus (see `neurolang detect --help` for the options);
-    `compat="released-code"` scores and selects as the authors' released code (neurolang.compat)."""
+    `compat="released-code"` scores and selects as the authors' released code (neurolang.compat).
+    With `resume_dir` (the directory the sets will be saved to), each finished language is kept
+    there until `NeuronSets.save`, and a re-run after an interruption reuses those it finds."""
     check_options(ratio=ratio, sigma=sigma, tau=tau, max_sentences=max_sentences, eval_sentences=eval_sentences,
                   max_length=max_length, batch_size=batch_size)
     adapter = ModelAdapter(model)
@@ -252,9 +301,24 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
             raise NeurolangError(f"unknown --compat {compat!r}; choose {', '.join(COMPAT_MODES)}")
         check_compatible(adapter)
     texts = load_corpus(corpus, list(langs), text_field)
+    fingerprint = model_fingerprint(model)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    options = {"corpus": str(corpus), "ratio": ratio, "sigma": sigma, "tau": tau,
+               "max_sentences": max_sentences, "eval_sentences": eval_sentences, "max_length": max_length,
+               "batch_size": batch_size, "seed": seed, "qk_metric": metric, "backend": backend,
+               "text_field": text_field, "compat": compat}
+    kept = None if resume_dir is None else _LanguageProgress(
+        resume_dir, {"model": model_name, "dtype": dtype, "fingerprint": fingerprint}, options)
     counts, members, ranks, per_lang = {}, {}, {}, {}
     start = time.perf_counter()
     for lang in langs:
+        digest = corpus_digest(texts[lang])
+        finished = kept.load(lang, digest) if kept is not None else None
+        if finished is not None:
+            counts[lang], ranks[lang], per_lang[lang] = finished
+            per_lang[lang]["resumed"] = True
+            members[lang] = {g: membership(c, per_lang[lang]["sentences"], tau) for g, c in counts[lang].items()}
+            continue
         split = split_indices(len(texts[lang]), max_sentences, eval_sentences, seed)
         seqs, truncated = encode(tokenizer, [texts[lang][i] for i in split.detection], max_length)
         bar = _Progress(lang, sum(map(len, seqs)), progress)
@@ -271,21 +335,19 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
         tokens = sum(map(len, seqs))
         per_lang[lang] = {
             "detection_lines": split.detection, "evaluation_lines": split.evaluation,
-            "corpus_digest": corpus_digest(texts[lang]), "sentences": n,
+            "corpus_digest": digest, "sentences": n,
             "tokens": tokens, "truncated": truncated, "seconds": round(elapsed, 3),
             "impact_seconds": round(impact_s, 3), "tokens_per_second": round(tokens / elapsed, 1),
         }
+        if kept is not None:
+            kept.save(lang, digest, counts[lang], ranks[lang], per_lang[lang])
     from neurolang import __version__
 
     info = {
-        "model": model_name, "model_type": adapter.family, "fingerprint": model_fingerprint(model),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "n_layers": adapter.n_layers,
+        "model": model_name, "model_type": adapter.family, "fingerprint": fingerprint,
+        "dtype": dtype, "n_layers": adapter.n_layers,
         "widths": adapter.widths(), "neuron_count": adapter.neuron_count(), "langs": list(langs),
-        "options": {"corpus": str(corpus), "ratio": ratio, "sigma": sigma, "tau": tau,
-                    "max_sentences": max_sentences, "eval_sentences": eval_sentences, "max_length": max_length,
-                    "batch_size": batch_size, "seed": seed, "qk_metric": metric, "backend": backend,
-                    "text_field": text_field, "compat": compat},
-        "per_language": per_lang, "version": __version__,
+        "options": options, "per_language": per_lang, "version": __version__,
         "seconds": round(time.perf_counter() - start, 3),
     }
     return NeuronSets(list(langs), counts, members, info, None if sigma is not None else ranks)

@@ -184,7 +184,7 @@ def _run_stage(stage, model, tokenizer, entry, model_dir, o: ScanOptions):
 
         detect(model, tokenizer, o.corpus, list(o.langs), ratio=o.ratio, tau=o.tau, max_sentences=o.max_sentences,
                eval_sentences=o.eval_sentences, max_length=o.max_length, batch_size=o.batch_size, seed=o.seed,
-               backend=o.backend, model_name=entry.path, progress=False).save(model_dir)
+               backend=o.backend, model_name=entry.path, progress=False, resume_dir=model_dir).save(model_dir)
     elif stage == "classify":
         from neurolang.classify import classify
         from neurolang.detect import NeuronSets

@@ -1,5 +1,7 @@
 """Detection and classification against brute-force recomputation on tiny random models."""
 import json
+import shutil
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from neurolang.adapters import GROUPS, ModelAdapter
 from neurolang.classify import Classification, classify, compare, format_comparison, format_table
 from neurolang.cli import main
 from neurolang.corpus import BUILTIN_DIR, PAPER_LANGS, encode, load_corpus, pad_batch, split_indices
-from neurolang.detect import NeuronSets, detect
+from neurolang.detect import PROGRESS_DIR, NeuronSets, detect
 from neurolang.errors import NeurolangError
 from neurolang.impact import compute_impacts
 from neurolang.tiny import byte_tokenizer, tiny_model
@@ -112,6 +114,50 @@ def test_batch_size_and_rerun_invariance(model_and_tokenizer, corpus_dir):
     for key, value in a.tensors().items():
         assert torch.equal(value, b.tensors()[key]), key
         assert torch.equal(value, c.tensors()[key]), key
+
+
+def test_an_interrupted_detection_resumes_from_its_finished_languages(model_and_tokenizer, corpus_dir,
+                                                                      tmp_path, monkeypatch):
+    detect_module = sys.modules["neurolang.detect"]  # `neurolang.detect` is the function
+    real, calls = detect_module.count_activations, []
+
+    def counted(*args, **kwargs):
+        if len(calls) == stop_after:
+            raise RuntimeError("killed")
+        calls.append(kwargs["batch_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(detect_module, "count_activations", counted)
+    stop_after = None
+    whole = run_detect(model_and_tokenizer, corpus_dir)
+    out = tmp_path / "run"
+    calls.clear(); stop_after = 1
+    with pytest.raises(RuntimeError, match="killed"):
+        run_detect(model_and_tokenizer, corpus_dir, resume_dir=out)
+    assert sorted(p.name for p in (out / PROGRESS_DIR).iterdir()) == ["en.safetensors"]
+
+    # Options that change the counts, or another model name, do not take the kept language.
+    for i, changed in enumerate(({"ratio": 0.1}, {"max_length": 30}, {"model_name": "another"})):
+        other = tmp_path / f"other{i}"
+        shutil.copytree(out / PROGRESS_DIR, other / PROGRESS_DIR)
+        calls.clear(); stop_after = None
+        sets = run_detect(model_and_tokenizer, corpus_dir, resume_dir=other, **changed)
+        assert len(calls) == 3 and not any(r.get("resumed") for r in sets.info["per_language"].values())
+
+    # Another batch size (say, after running out of memory) resumes: en is kept, fr and sw are computed.
+    calls.clear(); stop_after = None
+    resumed = run_detect(model_and_tokenizer, corpus_dir, resume_dir=out, batch_size=5)
+    assert calls == [5, 5]
+    assert [resumed.info["per_language"][lang].get("resumed") for lang in LANGS] == [True, None, None]
+    for lang in LANGS:
+        assert resumed.info["per_language"][lang]["detection_lines"] == whole.info["per_language"][lang]["detection_lines"]
+        for g in GROUPS:
+            assert torch.equal(resumed.counts[lang][g], whole.counts[lang][g]), (lang, g)
+            assert torch.equal(resumed.members[lang][g], whole.members[lang][g]), (lang, g)
+            assert torch.equal(resumed.ranks[lang][g], whole.ranks[lang][g]), (lang, g)
+    resumed.save(out)
+    assert not (out / PROGRESS_DIR).exists()
+    assert NeuronSets.load(out).info["per_language"]["en"]["resumed"] is True
 
 
 def test_weight_norms_are_read_once_a_detection(monkeypatch, model_and_tokenizer):
@@ -313,6 +359,34 @@ def test_detect_and_classify_commands(tmp_path, capsys):
     result = Classification.load(out)
     assert set(result.stats["fractions"]) == {"en", "zh", "th"}
     assert "exclusive.th.q" in load_file(out / "classes.safetensors")
+
+
+def test_detect_command_resumes_an_interrupted_run(tmp_path, capsys, monkeypatch):
+    """`detect` killed after its first language: the same command again computes only the others."""
+    from neurolang.models import load_model
+
+    detect_module = sys.modules["neurolang.detect"]
+    out = tmp_path / "run"
+    args = ["detect", "--model", "tiny:qwen2", "--langs", "en,zh", "--max-sentences", "6", "--eval-sentences", "4",
+            "--max-length", "64", "--out", str(out)]
+    model, tokenizer = load_model("tiny:qwen2", "float32", "cpu")
+    real, calls = detect_module.count_activations, []
+
+    def killed_after_one(*a, **kw):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(detect_module, "count_activations", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        detect(model, tokenizer, "builtin", ["en", "zh"], max_sentences=6, eval_sentences=4, max_length=64,
+               model_name="tiny:qwen2", progress=False, resume_dir=out)
+    monkeypatch.setattr(detect_module, "count_activations", real)
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "en: 6 sentences" in printed and "kept from the interrupted run" in printed.split("zh:")[0]
+    assert "kept" not in printed.split("zh:")[1] and not (out / PROGRESS_DIR).exists()
 
 
 def test_detect_errors(tmp_path, capsys):

@@ -149,6 +149,7 @@ def test_killed_scans_resume_to_the_uninterrupted_table(tmp_path):
     pd.testing.assert_frame_equal(stable(got), stable(expected))
     assert got["model"].is_unique and len(got) == 2
     assert not list((tmp_path / "killed").rglob("*.partial"))
+    assert not list((tmp_path / "killed").rglob("detect-progress"))  # a finished detection removes its languages
     for model in ("tiny-llama", "tiny-gemma2"):
         for name in ("neurons.safetensors", "classes.safetensors"):
             assert (tmp_path / "killed" / model / name).read_bytes() == (tmp_path / "straight" / model / name).read_bytes()
