@@ -208,7 +208,7 @@ def compare(a: NeuronSets, b: NeuronSets) -> dict:
     if a.langs != b.langs:
         differences["langs"] = [a.langs, b.langs]
     return {"models": [a.info.get("model"), b.info.get("model")],
-            "same_weights": a.info.get("fingerprint") == b.info.get("fingerprint"),
+            "same_fingerprint": a.info.get("fingerprint") == b.info.get("fingerprint"),
             "langs": langs, "option_differences": differences, "sets": sets}
 
 
@@ -219,8 +219,8 @@ def format_comparison(result: dict, names=("A", "B")) -> str:
 
     a, b = names
     lines = [f"A: {a} ({result['models'][0]})", f"B: {b} ({result['models'][1]})"]
-    if not result["same_weights"]:
-        lines.append("the two runs were detected on different weights (model fingerprints differ)")
+    if not result["same_fingerprint"]:
+        lines.append("the two runs were detected on different models (their fingerprints differ)")
     for option, (x, y) in result["option_differences"].items():
         lines.append(f"options differ: {option} {x} (A) vs {y} (B)")
     lines += ["", f"{'set':<14}{'|A|':>8}{'|B|':>8}{'|A∩B|':>8}{'Jaccard':>9}{'A in B':>8}{'B in A':>8}  "

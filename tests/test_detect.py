@@ -247,7 +247,7 @@ def test_compare_by_hand():
                    q={"en": [True, True], "fr": [False, False], "de": [True, True]},
                    info={"options": {"ratio": 0.01, "qk_metric": "probs"}})
     result = compare(a, b)
-    assert result["langs"] == ["en", "fr"] and result["same_weights"]
+    assert result["langs"] == ["en", "fr"] and result["same_fingerprint"]
     assert result["option_differences"] == {"qk_metric": ["output", "probs"], "langs": [["en", "fr"], ["en", "fr", "de"]]}
     n_en = result["sets"]["N.en"]  # A: ffn 0, 1, q 0; B: ffn 0, q 0, 1
     assert (n_en["a"], n_en["b"], n_en["both"]) == (3, 3, 2) and n_en["jaccard"] == pytest.approx(0.5)
@@ -262,7 +262,10 @@ def test_compare_by_hand():
     assert all(o["a"] == o["b"] == o["both"] for o in same["sets"].values())
     table = format_comparison(result, ("runs/a", "runs/b"))
     assert "options differ: qk_metric output (A) vs probs (B)" in table
-    assert "N.en" in table and "N.de" not in table and "unique.fr" in table
+    assert "N.en" in table and "N.de" not in table and "unique.fr" in table and "fingerprints" not in table
+    retrained = _hand_sets(["en", "fr"], ffn={"en": [True, True], "fr": [True, False]},
+                           q={"en": [True, False], "fr": [False, True]}, info={"fingerprint": "g"})
+    assert "different models (their fingerprints differ)" in format_comparison(compare(a, retrained))
 
 
 def test_compare_refuses_what_cannot_be_compared():
