@@ -113,9 +113,9 @@ class NeuronSets:
         return NeuronSets(self.langs, counts, members, info, self.ranks)
 
 
-def atomic_save_tensors(tensors: dict, path: Path) -> None:
+def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, partial)
+    save_file(tensors, partial, metadata=metadata)
     os.replace(partial, path)
 
 
@@ -248,10 +248,8 @@ class _LanguageProgress:
         tensors = {f"counts.{g}": c.contiguous() for g, c in counts.items()}
         if ranks is not None:
             tensors.update({f"ranks.{g}": r.contiguous() for g, r in ranks.items()})
-        path = self.dir / f"{lang}.safetensors"
-        partial = path.with_name(path.name + ".partial")
-        save_file(tensors, partial, metadata={"key": self._key(lang, digest), "record": json.dumps(record)})
-        os.replace(partial, path)
+        atomic_save_tensors(tensors, self.dir / f"{lang}.safetensors",
+                            {"key": self._key(lang, digest), "record": json.dumps(record)})
 
 
 def corpus_digest(lines: list[str]) -> str:
