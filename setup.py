@@ -18,7 +18,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=5.0,<6",
+        "transformers[sentencepiece]>=5.0,<6",  # sentencepiece, protobuf: tokenizer.model-only checkpoints
         "numpy",
         "safetensors",
         "datasets",

@@ -137,6 +137,20 @@ def text_model(model):
     return text
 
 
+def _check_sentencepiece(path: Path) -> None:
+    """A checkpoint whose tokenizer is only a SentencePiece model (`tokenizer.model`, no
+    `tokenizer.json`: LLaMA-1 conversions, for one) is converted by `transformers` with
+    sentencepiece and protobuf; without them it fails with a message about tiktoken."""
+    if (path / "tokenizer.json").is_file() or not (path / "tokenizer.model").is_file():
+        return
+    try:
+        import google.protobuf  # noqa: F401
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        raise NeurolangError(f"{path} has only a SentencePiece tokenizer (tokenizer.model), which needs "
+                             "sentencepiece and protobuf: pip install sentencepiece protobuf") from None
+
+
 def load_model(model_name_or_path: str, torch_dtype: str = "float32", device: str = "auto"):
     """(model, tokenizer), in eval mode on the device, tokenizer padding on the right."""
     dtype, target = resolve_dtype(torch_dtype), resolve_device(device)
@@ -150,6 +164,7 @@ def load_model(model_name_or_path: str, torch_dtype: str = "float32", device: st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model_name_or_path)
+    _check_sentencepiece(path)
     try:  # the tokenizer first: it fails in seconds where a model takes minutes to load
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)

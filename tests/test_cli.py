@@ -135,19 +135,39 @@ def test_unsupported_architecture(tmp_path, capsys):
     one_line_error(["verify", "--model", str(tmp_path)], capsys, "unsupported architecture 'gpt2'; supported families: Llama")
 
 
-def test_a_tokenizer_that_needs_a_missing_library(tmp_path, capsys, monkeypatch):
+def save_sentencepiece_only(path: Path):
+    """A LLaMA-1-style checkpoint whose tokenizer is only a SentencePiece model (no tokenizer.json)."""
+    import sentencepiece
+
+    path.mkdir()
+    corpus = Path(neurolang.__file__).parent / "data" / "corpus"
+    sentencepiece.SentencePieceTrainer.train(
+        input=",".join(str(corpus / f"{lang}.txt") for lang in ("en", "fr", "de")), model_prefix=str(path / "tokenizer"),
+        vocab_size=260, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    (path / "tokenizer.vocab").unlink()
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                            "eos_token": "</s>", "unk_token": "<unk>",
+                                                            "add_bos_token": True}))
+    tiny_model("llama").save_pretrained(path)
+    return path
+
+
+def test_a_sentencepiece_only_checkpoint(tmp_path, capsys, monkeypatch):
+    import sentencepiece
     import transformers
 
-    def needs_sentencepiece(*args, **kwargs):
-        raise ImportError("\nLlamaTokenizer requires the SentencePiece library but it was not found in your environment.")
+    path = save_sentencepiece_only(tmp_path / "llama1")
+    sentence = "The weather is nice today."
+    _, tokenizer = load_model(str(path), device="cpu")
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model")).encode(sentence)
+    assert tokenizer(sentence).input_ids == [1] + pieces  # <s>, then SentencePiece's own tokens
 
     def never(*args, **kwargs):
-        raise AssertionError("the model was loaded before its tokenizer")
+        raise AssertionError("the model was loaded before its tokenizer was checked")
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", needs_sentencepiece)
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if not installed
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
-    one_line_error(["verify", "--model", str(save_tiny(tmp_path / "model"))], capsys,
-                   "LlamaTokenizer requires the SentencePiece library")
+    one_line_error(["verify", "--model", str(path)], capsys, "needs sentencepiece and protobuf")
 
 
 def test_file_that_is_not_gguf(tmp_path, capsys):
