@@ -80,14 +80,37 @@ def _mean_dicts(dicts) -> dict | None:
     return {k: float(np.mean([d[k] for d in dicts])) for k in dicts[0]}
 
 
-def stage_bounds(n_layers: int) -> dict[str, list[int]]:
-    """Early / middle / late thirds of the layers (as even as integer division allows)."""
-    parts = np.array_split(np.arange(n_layers), 3)
-    return {stage: [int(p[0]), int(p[-1])] if len(p) else [] for stage, p in zip(STAGES, parts)}
+def parse_layer_stages(text: str) -> list[tuple[int, int]]:
+    """"0-7,8-23,24-31" (as the paper's tables print them) as [(0, 7), (8, 23), (24, 31)]."""
+    try:
+        ranges = [tuple(int(x) for x in part.split("-")) for part in text.split(",")]
+    except ValueError:
+        ranges = []
+    if len(ranges) != 3 or any(len(r) != 2 for r in ranges):
+        raise NeurolangError(f"layer stages are three ranges FIRST-LAST, as in 0-7,8-23,24-31; got {text!r}")
+    return ranges
 
 
-def classify(sets: NeuronSets) -> Classification:
-    """Shared / exclusive / unique masks and every statistic of SPEC §4 that needs no perplexity."""
+def stage_bounds(n_layers: int, layer_stages=None) -> dict[str, list[int]]:
+    """Early / middle / late layer ranges: the given (first, last) pairs, which must cover every
+    layer in order, or else thirds of the layers (as even as integer division allows)."""
+    if layer_stages is None:
+        parts = np.array_split(np.arange(n_layers), 3)
+        return {stage: [int(p[0]), int(p[-1])] if len(p) else [] for stage, p in zip(STAGES, parts)}
+    ranges = [[int(first), int(last)] for first, last in layer_stages]
+    starts = [0] + [last + 1 for _, last in ranges[:-1]]
+    if len(ranges) != 3 or [first for first, _ in ranges] != starts or ranges[-1][1] != n_layers - 1 \
+            or any(last < first for first, last in ranges):
+        shown = ",".join(f"{first}-{last}" for first, last in ranges)
+        raise NeurolangError(f"layer stages {shown} must be three consecutive, non-empty ranges covering this "
+                             f"model's layers 0-{n_layers - 1}")
+    return dict(zip(STAGES, ranges))
+
+
+def classify(sets: NeuronSets, layer_stages=None) -> Classification:
+    """Shared / exclusive / unique masks and every statistic of SPEC §4 that needs no perplexity.
+    `layer_stages`, three (first, last) layer ranges, sets the early / middle / late stages of the
+    layer table (default: thirds; the paper's Tables 3 and 5 use other ranges per model)."""
     langs = sets.langs
     members = sets.members
     shared = {g: torch.stack([members[lang][g] for lang in langs]).all(0) for g in GROUPS}
@@ -118,7 +141,7 @@ def classify(sets: NeuronSets) -> Classification:
     per_layer = {"shared": _per_layer_fraction(shared),
                  "exclusive": np.mean([_per_layer_fraction(exclusive[lang]) for lang in langs], 0),
                  "unique": np.mean([_per_layer_fraction(unique[lang]) for lang in langs], 0)}
-    bounds = stage_bounds(n_layers)
+    bounds = stage_bounds(n_layers, layer_stages)
     stages = {}
     for stage, rng in bounds.items():
         stages[stage] = {name: float(values[rng[0]:rng[1] + 1].mean()) if rng else None

@@ -114,9 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read DIR/neurons.safetensors, write DIR/classes.safetensors and DIR/stats.json; "
                                    "or, with --compare, print how DIR's sets overlap another run's.")
     c.add_argument("dir", help="a directory written by `neurolang detect`")
-    c.add_argument("--compare", metavar="OTHER",
-                   help="another detection of a model of the same shape: print the overlap of N_ℓ, shared, "
-                        "exclusive and unique sets (Jaccard, per group), write nothing")
+    how = c.add_mutually_exclusive_group()
+    how.add_argument("--compare", metavar="OTHER",
+                     help="another detection of a model of the same shape: print the overlap of N_ℓ, shared, "
+                          "exclusive and unique sets (Jaccard, per group), write nothing")
+    how.add_argument("--layer-stages", metavar="RANGES", type=_layer_stages,
+                     help="the early, middle and late layers of the stage table, as 0-7,8-23,24-31 (default: "
+                          "thirds; the paper's Tables 3 and 5 use 0-7,8-23,24-31 for Llama-3.1-8B, "
+                          "0-5,6-29,30-35 for Qwen2.5-3B and 0-5,6-34,35-41 for Gemma2-9B); `score` keeps them")
     s = sub.add_parser("score", help="perplexity with neuron sets deactivated: ΔPPL, Imp, LAS and stage",
                        description="Deactivate shared, exclusive and random neurons in turn and measure perplexity "
                                    "on the held-out split; write DIR/scores.json.")
@@ -205,6 +210,15 @@ def _langs(text: str):
     return langs
 
 
+def _layer_stages(text: str):
+    from neurolang.classify import parse_layer_stages
+
+    try:
+        return parse_layer_stages(text)
+    except NeurolangError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def cmd_detect(args) -> int:
     from neurolang.classify import classify, format_table
     from neurolang.detect import check_options, detect
@@ -237,7 +251,7 @@ def cmd_classify(args) -> int:
         result = compare(NeuronSets.load(args.dir), NeuronSets.load(args.compare))
         print(format_comparison(result, (args.dir, args.compare)))
         return 0
-    result = classify(NeuronSets.load(args.dir))
+    result = classify(NeuronSets.load(args.dir), layer_stages=args.layer_stages)
     result.save(args.dir)
     print(format_table(result.stats))
     print(f"wrote {args.dir}/classes.safetensors and stats.json")

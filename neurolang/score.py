@@ -16,7 +16,7 @@ from neurolang.ablate import deactivated, random_control, set_size
 from neurolang.adapters import ModelAdapter
 from neurolang.classify import classify
 from neurolang.corpus import encode, load_corpus, pad_batch
-from neurolang.detect import SCORES_FILE, NeuronSets, atomic_write_text, check_corpus_unchanged, model_fingerprint
+from neurolang.detect import SCORES_FILE, STATS_FILE, NeuronSets, atomic_write_text, check_corpus_unchanged, model_fingerprint
 from neurolang.errors import NeurolangError
 
 LOW_BOUNDARY = math.log(2)  # below: shared neurons matter less per neuron than exclusive ones
@@ -111,6 +111,16 @@ def validate_threshold(sets: NeuronSets, ppl_with, base: dict, tolerance: float,
     return sets, steps
 
 
+def _layer_stages_of(run_dir: Path):
+    """The layer stages of the run's earlier classification (`classify --layer-stages`), kept when
+    scoring classifies again; None (thirds) without one."""
+    stats_file = run_dir / STATS_FILE
+    if not stats_file.is_file():
+        return None
+    ranges = list(json.loads(stats_file.read_text())["layers"]["stage_bounds"].values())
+    return ranges if all(ranges) else None
+
+
 def check_options(*, batch_size, low, high, tolerance, shrink) -> None:
     """Refuse scoring options that have no meaning, with the flag's name, before any work."""
     if batch_size < 1:
@@ -174,7 +184,7 @@ def score(model, tokenizer, run_dir, *, batch_size: int = 8, seed: int = 0, low:
         sets.save(run_dir)
         bar.total = bar.n + 6 * len(langs)
         bar.refresh()
-    classes = classify(sets)
+    classes = classify(sets, layer_stages=_layer_stages_of(run_dir))
     classes.save(run_dir)
     n_shared = set_size(classes.shared)
     results = {"shared": {"size": n_shared, "ppl": measured(classes.shared, langs)}}

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from kernels import select_count_torch, top_k_order, top_k_size
 from neurolang.adapters import GROUPS, ModelAdapter
-from neurolang.classify import Classification, classify, compare, format_comparison, format_table
+from neurolang.classify import Classification, classify, compare, format_comparison, format_table, parse_layer_stages
 from neurolang.cli import main
 from neurolang.corpus import BUILTIN_DIR, PAPER_LANGS, encode, load_corpus, pad_batch, split_indices
 from neurolang.detect import PROGRESS_DIR, NeuronSets, detect
@@ -226,6 +226,33 @@ def test_classify_by_hand():
     assert stats["layers"]["per_layer"]["shared"] == [pytest.approx(1 / 10)]
 
 
+def test_layer_stages_by_hand():
+    """Four layers whose shared fractions are known: the stage means for given ranges and for thirds."""
+    shared = {g: torch.zeros(4, 5, dtype=torch.bool) for g in GROUPS}
+    for layer, n in enumerate([1, 2, 3, 4]):  # layer i has n of its 25 neurons shared (ffn)
+        shared["ffn"][layer, :n] = True
+    members = {lang: {g: m.clone() for g, m in shared.items()} for lang in ("en", "fr")}
+    counts = {lang: {g: m.int() for g, m in ms.items()} for lang, ms in members.items()}
+    sets = NeuronSets(["en", "fr"], counts, members, {"neuron_count": 100})
+    layers = classify(sets).stats["layers"]  # thirds of 4 layers: 0-1, 2, 3
+    assert layers["stage_bounds"] == {"early": [0, 1], "middle": [2, 2], "late": [3, 3]}
+    assert layers["stages"]["early"]["shared"] == pytest.approx(1.5 / 25)
+    layers = classify(sets, layer_stages=[(0, 0), (1, 2), (3, 3)]).stats["layers"]
+    assert layers["stage_bounds"] == {"early": [0, 0], "middle": [1, 2], "late": [3, 3]}
+    assert [layers["stages"][s]["shared"] for s in ("early", "middle", "late")] == pytest.approx([1 / 25, 2.5 / 25, 4 / 25])
+    assert "middle (1-2)" in format_table(classify(sets, layer_stages=[(0, 0), (1, 2), (3, 3)]).stats)
+    for bad in ([(0, 0), (2, 2), (3, 3)], [(0, 1), (1, 2), (3, 3)], [(0, 0), (1, 2), (3, 4)], [(0, 0), (1, 3)],
+                [(0, 1), (2, 1), (2, 3)]):  # a gap, an overlap, past the last layer, two ranges, an empty one
+        with pytest.raises(NeurolangError, match="covering this model's layers 0-3"):
+            classify(sets, layer_stages=bad)
+
+
+@pytest.mark.parametrize("text", ["0-7,8-23", "0-7,8-23,24-31,32-40", "0-7,8-x,24-31", "0,1,2", ""])
+def test_layer_stages_that_do_not_parse(text):
+    with pytest.raises(NeurolangError, match="three ranges FIRST-LAST"):
+        parse_layer_stages(text)
+
+
 def _hand_sets(langs, ffn, q, info=None):
     """Sets of one layer, two neurons a group: ffn[lang] and q[lang] are the members, others empty."""
     members = {}
@@ -362,6 +389,15 @@ def test_detect_and_classify_commands(tmp_path, capsys):
     result = Classification.load(out)
     assert set(result.stats["fractions"]) == {"en", "zh", "th"}
     assert "exclusive.th.q" in load_file(out / "classes.safetensors")
+    capsys.readouterr()
+    assert main(["classify", str(out), "--layer-stages", "0-0,1-1,2-2"]) == 0
+    assert "late (2-2)" in capsys.readouterr().out
+    assert Classification.load(out).stats["layers"]["stage_bounds"]["middle"] == [1, 1]
+    assert main(["classify", str(out), "--layer-stages", "0-0,1-2,3-3"]) == 2
+    assert "covering this model's layers 0-2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["classify", str(out), "--layer-stages", "0-7"])
+    assert "argument --layer-stages: layer stages are three ranges" in capsys.readouterr().err
 
 
 def test_detect_command_resumes_an_interrupted_run(tmp_path, capsys, monkeypatch):

@@ -167,6 +167,25 @@ def test_score_command(corpus, tmp_path, capsys):
             assert lang in scores["imp_undefined"]
 
 
+def test_score_keeps_the_layer_stages_of_the_classification(corpus, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from neurolang.classify import Classification, classify
+    from neurolang.tiny import CONFIGS, random_weights_
+
+    config = CONFIGS["llama"]()
+    config.num_hidden_layers = 4  # four layers: stages other than thirds exist
+    model = random_weights_(AutoModelForCausalLM.from_config(config).eval())
+    tokenizer = byte_tokenizer()
+    sets = detect(model, tokenizer, corpus, ["en", "fr"], ratio=0.2, tau=0.5, max_sentences=4, eval_sentences=2)
+    sets.save(tmp_path)
+    classify(sets, layer_stages=[(0, 0), (1, 2), (3, 3)]).save(tmp_path)
+    monkeypatch.setattr(neurolang.score, "perplexity", lambda *args: 1.0)
+    neurolang.score.score(model, tokenizer, tmp_path)
+    assert Classification.load(tmp_path).stats["layers"]["stage_bounds"] == {"early": [0, 0], "middle": [1, 2],
+                                                                              "late": [3, 3]}
+
+
 def test_one_perplexity_pass_per_model_state_and_language(corpus, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert main(["detect", "--model", "tiny:gemma", "--corpus", str(corpus), "--langs", "en,fr", "--ratio", "0.2",
