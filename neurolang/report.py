@@ -173,6 +173,21 @@ def _component_rows(dirs):
     return rows
 
 
+def _stage_rows(dirs):
+    """Mean % of a layer's neurons in each set, per layer stage (Tables 3, 5)."""
+    rows = []
+    for name, d in dirs.items():
+        stats = read_json(d / STATS_FILE)
+        if stats is None:
+            continue
+        for stage, bounds in stats["layers"]["stage_bounds"].items():
+            values = stats["layers"]["stages"][stage]
+            label = f"{stage} ({bounds[0]}–{bounds[1]})" if bounds else stage
+            rows.append([name, label] + [_fmt(None if values[k] is None else 100 * values[k])
+                                         for k in ("unique", "shared", "exclusive")])
+    return rows
+
+
 def _md_table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -240,6 +255,15 @@ def report(run_dir) -> Path:
     comp = _component_rows(dirs)
     if comp:
         sections.append(("Component shares, % of each set (Tables 2, 6)", ["model", "set", "QK", "VO", "FFN"], comp))
+    stage_rows = _stage_rows(dirs)
+    if stage_rows:
+        sections.append(("Layer stages, mean % of a layer's neurons (Tables 3, 5)",
+                         ["model", "layers", "unique", "shared", "exclusive"], stage_rows))
+    unique_langs = [lang for lang in langs if f"frac_unique_{lang}" in table.columns]
+    if unique_langs:
+        rows = [[r[0]] + [_fmt(100 * v) for v in r[1:]]
+                for r in table[["model"] + [f"frac_unique_{lang}" for lang in unique_langs]].itertuples(index=False)]
+        sections.append(("Strictly unique neurons, % of all neurons (Table 4)", ["model"] + unique_langs, rows))
     corr_rows = [[x, y, _corr_text(c)] for x, per in notes.items() for y, c in per.items()]
     if corr_rows:
         sections.append(("Correlations", ["against", "quantity", "coefficients"], corr_rows))

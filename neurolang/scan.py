@@ -17,6 +17,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from neurolang.classify import parse_layer_stages, stage_bounds
 from neurolang.detect import (DETECT_FILE, NEURONS_FILE, SCORES_FILE, STATS_FILE, atomic_write_text,
                               check_options)
 from neurolang.errors import NeurolangError
@@ -36,6 +37,7 @@ class ModelEntry:
     family: str | None = None
     size: str | None = None
     release_date: str | None = None
+    layer_stages: str | None = None  # early, middle, late layers as 0-7,8-23,24-31 (default: thirds)
 
 
 @dataclass
@@ -107,7 +109,8 @@ def _safe_name(text: str) -> str:
 
 def read_models(spec: str) -> list[ModelEntry]:
     """Models from a comma-separated list of paths / ids, or a CSV or YAML file with the columns
-    name, path, family, size, release_date (only path is required); `paper` is the paper's 20."""
+    name, path, family, size, release_date, layer_stages (only path is required); `paper` is the
+    paper's 20."""
     path = PAPER_MODELS if spec == "paper" else Path(spec)
     if path.suffix.lower() in (".csv", ".yaml", ".yml") and path.is_file():
         if path.suffix.lower() == ".csv":
@@ -122,7 +125,8 @@ def read_models(spec: str) -> list[ModelEntry]:
             raise NeurolangError(f"{path}: expected a list of models, each with at least a path")
         entries = [ModelEntry(name=str(r.get("name") or _safe_name(str(r["path"]))), path=str(r["path"]),
                               family=r.get("family"), size=None if r.get("size") is None else str(r["size"]),
-                              release_date=None if r.get("release_date") is None else str(r["release_date"]))
+                              release_date=None if r.get("release_date") is None else str(r["release_date"]),
+                              layer_stages=str(r["layer_stages"]) if r.get("layer_stages") else None)
                    for r in rows]
     elif path.suffix.lower() in (".csv", ".yaml", ".yml"):
         raise NeurolangError(f"no such models file: {spec}")
@@ -136,20 +140,32 @@ def read_models(spec: str) -> list[ModelEntry]:
         raise NeurolangError(f"two models share the name {duplicates[0]!r}; give them names in a CSV/YAML file")
     for entry in entries:
         entry.name = _safe_name(entry.name)
+        if entry.layer_stages:
+            try:
+                parse_layer_stages(entry.layer_stages)
+            except NeurolangError as err:
+                raise NeurolangError(f"model {entry.name}: {err}") from None
     return entries
 
 
 # ---------------------------------------------------------------- one model
 
-def stage_done(model_dir: Path, stage: str, options: ScanOptions) -> bool:
-    """Whether the stage's final file exists (each stage writes it last, atomically); eval's must
-    also hold the items asked for now (--eval-data, --eval-limit), or the stage is redone."""
+def _layer_stages(entry: ModelEntry):
+    return parse_layer_stages(entry.layer_stages) if entry.layer_stages else None
+
+
+def stage_done(model_dir: Path, stage: str, options: ScanOptions, entry: ModelEntry) -> bool:
+    """Whether the stage's final file exists (each stage writes it last, atomically); classify's
+    must have the model's layer stages, and eval's the items asked for now (--eval-data,
+    --eval-limit), or the stage is redone."""
     if stage == "verify":
         return (model_dir / "verify.json").is_file()
     if stage == "detect":
         return (model_dir / DETECT_FILE).is_file() and (model_dir / NEURONS_FILE).is_file()
     if stage == "classify":
-        return (model_dir / STATS_FILE).is_file()
+        stats = read_json(model_dir / STATS_FILE)
+        return stats is not None and stats["layers"]["stage_bounds"] == stage_bounds(stats["n_layers"],
+                                                                                     _layer_stages(entry))
     if stage == "score":
         return (model_dir / SCORES_FILE).is_file()
     if options.eval_task is None:
@@ -189,7 +205,7 @@ def _run_stage(stage, model, tokenizer, entry, model_dir, o: ScanOptions):
         from neurolang.classify import classify
         from neurolang.detect import NeuronSets
 
-        classify(NeuronSets.load(model_dir)).save(model_dir)
+        classify(NeuronSets.load(model_dir), layer_stages=_layer_stages(entry)).save(model_dir)
     elif stage == "score":
         from neurolang.score import score
 
@@ -213,7 +229,7 @@ def scan_model(entry: ModelEntry, run_dir, options: ScanOptions, log=print) -> d
     described = json.dumps(asdict(entry), indent=1) + "\n"
     if read_json(model_dir / "model.json") != asdict(entry):  # names, sizes and dates may be edited between runs
         atomic_write_text(described, model_dir / "model.json")
-    todo = [s for s in STAGES if not stage_done(model_dir, s, options)]
+    todo = [s for s in STAGES if not stage_done(model_dir, s, options, entry)]
     if not todo:  # an error of a stage no longer asked for (e.g. eval) is stale
         (model_dir / "error.json").unlink(missing_ok=True)
         return {"name": entry.name, "status": "done"}
@@ -271,6 +287,7 @@ def model_row(model_dir: Path) -> dict:
             row[f"n_language_{lang}"] = stats["sizes"]["language"][lang]["total"]
             row[f"frac_language_{lang}"] = stats["fractions"][lang]["language"]
             row[f"frac_exclusive_{lang}"] = stats["fractions"][lang]["exclusive"]
+            row[f"frac_unique_{lang}"] = stats["fractions"][lang]["unique"]
         for component, share in (stats["components"]["shared"] or {}).items():
             row[f"shared_share_{component}"] = share
     if scores:

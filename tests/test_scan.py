@@ -41,6 +41,9 @@ def test_read_models_from_a_list_csv_and_yaml(tmp_path):
         read_models("tiny:llama,tiny:llama")
     with pytest.raises(NeurolangError, match="no such models file"):
         read_models(str(tmp_path / "absent.yaml"))
+    (tmp_path / "stages.csv").write_text('name,path,layer_stages\na,tiny:llama,"0-0,1-1,2-2"\nb,tiny:qwen2,0-1\n')
+    with pytest.raises(NeurolangError, match="model b: layer stages are three ranges"):
+        read_models(str(tmp_path / "stages.csv"))
 
 
 def test_the_papers_models(tmp_path):
@@ -51,6 +54,33 @@ def test_the_papers_models(tmp_path):
     dates = [date.fromisoformat(e.release_date) for e in entries]
     assert min(dates) == date(2023, 2, 24) and max(dates) == date(2025, 3, 12)
     assert all(e.path.count("/") == 1 and e.size.endswith("B") for e in entries)  # hub ids and sizes
+    # Tables 3 and 5 give their own layer stages for three models; the others take thirds.
+    assert {e.name: e.layer_stages for e in entries if e.layer_stages} == {
+        "Llama-3.1-8B": "0-7,8-23,24-31", "Qwen2.5-3B": "0-5,6-29,30-35", "Gemma2-9B": "0-5,6-34,35-41"}
+
+
+def test_layer_stages_of_a_models_file(tmp_path):
+    """A model's layer_stages classify it; changing them redoes the classify stage alone."""
+    from transformers import AutoModelForCausalLM
+
+    from neurolang.tiny import CONFIGS, byte_tokenizer, random_weights_
+
+    config = CONFIGS["llama"]()
+    config.num_hidden_layers = 4  # four layers: stages other than thirds exist
+    random_weights_(AutoModelForCausalLM.from_config(config)).save_pretrained(tmp_path / "four")
+    byte_tokenizer().save_pretrained(tmp_path / "four")
+    models, run = tmp_path / "models.csv", tmp_path / "run"
+    models.write_text(f'name,path,layer_stages\nfour,{tmp_path / "four"},"0-0,1-2,3-3"\n')
+    assert scan(read_models(str(models)), run, OPTIONS, log=lambda m: None)[0]["status"] == "done"
+    stats = json.loads((run / "four" / "stats.json").read_text())
+    assert stats["layers"]["stage_bounds"] == {"early": [0, 0], "middle": [1, 2], "late": [3, 3]}
+    scored = (run / "four" / "scores.json").stat().st_mtime_ns
+    models.write_text(f"name,path,layer_stages\nfour,{tmp_path / 'four'},\n")  # none: thirds
+    logged = []
+    assert scan(read_models(str(models)), run, OPTIONS, log=logged.append)[0]["status"] == "done"
+    assert logged == ["four: classify"] and (run / "four" / "scores.json").stat().st_mtime_ns == scored
+    stats = json.loads((run / "four" / "stats.json").read_text())
+    assert stats["layers"]["stage_bounds"] == {"early": [0, 1], "middle": [2, 2], "late": [3, 3]}
 
 
 def test_scan_records_failures_and_never_redoes_a_stage(tmp_path):
@@ -201,7 +231,7 @@ def test_report_writes_figures_tables_and_correlations(tmp_path, capsys):
     for name in ("fig1_vs_release_date.png", "fig2_fractions.png", "fig4_delta_ppl.png", "fig6_layers.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     text = (report / "report.md").read_text()
-    assert "Tables 2, 6" in text and "release date" in text and "| old |" in text.replace("| old  |", "| old |")
+    assert "Tables 2, 6" in text and "Tables 3, 5" in text and "Table 4" in text and "release date" in text and "| old |" in text.replace("| old  |", "| old |")
     assert "<img src='fig2_fractions.png'" in (report / "index.html").read_text()
 
 
