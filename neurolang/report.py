@@ -188,6 +188,17 @@ def _stage_rows(dirs):
     return rows
 
 
+def _unique_rows(dirs, langs):
+    """% of all neurons that are strictly unique to each language (Table 4)."""
+    rows = []
+    for name, d in dirs.items():
+        stats = read_json(d / STATS_FILE)
+        if stats is not None:
+            fractions = stats["fractions"]
+            rows.append([name] + [_fmt(100 * fractions[lang]["unique"]) if lang in fractions else "–" for lang in langs])
+    return rows
+
+
 def _md_table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -259,11 +270,9 @@ def report(run_dir) -> Path:
     if stage_rows:
         sections.append(("Layer stages, mean % of a layer's neurons (Tables 3, 5)",
                          ["model", "layers", "unique", "shared", "exclusive"], stage_rows))
-    unique_langs = [lang for lang in langs if f"frac_unique_{lang}" in table.columns]
-    if unique_langs:
-        rows = [[r[0]] + [_fmt(100 * v) for v in r[1:]]
-                for r in table[["model"] + [f"frac_unique_{lang}" for lang in unique_langs]].itertuples(index=False)]
-        sections.append(("Strictly unique neurons, % of all neurons (Table 4)", ["model"] + unique_langs, rows))
+    unique_rows = _unique_rows(dirs, langs)
+    if unique_rows:
+        sections.append(("Strictly unique neurons, % of all neurons (Table 4)", ["model"] + langs, unique_rows))
     corr_rows = [[x, y, _corr_text(c)] for x, per in notes.items() for y, c in per.items()]
     if corr_rows:
         sections.append(("Correlations", ["against", "quantity", "coefficients"], corr_rows))
