@@ -303,10 +303,14 @@ def cmd_eval(args) -> int:
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     results = evaluate(ModelRunner(model, tokenizer, args.batch_size), args.task, args.langs, args.data,
                        limit=args.limit, shots=args.shots, max_new_tokens=args.max_new_tokens,
-                       max_length=args.max_length, progress=sys.stderr.isatty())
+                       max_length=args.max_length, progress=sys.stderr.isatty(), resume_dir=args.out,
+                       model_name=args.model)
     results["model"] = args.model
     results["options"].update(dtype=args.dtype, batch_size=args.batch_size)
     path = save_results(results, args.out)
+    resumed = [lang for lang, info in results["per_language"].items() if info.get("resumed")]
+    if resumed:
+        print(f"{', '.join(resumed)}: kept from the interrupted run")
     print(format_results(results))
     print(f"wrote {path} in {results['seconds']:.1f}s")
     return 0

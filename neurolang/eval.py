@@ -23,7 +23,9 @@ Prompts that would exceed `max_length` tokens lose exemplars from the end until 
 item's record says how many shots it got.
 """
 import csv
+import hashlib
 import json
+import shutil
 import math
 import re
 import sys
@@ -40,6 +42,7 @@ from neurolang.errors import NeurolangError
 TASKS = ("mgsm", "mmmlu")
 DEFAULT_SHOTS = {"mgsm": 4, "mmmlu": 5}
 RESULTS_FILE = "results.json"
+PROGRESS_DIR = "eval-progress"
 LETTERS = ("A", "B", "C", "D")
 STOPS = ("\n\n", "\nQuestion:")
 # OpenAI's MMMLU file locales (no Thai was published).
@@ -269,9 +272,41 @@ def _fit(task, items, i, shots, runner, budget):
                          f"without exemplars; at most {budget} fit (--max-length, the model's context, generation)")
 
 
+class _LanguageProgress:
+    """Each finished language of an evaluation in OUT/eval-progress/<lang>.json (its summary and
+    item records), so that an evaluation interrupted after some languages (killed, out of memory)
+    computes only the others when re-run. A file is used only when the model (its name, dtype and
+    fingerprint), the language's benchmark file and every option that changes the predictions are
+    those of the run asking; the batch size is not among them."""
+
+    def __init__(self, out, identity: dict):
+        self.dir = Path(out) / PROGRESS_DIR
+        self.identity = json.dumps(identity, sort_keys=True)
+
+    def _key(self, lang: str, data_file: Path) -> str:
+        return hashlib.sha256(f"{self.identity}|{lang}|".encode() + data_file.read_bytes()).hexdigest()
+
+    def load(self, lang: str, data_file: Path):
+        """(summary, records) of a finished language, or None."""
+        path = self.dir / f"{lang}.json"
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if saved is None or saved["key"] != self._key(lang, data_file):
+            return None
+        return saved["summary"], saved["records"]
+
+    def save(self, lang: str, data_file: Path, summary: dict, records: list) -> None:
+        from neurolang.detect import atomic_write_text
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        saved = {"key": self._key(lang, data_file), "summary": summary, "records": records}
+        atomic_write_text(json.dumps(saved, ensure_ascii=False), self.dir / f"{lang}.json")
+
+
 def evaluate(runner, task: str, langs, data, *, limit=None, shots=None, max_new_tokens=48, max_length=2048,
-             progress=False) -> dict:
-    """Accuracy per language (and per subject for MMMLU) with every item's prediction."""
+             progress=False, resume_dir=None, model_name=None) -> dict:
+    """Accuracy per language (and per subject for MMMLU) with every item's prediction. With
+    `resume_dir` (the directory the results will be saved to), each finished language is kept
+    there until `save_results`, and a re-run after an interruption reuses those it finds."""
     from tqdm.auto import tqdm
 
     if task not in TASKS:
@@ -288,8 +323,21 @@ def evaluate(runner, task: str, langs, data, *, limit=None, shots=None, max_new_
     if budget < 1:
         raise NeurolangError(f"a length of {max_length} tokens (--max-length, or the model's context) leaves no room "
                              f"for a prompt beside the {max_length - budget} answer tokens")
+    kept = None
+    if resume_dir is not None:
+        from neurolang.detect import model_fingerprint
+
+        dtype = str(next(runner.model.parameters()).dtype).removeprefix("torch.")
+        kept = _LanguageProgress(resume_dir, {
+            "model": model_name, "dtype": dtype, "fingerprint": model_fingerprint(runner.model), "task": task,
+            "limit": limit, "shots": shots, "max_new_tokens": max_new_tokens, "max_length": max_length})
     per_language, records, start = {}, [], time.perf_counter()
     for lang in langs:
+        finished = None if kept is None else kept.load(lang, _data_file(data, task, lang))
+        if finished is not None:
+            per_language[lang] = {**finished[0], "resumed": True}
+            records += finished[1]
+            continue
         items = read_task(data, task, lang)
         chosen = range(min(limit or len(items), len(items)))
         fitted = [_fit(task, items, i, shots, runner, budget) for i in chosen]
@@ -316,6 +364,9 @@ def evaluate(runner, task: str, langs, data, *, limit=None, shots=None, max_new_
                               "seconds": time.perf_counter() - lang_start}
         if task == "mmmlu":
             per_language[lang]["per_subject"] = {s: 100.0 * c / t for s, (c, t) in sorted(subjects.items())}
+        if kept is not None:
+            kept.save(lang, _data_file(data, task, lang), per_language[lang],
+                      [r for r in records if r["lang"] == lang])
     return {"task": task, "langs": list(langs), "per_language": per_language,
             "average": sum(v["accuracy"] for v in per_language.values()) / len(per_language),
             "options": {"data": str(data), "limit": limit, "shots": shots, "max_new_tokens": max_new_tokens,
@@ -329,6 +380,7 @@ def save_results(results: dict, out) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(results, indent=1, ensure_ascii=False), out / RESULTS_FILE)
+    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # the finished languages are in the results now
     return out / RESULTS_FILE
 
 

@@ -214,10 +214,11 @@ def _run_stage(stage, model, tokenizer, entry, model_dir, o: ScanOptions):
         from neurolang.eval import ModelRunner, evaluate, save_results
 
         eval_langs = [lang for lang in o.langs if lang != "en"]
+        out = model_dir / "eval" / o.eval_task
         results = evaluate(ModelRunner(model, tokenizer, o.batch_size), o.eval_task, eval_langs, o.eval_data,
-                           limit=o.eval_limit)
+                           limit=o.eval_limit, resume_dir=out, model_name=entry.path)
         results["model"] = entry.path
-        save_results(results, model_dir / "eval" / o.eval_task)
+        save_results(results, out)
 
 
 def scan_model(entry: ModelEntry, run_dir, options: ScanOptions, log=print) -> dict:

@@ -9,6 +9,7 @@ import torch
 from neurolang.cli import main
 from neurolang.eval import (
     LETTERS,
+    PROGRESS_DIR,
     ModelRunner,
     build_prompt,
     evaluate,
@@ -198,6 +199,50 @@ def test_eval_command_and_compare(mgsm_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     zh_before = results["per_language"]["zh"]["accuracy"]
     assert "MGSM" in table and f"{50.0 - zh_before:+8.1f}" in table
+
+
+def test_an_interrupted_evaluation_resumes_from_its_finished_languages(mgsm_dir, tmp_path, monkeypatch, capsys):
+    """Killed during its second language, an evaluation keeps the first; the same command again
+    generates for the second alone and gives the uninterrupted results; other options start over."""
+    model, tokenizer = load_model("tiny:llama", "float32", "cpu")
+    options = dict(limit=3, shots=1, max_new_tokens=4)
+    straight = evaluate(ModelRunner(model, tokenizer, 4), "mgsm", ["zh", "fr"], mgsm_dir, **options)
+    calls, generate = [], ModelRunner.generate
+
+    def interrupted_at(n):
+        def counted(self, prompts, *args, **kwargs):
+            calls.append(prompts)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return generate(self, prompts, *args, **kwargs)
+        return counted
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(ModelRunner, "generate", interrupted_at(2))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ModelRunner(model, tokenizer, 4), "mgsm", ["zh", "fr"], mgsm_dir, resume_dir=out,
+                 model_name="tiny:llama", **options)
+    assert [p.name for p in (out / PROGRESS_DIR).iterdir()] == ["zh.json"]
+    calls.clear()
+    monkeypatch.setattr(ModelRunner, "generate", interrupted_at(0))  # never interrupts
+    assert main(["eval", "--model", "tiny:llama", "--task", "mgsm", "--data", str(mgsm_dir), "--langs", "zh,fr",
+                 "--limit", "3", "--shots", "1", "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out)]) == 0
+    assert "zh: kept from the interrupted run" in capsys.readouterr().out
+    assert len(calls) == 1 and all("fr" in p for p in calls[0])  # only French was generated
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["items"] == straight["items"] and resumed["average"] == straight["average"]
+    assert not (out / PROGRESS_DIR).exists()  # saved results need no progress
+    for other in (dict(options, limit=2), dict(options, shots=0)):  # another option: every language again
+        calls.clear()
+        monkeypatch.setattr(ModelRunner, "generate", interrupted_at(2))
+        with pytest.raises(KeyboardInterrupt):  # zh kept, with the first options
+            evaluate(ModelRunner(model, tokenizer, 4), "mgsm", ["zh", "fr"], mgsm_dir, resume_dir=out,
+                     model_name="tiny:llama", **options)
+        calls.clear()
+        monkeypatch.setattr(ModelRunner, "generate", interrupted_at(0))
+        evaluate(ModelRunner(model, tokenizer, 4), "mgsm", ["zh", "fr"], mgsm_dir, resume_dir=out,
+                 model_name="tiny:llama", **other)
+        assert len(calls) == 2
 
 
 @pytest.mark.parametrize("argv, message", [
