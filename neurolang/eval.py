@@ -25,9 +25,9 @@ item's record says how many shots it got.
 import csv
 import hashlib
 import json
-import shutil
 import math
 import re
+import shutil
 import sys
 import time
 import unicodedata
@@ -333,7 +333,8 @@ def evaluate(runner, task: str, langs, data, *, limit=None, shots=None, max_new_
             "limit": limit, "shots": shots, "max_new_tokens": max_new_tokens, "max_length": max_length})
     per_language, records, start = {}, [], time.perf_counter()
     for lang in langs:
-        finished = None if kept is None else kept.load(lang, _data_file(data, task, lang))
+        data_file = _data_file(data, task, lang)
+        finished = None if kept is None else kept.load(lang, data_file)
         if finished is not None:
             per_language[lang] = {**finished[0], "resumed": True}
             records += finished[1]
@@ -365,8 +366,7 @@ def evaluate(runner, task: str, langs, data, *, limit=None, shots=None, max_new_
         if task == "mmmlu":
             per_language[lang]["per_subject"] = {s: 100.0 * c / t for s, (c, t) in sorted(subjects.items())}
         if kept is not None:
-            kept.save(lang, _data_file(data, task, lang), per_language[lang],
-                      [r for r in records if r["lang"] == lang])
+            kept.save(lang, data_file, per_language[lang], [r for r in records if r["lang"] == lang])
     return {"task": task, "langs": list(langs), "per_language": per_language,
             "average": sum(v["accuracy"] for v in per_language.values()) / len(per_language),
             "options": {"data": str(data), "limit": limit, "shots": shots, "max_new_tokens": max_new_tokens,
