@@ -50,18 +50,25 @@ def _corr_text(c) -> str:
             f"Spearman ρ = {c['spearman']:.2f} (p = {c['spearman_p']:.2g}), n = {c['n']}")
 
 
-def _scatter(plt, path, xs, series, labels, xlabel, date_axis=False):
-    """One panel per y series, each point labelled with its model; the title holds the correlations."""
+def _scatter(plt, path, xs, series, labels, families, xlabel, date_axis=False):
+    """One panel per y series, each point labelled with its model and coloured by its family; the
+    title holds the correlations. The LAS panel draws Imp = 1 (LAS = log 2) as Fig. 5 does."""
     fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4.2), squeeze=False)
+    palette = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(dict.fromkeys(families))}
     notes = {}
     for ax, (name, ys) in zip(axes[0], series.items()):
-        points = [(x, y, label) for x, y, label in zip(xs, ys, labels) if x is not None and y is not None
-                  and not (isinstance(y, float) and math.isnan(y))]
-        for x, y, label in points:
-            ax.scatter(x, y, color="tab:blue")
+        points = [(x, y, label, family) for x, y, label, family in zip(xs, ys, labels, families)
+                  if x is not None and y is not None and not (isinstance(y, float) and math.isnan(y))]
+        for x, y, label, family in points:
+            ax.scatter(x, y, color=palette[family], label=family)
             ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        numeric = [x.toordinal() if date_axis else x for x, _, _ in points]
-        notes[name] = correlations(numeric, [y for _, y, _ in points])
+        if name == "LAS":
+            ax.axhline(math.log(2), color="tab:red", linestyle="--", linewidth=1, label="Imp = 1 (LAS = log 2)")
+        handles = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per family
+        if len(handles) > 1:
+            ax.legend(handles.values(), handles.keys(), fontsize=7)
+        numeric = [x.toordinal() if date_axis else x for x, _, _, _ in points]
+        notes[name] = correlations(numeric, [y for _, y, _, _ in points])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(name)
         ax.set_title(_corr_text(notes[name]), fontsize=8)
@@ -233,6 +240,7 @@ def report(run_dir) -> Path:
                    key=lambda l: (PAPER_LANGS.index(l) if l in PAPER_LANGS else len(PAPER_LANGS), l))
     sections, figures, notes = [], [], {}
     labels = list(table["model"])
+    families = [f if isinstance(f, str) and f else "model" for f in table.get("family", [None] * len(table))]
 
     summary_cols = ["model", "family", "size", "release_date", "status", "n_shared", "shared_ratio", "las", "stage"]
     summary_cols += [c for c in table.columns if c.startswith("imp_") or c.startswith("acc_")]
@@ -249,13 +257,13 @@ def report(run_dir) -> Path:
         y = {"shared neuron ratio": list(table["shared_ratio"]),
              "LAS": list(table["las"]) if "las" in table.columns else [None] * len(table)}
         if sum(d is not None for d in dates) >= 2:
-            notes["release_date"] = _scatter(plt, out / "fig1_vs_release_date.png", dates, y, labels, "release date",
-                                             date_axis=True)
+            notes["release_date"] = _scatter(plt, out / "fig1_vs_release_date.png", dates, y, labels, families,
+                                             "release date", date_axis=True)
             figures.append(("fig1_vs_release_date.png", "Shared-neuron ratio and LAS against release date (Fig. 1, 5)"))
         acc_cols = [c for c in table.columns if c.startswith("acc_") and c.endswith("_avg")]
         for col in acc_cols:
             name = f"fig3_vs_{col}.png"
-            notes[col] = _scatter(plt, out / name, list(table[col]), y, labels, f"{col} (%)")
+            notes[col] = _scatter(plt, out / name, list(table[col]), y, labels, families, f"{col} (%)")
             figures.append((name, f"Shared-neuron ratio and LAS against multilingual accuracy {col} (Fig. 3)"))
         _fractions_figure(plt, out / "fig2_fractions.png", table, langs)
         figures.append(("fig2_fractions.png", "Shared and exclusive neurons as % of all neurons (Fig. 2)"))
