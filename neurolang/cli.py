@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "RUN/results.parquet "
                                     "(one row per model) and write the report. Without --models: the demo model.")
     sc.add_argument("--models", help="comma-separated paths / cached hub ids / GGUF files / tiny:<family>, or a CSV "
-                                     "or YAML file with name, path, family, size, release_date, or paper: the paper's 20 "
+                                     "or YAML file with name, path, family, size, release_date, layer_stages, or paper: the "
+                                     "paper's 20 "
                                      "models, from the local Hugging Face cache (default: SmolLM2-135M from the demo "
                                      "extra)")
     sc.add_argument("--out", type=_out_dir, default="runs/scan", help="run directory (default runs/scan)")

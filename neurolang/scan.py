@@ -77,6 +77,16 @@ class ScanOptions:
             raise NeurolangError(f"--eval-data {self.eval_data} is not a directory")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise NeurolangError(f"--eval-limit must be positive, got {self.eval_limit}")
+        if self.eval_task and not self.eval_langs():
+            raise NeurolangError(f"--eval {self.eval_task} has none of the languages {', '.join(self.langs)} "
+                                 "(English is not evaluated)")
+
+    def eval_langs(self) -> list[str]:
+        """The languages the eval stage evaluates: all but English, and for MMMLU those OpenAI
+        published (it has no Thai; the others are still scanned)."""
+        from neurolang.eval import MMMLU_LOCALES
+
+        return [lang for lang in self.langs if lang != "en" and (self.eval_task != "mmmlu" or lang in MMMLU_LOCALES)]
 
 
 # The 20 models of the paper's scan (§3.1) as base checkpoints on the Hugging Face hub, with the
@@ -213,9 +223,8 @@ def _run_stage(stage, model, tokenizer, entry, model_dir, o: ScanOptions):
     elif o.eval_task:
         from neurolang.eval import ModelRunner, evaluate, save_results
 
-        eval_langs = [lang for lang in o.langs if lang != "en"]
         out = model_dir / "eval" / o.eval_task
-        results = evaluate(ModelRunner(model, tokenizer, o.batch_size), o.eval_task, eval_langs, o.eval_data,
+        results = evaluate(ModelRunner(model, tokenizer, o.batch_size), o.eval_task, o.eval_langs(), o.eval_data,
                            limit=o.eval_limit, resume_dir=out, model_name=entry.path)
         results["model"] = entry.path
         save_results(results, out)

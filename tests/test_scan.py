@@ -128,6 +128,22 @@ def test_eval_added_to_a_finished_scan_runs_only_the_eval_stage(tmp_path):
     assert {lang: info["items"] for lang, info in results["per_language"].items()} == {"zh": 3, "fr": 3}
 
 
+def test_mmmlu_in_a_scan_leaves_out_thai(tmp_path):
+    """OpenAI's MMMLU has no Thai: a scan of en, zh, th evaluates zh alone, and one of en, th is refused."""
+    data = tmp_path / "mmmlu"
+    data.mkdir()
+    rows = ["Question,A,B,C,D,Answer,Subject"] + [f"q{n}?,a,b,c,d,{'ABCD'[n % 4]},virology" for n in range(4)]
+    (data / "mmlu_ZH_CN.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    options = dataclasses.replace(OPTIONS, langs=("en", "zh", "th"), eval_task="mmmlu", eval_data=str(data),
+                                  eval_limit=2)
+    assert options.eval_langs() == ["zh"]
+    assert scan(read_models("tiny:llama"), tmp_path / "run", options, log=lambda m: None)[0]["status"] == "done"
+    results = json.loads((tmp_path / "run" / "tiny-llama" / "eval" / "mmmlu" / "results.json").read_text())
+    assert results["langs"] == ["zh"] and results["per_language"]["zh"]["items"] == 2
+    with pytest.raises(NeurolangError, match="--eval mmmlu has none of the languages en, th"):
+        dataclasses.replace(options, langs=("en", "th"))
+
+
 def test_a_run_keeps_one_set_of_result_options(tmp_path):
     entries, run = read_models("tiny:llama"), tmp_path / "run"
     scan(entries, run, OPTIONS, log=lambda m: None)
