@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Appendix B: lower ρ until a random control moves no language's PPL by more than --tolerance")
     s.add_argument("--tolerance", type=float, default=0.05, help="relative PPL rise allowed (default 0.05)")
     s.add_argument("--shrink", type=float, default=0.5, help="factor applied to ρ at each step (default 0.5)")
+    s.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="resamples of the evaluation sentences for the 95%% intervals of Imp and LAS "
+                        "(default 1000; 0: none)")
     e = sub.add_parser("eval", help="MGSM / MMMLU accuracy per language from local files, or compare runs",
                        description="Evaluate a model on MGSM (greedy generation, exact match of the last number) or "
                                    "MMMLU (K-shot, log-likelihood of the option letter) and write OUT/results.json; "
@@ -265,14 +268,14 @@ def cmd_score(args) -> int:
     from neurolang.score import check_options, format_scores, score
 
     check_options(batch_size=args.batch_size, low=args.low, high=args.high, tolerance=args.tolerance,
-                  shrink=args.shrink)
+                  shrink=args.shrink, bootstrap=args.bootstrap)
     model_name = args.model or NeuronSets.load(args.dir).info.get("model")
     if not model_name:
         raise NeurolangError(f"{args.dir}/detect.json names no model: pass --model")
     model, tokenizer = load_model(model_name, args.dtype, args.device)
     scores = score(model, tokenizer, args.dir, batch_size=args.batch_size, seed=args.seed, low=args.low,
                    high=args.high, validate=args.validate_threshold, tolerance=args.tolerance, shrink=args.shrink,
-                   progress=sys.stderr.isatty())
+                   bootstrap=args.bootstrap, progress=sys.stderr.isatty())
     for step in scores["threshold_validation"] or []:
         rises = ", ".join(f"{lang} {100 * r:+.1f}%" for lang, r in step["random_ppl_rise"].items())
         print(f"threshold ρ = {step['ratio']:.4g}: random-control PPL rise {rises}"

@@ -50,25 +50,29 @@ def _corr_text(c) -> str:
             f"Spearman ρ = {c['spearman']:.2f} (p = {c['spearman_p']:.2g}), n = {c['n']}")
 
 
-def _scatter(plt, path, xs, series, labels, families, xlabel, date_axis=False):
+def _scatter(plt, path, xs, series, labels, families, xlabel, date_axis=False, intervals=None):
     """One panel per y series, each point labelled with its model and coloured by its family; the
-    title holds the correlations. The LAS panel draws Imp = 1 (LAS = log 2) as Fig. 5 does."""
+    title holds the correlations. The LAS panel draws Imp = 1 (LAS = log 2) as Fig. 5 does, and
+    `intervals` ({series: [(low, high) or None per model]}) as error bars."""
     fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4.2), squeeze=False)
     palette = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(dict.fromkeys(families))}
     notes = {}
     for ax, (name, ys) in zip(axes[0], series.items()):
-        points = [(x, y, label, family) for x, y, label, family in zip(xs, ys, labels, families)
+        bounds = (intervals or {}).get(name) or [None] * len(ys)
+        points = [(x, y, label, family, b) for x, y, label, family, b in zip(xs, ys, labels, families, bounds)
                   if x is not None and y is not None and not (isinstance(y, float) and math.isnan(y))]
-        for x, y, label, family in points:
+        for x, y, label, family, b in points:
             ax.scatter(x, y, color=palette[family], label=family)
+            if b is not None:
+                ax.errorbar(x, y, yerr=[[y - b[0]], [b[1] - y]], color=palette[family], capsize=3, linewidth=1)
             ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if name == "LAS":
             ax.axhline(math.log(2), color="tab:red", linestyle="--", linewidth=1, label="Imp = 1 (LAS = log 2)")
         handles = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per family
         if len(handles) > 1:
             ax.legend(handles.values(), handles.keys(), fontsize=7)
-        numeric = [x.toordinal() if date_axis else x for x, _, _, _ in points]
-        notes[name] = correlations(numeric, [y for _, y, _, _ in points])
+        numeric = [x.toordinal() if date_axis else x for x, *_ in points]
+        notes[name] = correlations(numeric, [y for _, y, *_ in points])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(name)
         ax.set_title(_corr_text(notes[name]), fontsize=8)
@@ -242,7 +246,8 @@ def report(run_dir) -> Path:
     labels = list(table["model"])
     families = [f if isinstance(f, str) and f else "model" for f in table.get("family", [None] * len(table))]
 
-    summary_cols = ["model", "family", "size", "release_date", "status", "n_shared", "shared_ratio", "las", "stage"]
+    summary_cols = ["model", "family", "size", "release_date", "status", "n_shared", "shared_ratio", "las", "las_low",
+                    "las_high", "stage"]
     summary_cols += [c for c in table.columns if c.startswith("imp_") or c.startswith("acc_")]
     summary_cols += [c for c in table.columns if c.startswith("seconds_")]
     summary_cols = [c for c in summary_cols if c in table.columns]
@@ -256,14 +261,17 @@ def report(run_dir) -> Path:
         dates = _dates(table["release_date"]) if "release_date" in table.columns else [None] * len(table)
         y = {"shared neuron ratio": list(table["shared_ratio"]),
              "LAS": list(table["las"]) if "las" in table.columns else [None] * len(table)}
+        las_bounds = {"LAS": [None if lo is None or math.isnan(lo) else (lo, hi)
+                              for lo, hi in zip(table["las_low"], table["las_high"])]} if "las_low" in table.columns else None
         if sum(d is not None for d in dates) >= 2:
             notes["release_date"] = _scatter(plt, out / "fig1_vs_release_date.png", dates, y, labels, families,
-                                             "release date", date_axis=True)
+                                             "release date", date_axis=True, intervals=las_bounds)
             figures.append(("fig1_vs_release_date.png", "Shared-neuron ratio and LAS against release date (Fig. 1, 5)"))
         acc_cols = [c for c in table.columns if c.startswith("acc_") and c.endswith("_avg")]
         for col in acc_cols:
             name = f"fig3_vs_{col}.png"
-            notes[col] = _scatter(plt, out / name, list(table[col]), y, labels, families, f"{col} (%)")
+            notes[col] = _scatter(plt, out / name, list(table[col]), y, labels, families, f"{col} (%)",
+                                  intervals=las_bounds)
             figures.append((name, f"Shared-neuron ratio and LAS against multilingual accuracy {col} (Fig. 3)"))
         _fractions_figure(plt, out / "fig2_fractions.png", table, langs)
         figures.append(("fig2_fractions.png", "Shared and exclusive neurons as % of all neurons (Fig. 2)"))

@@ -302,6 +302,9 @@ def model_row(model_dir: Path) -> dict:
             row[f"shared_share_{component}"] = share
     if scores:
         row.update(las=scores["las"], stage=scores["stage"], strategy=scores["strategy"])
+        las_interval = (scores.get("intervals") or {}).get("las")
+        if las_interval:
+            row.update(las_low=las_interval[0], las_high=las_interval[1])
         for lang in scores["langs"]:
             row[f"imp_{lang}"] = scores["imp"][lang]
             row[f"base_ppl_{lang}"] = scores["base_ppl"][lang]

@@ -4,12 +4,14 @@ PPL_ℓ = exp(total NLL / total predicted tokens) on ℓ's held-out evaluation s
 ΔPPL = PPL with a set deactivated − base PPL;
 Imp_ℓ = (ΔPPL_ℓ(shared) / |shared|) / (ΔPPL_ℓ(exclusive_ℓ) / |exclusive_ℓ|);
 LAS = log(1 + mean_ℓ Imp_ℓ) (Imp = 1 ⇔ LAS = log 2).
+How far Imp and LAS rest on the few held-out sentences is shown by a bootstrap over them.
 """
 import json
 import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from neurolang.ablate import deactivated, random_control, set_size
@@ -24,24 +26,35 @@ HIGH_BOUNDARY = math.log(11)  # from here: shared neurons matter ten times as mu
 STRATEGIES = {"low": "all", "medium": "shared", "high": "exclusive"}
 
 
-def perplexity(model, seqs, pad_id: int, batch_size: int = 8) -> float:
-    """Token-weighted perplexity of token sequences: exp(Σ NLL / Σ predicted tokens), with a
-    float32 log-softmax and float64 sums, in length-sorted padded batches (padding changes nothing)."""
+def sentence_nll(model, seqs, pad_id: int, batch_size: int = 8):
+    """Per token sequence, the summed NLL of its predicted tokens (float64) and their number:
+    two numpy arrays in the order of `seqs`. A float32 log-softmax, in length-sorted padded
+    batches (padding changes nothing)."""
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    nll, count = 0.0, 0
+    nll, count = np.zeros(len(seqs)), np.zeros(len(seqs), dtype=np.int64)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            ids, mask = pad_batch([seqs[i] for i in order[start:start + batch_size]], pad_id, device)
+            rows = order[start:start + batch_size]
+            ids, mask = pad_batch([seqs[i] for i in rows], pad_id, device)
             logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits[:, :-1]
-            targets = ids[:, 1:]
-            token_nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+            token_nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
             valid = mask[:, 1:]
-            nll += float(token_nll[valid].double().sum())
-            count += int(valid.sum())
-    if count == 0:
+            nll[rows] = (token_nll.double() * valid).sum(1).cpu().numpy()
+            count[rows] = valid.sum(1).cpu().numpy()
+    return nll, count
+
+
+def ppl_of(nll, count) -> float:
+    """exp(Σ NLL / Σ predicted tokens) of `sentence_nll`'s arrays."""
+    if count.sum() == 0:
         raise NeurolangError("the evaluation split has no predicted tokens (every sentence is one token long)")
-    return math.exp(nll / count)
+    return math.exp(nll.sum() / count.sum())
+
+
+def perplexity(model, seqs, pad_id: int, batch_size: int = 8) -> float:
+    """Token-weighted perplexity of token sequences: exp(Σ NLL / Σ predicted tokens)."""
+    return ppl_of(*sentence_nll(model, seqs, pad_id, batch_size))
 
 
 def importance(d_shared: float, n_shared: int, d_exclusive: float, n_exclusive: int):
@@ -64,6 +77,44 @@ def language_agnostic_score(imps: dict):
     if mean <= -1:
         return None, f"mean Imp = {mean:.4g} ≤ −1"
     return math.log1p(mean), None
+
+
+def bootstrap_intervals(base: dict, shared: dict, exclusive: dict, n_shared: int, n_exclusive: dict, las_langs,
+                        resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile intervals of Imp_ℓ and LAS over resamples of each language's evaluation sentences.
+
+    `base`, `shared` and `exclusive` map a language to its `sentence_nll` arrays with nothing, the
+    shared neurons and exclusive_ℓ deactivated; one resample of a language's sentences serves all
+    three (the differences are paired). LAS takes `las_langs` (those whose Imp is defined on all
+    the sentences); a resample where one of them is undefined (ΔPPL_excl ≤ 0) gives no LAS, and
+    the share of resamples that gave one is reported beside the interval."""
+    rng = np.random.default_rng(seed)
+    tails = [50 * (1 - level), 100 - 50 * (1 - level)]
+    imp_draws, imps, defined = {}, {}, {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for lang in base:
+            n = len(base[lang][0])
+            picks = rng.integers(0, n, size=(resamples, n))
+
+            def ppl(pair):
+                return np.exp(pair[0][picks].sum(1) / pair[1][picks].sum(1))
+
+            if not n_shared or not n_exclusive[lang]:
+                imps[lang] = None
+                continue
+            base_ppl = ppl(base[lang])
+            d_shared, d_exclusive = ppl(shared[lang]) - base_ppl, ppl(exclusive[lang]) - base_ppl
+            draws = np.where(d_exclusive > 0, (d_shared / n_shared) / (d_exclusive / n_exclusive[lang]), np.nan)
+            imp_draws[lang] = draws
+            defined[lang] = float(np.isfinite(draws).mean())
+            imps[lang] = np.percentile(draws[np.isfinite(draws)], tails).tolist() if defined[lang] else None
+        las = None
+        if las_langs:
+            mean = np.mean([imp_draws[lang] for lang in las_langs], 0)
+            draws = np.where(mean > -1, np.log1p(mean), np.nan)
+            defined["las"] = float(np.isfinite(draws).mean())
+            las = np.percentile(draws[np.isfinite(draws)], tails).tolist() if defined["las"] else None
+    return {"level": level, "resamples": resamples, "seed": seed, "imp": imps, "las": las, "defined": defined}
 
 
 def stage_of(las, low: float = LOW_BOUNDARY, high: float = HIGH_BOUNDARY):
@@ -121,7 +172,7 @@ def _layer_stages_of(run_dir: Path):
     return ranges if all(ranges) else None
 
 
-def check_options(*, batch_size, low, high, tolerance, shrink) -> None:
+def check_options(*, batch_size, low, high, tolerance, shrink, bootstrap) -> None:
     """Refuse scoring options that have no meaning, with the flag's name, before any work."""
     if batch_size < 1:
         raise NeurolangError(f"--batch-size must be positive, got {batch_size}")
@@ -131,17 +182,20 @@ def check_options(*, batch_size, low, high, tolerance, shrink) -> None:
         raise NeurolangError(f"--tolerance must be at least 0, got {tolerance}")
     if not 0 < shrink < 1:
         raise NeurolangError(f"--shrink must be in (0, 1), got {shrink}")
+    if bootstrap < 0:
+        raise NeurolangError(f"--bootstrap must be at least 0, got {bootstrap}")
 
 
 def score(model, tokenizer, run_dir, *, batch_size: int = 8, seed: int = 0, low: float = LOW_BOUNDARY,
           high: float = HIGH_BOUNDARY, validate: bool = False, tolerance: float = 0.05, shrink: float = 0.5,
-          progress: bool = False) -> dict:
-    """Base PPL, ΔPPL for shared / exclusive_ℓ / random controls, Imp_ℓ, LAS and stage; saved to
-    RUN/scores.json. With `validate`, the threshold is validated first (and the run's neuron
-    files are rewritten at the validated ρ). `progress` shows the perplexity passes on stderr."""
+          bootstrap: int = 1000, progress: bool = False) -> dict:
+    """Base PPL, ΔPPL for shared / exclusive_ℓ / random controls, Imp_ℓ, LAS and stage, with 95 %
+    intervals of Imp_ℓ and LAS from `bootstrap` resamples of the evaluation sentences (0: none);
+    saved to RUN/scores.json. With `validate`, the threshold is validated first (and the run's
+    neuron files are rewritten at the validated ρ). `progress` shows the perplexity passes on stderr."""
     from tqdm.auto import tqdm
 
-    check_options(batch_size=batch_size, low=low, high=high, tolerance=tolerance, shrink=shrink)
+    check_options(batch_size=batch_size, low=low, high=high, tolerance=tolerance, shrink=shrink, bootstrap=bootstrap)
     run_dir = Path(run_dir)
     start = time.perf_counter()
     sets = NeuronSets.load(run_dir)
@@ -158,25 +212,35 @@ def score(model, tokenizer, run_dir, *, batch_size: int = 8, seed: int = 0, low:
     bar = tqdm(total=None if validate else 7 * len(langs), desc="score", unit="pass", disable=not progress,
                leave=False)
 
-    def ppl_on(on_langs):
+    def nll_on(on_langs):
         out = {}
         for lang in on_langs:
-            out[lang] = perplexity(model, seqs[lang], pad, batch_size)
+            out[lang] = sentence_nll(model, seqs[lang], pad, batch_size)
             bar.update()
         return out
 
-    def ppl_with(masks, on_langs):
+    def nll_with(masks, on_langs):
         with deactivated(adapter, masks):
-            return ppl_on(on_langs)
+            return nll_on(on_langs)
 
-    def measured(masks, on_langs):
-        """PPL with `masks` off, or the base PPL where the set is empty (nothing to deactivate)."""
+    def ppl_with(masks, on_langs):
+        return {lang: ppl_of(*pair) for lang, pair in nll_with(masks, on_langs).items()}
+
+    results, per_sentence = {}, {}
+
+    def measure(name, masks, on_langs):
+        """results[name]: PPL with `masks` off (the base PPL where the set is empty: nothing to
+        deactivate); the per-sentence values stay in per_sentence[name] for the bootstrap."""
         if set_size(masks):
-            return ppl_with(masks, on_langs)
-        bar.update(len(on_langs))
-        return {lang: base[lang] for lang in on_langs}
+            per_sentence[name] = nll_with(masks, on_langs)
+        else:
+            bar.update(len(on_langs))
+            per_sentence[name] = {lang: base_nll[lang] for lang in on_langs}
+        results[name] = {"size": set_size(masks),
+                         "ppl": {lang: ppl_of(*pair) for lang, pair in per_sentence[name].items()}}
 
-    base = ppl_on(langs)
+    base_nll = nll_on(langs)
+    base = {lang: ppl_of(*pair) for lang, pair in base_nll.items()}
     steps = None
     if validate:
         sets, steps = validate_threshold(sets, ppl_with, base, tolerance, shrink, seed)
@@ -187,17 +251,14 @@ def score(model, tokenizer, run_dir, *, batch_size: int = 8, seed: int = 0, low:
     classes = classify(sets, layer_stages=_layer_stages_of(run_dir))
     classes.save(run_dir)
     n_shared = set_size(classes.shared)
-    results = {"shared": {"size": n_shared, "ppl": measured(classes.shared, langs)}}
+    measure("shared", classes.shared, langs)
     for kind in ("uniform", "matched"):
-        control = random_control(classes.shared, kind, seed)
-        results[f"random_{kind}.shared"] = {"size": n_shared, "ppl": measured(control, langs)}
+        measure(f"random_{kind}.shared", random_control(classes.shared, kind, seed), langs)
     for i, lang in enumerate(langs):
-        excl = classes.exclusive[lang]
-        n = set_size(excl)
-        results[f"exclusive.{lang}"] = {"size": n, "ppl": measured(excl, [lang])}
+        measure(f"exclusive.{lang}", classes.exclusive[lang], [lang])
         for kind in ("uniform", "matched"):
-            control = random_control(excl, kind, seed + 1 + i)
-            results[f"random_{kind}.exclusive.{lang}"] = {"size": n, "ppl": measured(control, [lang])}
+            control = random_control(classes.exclusive[lang], kind, seed + 1 + i)
+            measure(f"random_{kind}.exclusive.{lang}", control, [lang])
     bar.close()
     for entry in results.values():
         entry["delta_ppl"] = {lang: entry["ppl"][lang] - base[lang] for lang in entry["ppl"]}
@@ -208,10 +269,14 @@ def score(model, tokenizer, run_dir, *, batch_size: int = 8, seed: int = 0, low:
         if reason:
             reasons[lang] = reason
     las, las_reason = language_agnostic_score(imps)
+    intervals = None if not bootstrap else bootstrap_intervals(
+        base_nll, per_sentence["shared"], {lang: per_sentence[f"exclusive.{lang}"][lang] for lang in langs}, n_shared,
+        {lang: results[f"exclusive.{lang}"]["size"] for lang in langs}, [l for l in langs if imps[l] is not None],
+        resamples=bootstrap, seed=seed)
     stage = stage_of(las, low, high)
     scores = {
         "model": sets.info.get("model"), "langs": langs, "base_ppl": base, "sets": results,
-        "imp": imps, "imp_undefined": reasons, "las": las, "las_undefined": las_reason,
+        "imp": imps, "imp_undefined": reasons, "las": las, "las_undefined": las_reason, "intervals": intervals,
         "stage": stage, "strategy": STRATEGIES.get(stage), "stage_boundaries": {"low": low, "high": high},
         "ratio": sets.info["options"]["ratio"], "threshold_validation": steps,
         "evaluation_sentences": {lang: len(seqs[lang]) for lang in langs},
@@ -228,8 +293,13 @@ def _num(x, digits=3):
 def format_scores(scores: dict) -> str:
     """A table shaped like Figure 4 (ΔPPL by language for random / shared / exclusive), Imp and LAS."""
     sets = scores["sets"]
+    intervals = scores.get("intervals")
+
+    def interval(bounds):
+        return "" if not bounds else f"{bounds[0]:.3g}–{bounds[1]:.3g}"
+
     lines = [f"{'lang':<6}{'base PPL':>10}{'Δ rand-u':>10}{'Δ rand-m':>10}{'Δ shared':>10}{'Δ excl':>10}"
-             f"{'Δ rand-ex':>10}{'Imp':>9}"]
+             f"{'Δ rand-ex':>10}{'Imp':>9}" + (f"  {intervals['level']:.0%} interval" if intervals else "")]
     for lang in scores["langs"]:
         lines.append(
             f"{lang:<6}{_num(scores['base_ppl'][lang], 4):>10}"
@@ -238,7 +308,7 @@ def format_scores(scores: dict) -> str:
             f"{_num(sets['shared']['delta_ppl'][lang]):>10}"
             f"{_num(sets[f'exclusive.{lang}']['delta_ppl'][lang]):>10}"
             f"{_num(sets[f'random_uniform.exclusive.{lang}']['delta_ppl'][lang]):>10}"
-            f"{_num(scores['imp'][lang]):>9}")
+            f"{_num(scores['imp'][lang]):>9}" + (f"  {interval(intervals['imp'][lang])}" if intervals else ""))
     lines.append(f"|shared| = {sets['shared']['size']}; random controls have the same sizes "
                  "(rand-u: uniform over all neurons, rand-m: matched per layer and group)")
     for lang, reason in scores["imp_undefined"].items():
@@ -246,4 +316,8 @@ def format_scores(scores: dict) -> str:
     las = "undefined (" + scores["las_undefined"] + ")" if scores["las"] is None else f"{scores['las']:.4f}"
     lines.append(f"Language Agnostic Score = {las} (log 2 = {math.log(2):.4f}); stage: {scores['stage']}"
                  + (f" -> train {scores['strategy']} neurons" if scores["strategy"] else ""))
+    if intervals and intervals["las"]:
+        lines.append(f"{intervals['level']:.0%} interval of LAS: {interval(intervals['las'])} (over "
+                     f"{intervals['resamples']} resamples of the evaluation sentences, "
+                     f"{intervals['defined']['las']:.0%} of them with every Imp defined)")
     return "\n".join(lines)

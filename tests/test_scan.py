@@ -247,6 +247,9 @@ def test_report_writes_figures_tables_and_correlations(tmp_path, capsys):
     for name in ("fig1_vs_release_date.png", "fig2_fractions.png", "fig4_delta_ppl.png", "fig6_layers.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     text = (report / "report.md").read_text()
+    table = read_table(tmp_path / "run")  # LAS with its bootstrap interval, where it is defined
+    las = table.dropna(subset=["las"])
+    assert len(las) and (las["las_low"] <= las["las_high"]).all() and "las_low" in text
     assert "Tables 2, 6" in text and "Tables 3, 5" in text and "Table 4" in text and "release date" in text and "| old |" in text.replace("| old  |", "| old |")
     assert "<img src='fig2_fractions.png'" in (report / "index.html").read_text()
 

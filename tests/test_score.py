@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,46 @@ def test_imp_las_and_stage_by_hand():
     assert stage_of(math.log(11)) == "high" and stage_of(None) is None
 
 
+def test_bootstrap_intervals_match_a_loop():
+    """The vectorised bootstrap against a plain loop over the same resamples, using `importance`
+    and `language_agnostic_score` themselves; and resamples of identical sentences change nothing."""
+    gen = np.random.default_rng(5)
+
+    def sentences(n, scale):
+        return gen.uniform(1, 3, n) * scale, gen.integers(1, 6, n)
+
+    langs = {"en": 7, "fr": 5}
+    base = {l: sentences(n, 1.0) for l, n in langs.items()}
+    shared = {l: (base[l][0] * gen.uniform(1.2, 2.0, n), base[l][1]) for l, n in langs.items()}
+    exclusive = {l: (base[l][0] * gen.uniform(0.9, 1.3, n), base[l][1]) for l, n in langs.items()}
+    n_exclusive = {"en": 40, "fr": 30}
+    got = neurolang.score.bootstrap_intervals(base, shared, exclusive, 10, n_exclusive, ["en", "fr"],
+                                              resamples=60, seed=3)
+    rng, draws = np.random.default_rng(3), {}
+    for lang, n in langs.items():
+        picks = rng.integers(0, n, size=(60, n))
+        draws[lang] = []
+        for row in picks:
+            ppl = {name: math.exp(sets[lang][0][row].sum() / sets[lang][1][row].sum())
+                   for name, sets in (("base", base), ("shared", shared), ("exclusive", exclusive))}
+            draws[lang].append(importance(ppl["shared"] - ppl["base"], 10, ppl["exclusive"] - ppl["base"],
+                                          n_exclusive[lang])[0])
+    for lang in langs:
+        defined = [d for d in draws[lang] if d is not None]
+        assert got["defined"][lang] == len(defined) / 60 and 0 < len(defined) < 60  # some resamples undefined
+        assert got["imp"][lang] == pytest.approx(np.percentile(defined, [2.5, 97.5]).tolist(), rel=1e-12)
+    las = [language_agnostic_score({"en": en, "fr": fr})[0] for en, fr in zip(draws["en"], draws["fr"])
+           if en is not None and fr is not None]
+    assert got["defined"]["las"] == len(las) / 60
+    assert got["las"] == pytest.approx(np.percentile(las, [2.5, 97.5]).tolist(), rel=1e-12)
+
+    same = {"en": (np.full(4, 2.0), np.ones(4, dtype=np.int64))}  # identical sentences: every resample equal
+    flat = neurolang.score.bootstrap_intervals(same, {"en": (same["en"][0] + 1, same["en"][1])},
+                                               {"en": (same["en"][0] + 0.5, same["en"][1])}, 10, {"en": 40}, ["en"])
+    imp = ((math.exp(3) - math.exp(2)) / 10) / ((math.exp(2.5) - math.exp(2)) / 40)
+    assert flat["imp"]["en"] == pytest.approx([imp, imp]) and flat["las"] == pytest.approx([math.log1p(imp)] * 2)
+
+
 def test_imp_degenerate_cases():
     assert importance(1.0, 0, 1.0, 5) == (None, "no shared neurons")
     assert importance(1.0, 5, 1.0, 0) == (None, "no exclusive neurons for this language")
@@ -149,6 +190,10 @@ def test_score_command(corpus, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Language Agnostic Score" in printed
     scores = json.loads((out / "scores.json").read_text())
+    intervals = scores["intervals"]  # 95 % bootstrap intervals over the evaluation sentences
+    assert intervals["resamples"] == 1000 and intervals["level"] == 0.95
+    if scores["las"] is not None:
+        assert intervals["las"][0] <= intervals["las"][1] and "interval" in printed
     assert scores["evaluation_sentences"] == {"en": 5, "fr": 5}
     for name, entry in scores["sets"].items():
         for lang, delta in entry["delta_ppl"].items():
@@ -167,6 +212,15 @@ def test_score_command(corpus, tmp_path, capsys):
             assert lang in scores["imp_undefined"]
 
 
+def counted_nll(passes: list):
+    """A stand-in for sentence_nll that records its passes: pass i gives PPL 1 + i (one token of
+    NLL log(1 + i) a sentence)."""
+    def fake(model, seqs, *args):
+        passes.append(seqs)
+        return np.full(len(seqs), math.log(1.0 + len(passes))), np.ones(len(seqs), dtype=np.int64)
+    return fake
+
+
 def test_score_keeps_the_layer_stages_of_the_classification(corpus, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
@@ -180,7 +234,7 @@ def test_score_keeps_the_layer_stages_of_the_classification(corpus, tmp_path, mo
     sets = detect(model, tokenizer, corpus, ["en", "fr"], ratio=0.2, tau=0.5, max_sentences=4, eval_sentences=2)
     sets.save(tmp_path)
     classify(sets, layer_stages=[(0, 0), (1, 2), (3, 3)]).save(tmp_path)
-    monkeypatch.setattr(neurolang.score, "perplexity", lambda *args: 1.0)
+    monkeypatch.setattr(neurolang.score, "sentence_nll", counted_nll([]))
     neurolang.score.score(model, tokenizer, tmp_path)
     assert Classification.load(tmp_path).stats["layers"]["stage_bounds"] == {"early": [0, 0], "middle": [1, 2],
                                                                               "late": [3, 3]}
@@ -191,7 +245,7 @@ def test_one_perplexity_pass_per_model_state_and_language(corpus, tmp_path, monk
     assert main(["detect", "--model", "tiny:gemma", "--corpus", str(corpus), "--langs", "en,fr", "--ratio", "0.2",
                  "--tau", "0.5", "--max-sentences", "10", "--eval-sentences", "5", "--out", str(out)]) == 0
     passes = []
-    monkeypatch.setattr(neurolang.score, "perplexity", lambda *args: passes.append(args) or 1.0 + len(passes))
+    monkeypatch.setattr(neurolang.score, "sentence_nll", counted_nll(passes))
     model, tokenizer = load_model("tiny:gemma")
     scores = neurolang.score.score(model, tokenizer, out, progress=True)
     sizes = {name: entry["size"] for name, entry in scores["sets"].items()}
@@ -245,6 +299,7 @@ def test_a_corpus_changed_after_detection_is_refused(corpus, tmp_path, capsys):
     (["--low", "2", "--high", "1"], "--low must be below --high"),
     (["--validate-threshold", "--tolerance", "-0.1"], "--tolerance must be at least 0"),
     (["--shrink", "1"], "--shrink must be in (0, 1)"),
+    (["--bootstrap", "-1"], "--bootstrap must be at least 0"),
 ])
 def test_meaningless_score_options_fail_first(tmp_path, capsys, flags, message):
     assert main(["score", str(tmp_path / "no-run"), *flags]) == 2
