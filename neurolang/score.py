@@ -320,4 +320,9 @@ def format_scores(scores: dict) -> str:
         lines.append(f"{intervals['level']:.0%} interval of LAS: {interval(intervals['las'])} (over "
                      f"{intervals['resamples']} resamples of the evaluation sentences, "
                      f"{intervals['defined']['las']:.0%} of them with every Imp defined)")
+        boundaries = scores["stage_boundaries"]
+        reach = [stage_of(x, boundaries["low"], boundaries["high"]) for x in intervals["las"]]
+        if reach[0] != reach[1]:
+            lines.append(f"the interval reaches from stage {reach[0]} to {reach[1]}: more evaluation sentences "
+                         "(detect --eval-sentences) would settle the stage")
     return "\n".join(lines)

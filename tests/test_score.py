@@ -194,6 +194,8 @@ def test_score_command(corpus, tmp_path, capsys):
     assert intervals["resamples"] == 1000 and intervals["level"] == 0.95
     if scores["las"] is not None:
         assert intervals["las"][0] <= intervals["las"][1] and "interval" in printed
+    intervals.update(las=[math.log(2) - 0.1, math.log(2) + 0.1], defined={"las": 1.0})  # across the low boundary
+    assert "the interval reaches from stage low to medium" in neurolang.score.format_scores(scores)
     assert scores["evaluation_sentences"] == {"en": 5, "fr": 5}
     for name, entry in scores["sets"].items():
         for lang, delta in entry["delta_ppl"].items():
