@@ -24,6 +24,7 @@ from neurolang.adapters import GROUPS, ModelAdapter
 from neurolang.corpus import encode, load_corpus, pad_batch, split_indices
 from neurolang.errors import NeurolangError
 from neurolang.impact import compute_impacts
+from neurolang.models import weights_stamp
 
 NEURONS_FILE = "neurons.safetensors"
 RANKS_FILE = "ranks.safetensors"
@@ -306,7 +307,8 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
                "batch_size": batch_size, "seed": seed, "qk_metric": metric, "backend": backend,
                "text_field": text_field, "compat": compat}
     kept = None if resume_dir is None else _LanguageProgress(
-        resume_dir, {"model": model_name, "dtype": dtype, "fingerprint": fingerprint}, options)
+        resume_dir, {"model": model_name, "dtype": dtype, "fingerprint": fingerprint, "weights": weights_stamp(model)},
+        options)
     counts, members, ranks, per_lang = {}, {}, {}, {}
     start = time.perf_counter()
     for lang in langs:

@@ -326,11 +326,13 @@ def evaluate(runner, task: str, langs, data, *, limit=None, shots=None, max_new_
     kept = None
     if resume_dir is not None:
         from neurolang.detect import model_fingerprint
+        from neurolang.models import weights_stamp
 
         dtype = str(next(runner.model.parameters()).dtype).removeprefix("torch.")
         kept = _LanguageProgress(resume_dir, {
-            "model": model_name, "dtype": dtype, "fingerprint": model_fingerprint(runner.model), "task": task,
-            "limit": limit, "shots": shots, "max_new_tokens": max_new_tokens, "max_length": max_length})
+            "model": model_name, "dtype": dtype, "fingerprint": model_fingerprint(runner.model),
+            "weights": weights_stamp(runner.model), "task": task, "limit": limit, "shots": shots,
+            "max_new_tokens": max_new_tokens, "max_length": max_length})
     per_language, records, start = {}, [], time.perf_counter()
     for lang in langs:
         data_file = _data_file(data, task, lang)

@@ -137,6 +137,18 @@ def text_model(model):
     return text
 
 
+def weights_stamp(model) -> str:
+    """Names, sizes and modification times of the weight files the model was loaded from ('' for
+    a model built in memory). It tells a checkpoint from another saved later at the same path,
+    which the sampled fingerprint may not (training changes a few rows by little): resumed work
+    is keyed by it."""
+    path = Path(getattr(model.config, "_name_or_path", "") or "")
+    if not path.is_dir():
+        return ""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 def _check_sentencepiece(path: Path) -> None:
     """A checkpoint whose tokenizer is only a SentencePiece model (`tokenizer.model`, no
     `tokenizer.json`: LLaMA-1 conversions, for one) is converted by `transformers` with

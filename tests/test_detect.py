@@ -1,5 +1,6 @@
 """Detection and classification against brute-force recomputation on tiny random models."""
 import json
+import os
 import shutil
 import sys
 
@@ -158,6 +159,37 @@ def test_an_interrupted_detection_resumes_from_its_finished_languages(model_and_
     resumed.save(out)
     assert not (out / PROGRESS_DIR).exists()
     assert NeuronSets.load(out).info["per_language"]["en"]["resumed"] is True
+
+
+def test_a_checkpoint_saved_again_at_its_path_is_not_resumed(tmp_path, corpus_dir, monkeypatch):
+    """Training changes a few rows by little, which the sampled fingerprint may not see; a checkpoint
+    saved later at the same path (its weight files' times differ) computes every language again."""
+    from neurolang.models import load_model
+
+    path = tmp_path / "model"
+    tiny_model("llama").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    model, tokenizer = load_model(str(path), device="cpu")
+    detect_module = sys.modules["neurolang.detect"]
+    real, calls = detect_module.count_activations, []
+
+    def killed_after_one(*args, **kwargs):
+        if calls:
+            raise RuntimeError("killed")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    options = dict(langs=LANGS, max_sentences=6, eval_sentences=2, ratio=0.1, tau=0.5, model_name=str(path),
+                   resume_dir=tmp_path / "run")
+    monkeypatch.setattr(detect_module, "count_activations", killed_after_one)
+    with pytest.raises(RuntimeError, match="killed"):
+        detect(model, tokenizer, corpus_dir, **options)
+    monkeypatch.setattr(detect_module, "count_activations", real)
+    weights = path / "model.safetensors"
+    later = weights.stat().st_mtime_ns + 10**10  # saved again ten seconds later
+    os.utime(weights, ns=(later, later))
+    sets = detect(model, tokenizer, corpus_dir, **options)
+    assert not any(r.get("resumed") for r in sets.info["per_language"].values())
 
 
 def test_weight_norms_are_read_once_a_detection(monkeypatch, model_and_tokenizer):

@@ -1,6 +1,7 @@
 """MGSM / MMMLU evaluation: answer extraction, prompts, scripted stand-in models, padding, the command."""
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,33 @@ def test_an_interrupted_evaluation_resumes_from_its_finished_languages(mgsm_dir,
         evaluate(ModelRunner(model, tokenizer, 4), "mgsm", ["zh", "fr"], mgsm_dir, resume_dir=out,
                  model_name="tiny:llama", **other)
         assert len(calls) == 2
+
+
+def test_an_evaluation_of_a_checkpoint_saved_again_at_its_path_starts_over(mgsm_dir, tmp_path, monkeypatch):
+    from neurolang.tiny import byte_tokenizer, tiny_model
+
+    path = tmp_path / "model"
+    tiny_model("llama").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    model, tokenizer = load_model(str(path), "float32", "cpu")
+    calls, generate = [], ModelRunner.generate
+
+    def killed_after_one(self, prompts, *args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(prompts)
+        return generate(self, prompts, *args, **kwargs)
+
+    options = dict(limit=2, shots=1, max_new_tokens=2, resume_dir=tmp_path / "out", model_name=str(path))
+    monkeypatch.setattr(ModelRunner, "generate", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ModelRunner(model, tokenizer), "mgsm", ["zh", "fr"], mgsm_dir, **options)
+    monkeypatch.setattr(ModelRunner, "generate", generate)
+    weights = path / "model.safetensors"
+    later = weights.stat().st_mtime_ns + 10**10  # saved again (say, trained again) ten seconds later
+    os.utime(weights, ns=(later, later))
+    results = evaluate(ModelRunner(model, tokenizer), "mgsm", ["zh", "fr"], mgsm_dir, **options)
+    assert not any(info.get("resumed") for info in results["per_language"].values())
 
 
 @pytest.mark.parametrize("argv, message", [
