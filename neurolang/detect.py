@@ -213,44 +213,35 @@ class _Progress:
         self.bar.close()
 
 
-class _LanguageProgress:
-    """Each finished language of a detection in RESUME_DIR/detect-progress/<lang>.safetensors (its
-    counts, ranks and per-language record), so that a detection interrupted after some languages
-    (killed, out of memory) computes only the others when re-run. A file is used only when the
-    model (its name, dtype and fingerprint), the language's corpus text and every option that
-    changes the counts are those of the run asking; the batch size, backend and device are not
-    among them (the counts do not depend on them)."""
+class LanguageProgress:
+    """Each finished language of a long run (detection, evaluation) in OUT/<name>/<lang>.safetensors,
+    its tensors and a JSON record, so that a run interrupted after some languages (killed, out of
+    memory) computes only the others when re-run. A file is used only when the run's `identity`
+    (the model and every option that changes the result) and the language's input (`source`, a
+    digest of its text) are those of the run asking."""
 
-    def __init__(self, resume_dir, model_identity: dict, options: dict):
-        self.dir = Path(resume_dir) / PROGRESS_DIR
-        keep = ("corpus", "ratio", "sigma", "max_sentences", "eval_sentences", "max_length", "seed", "qk_metric",
-                "text_field", "compat")
-        self.identity = json.dumps({**model_identity, **{k: options[k] for k in keep}}, sort_keys=True)
+    def __init__(self, out_dir, name: str, identity: dict):
+        self.dir = Path(out_dir) / name
+        self.identity = json.dumps(identity, sort_keys=True)
 
-    def _key(self, lang: str, digest: str) -> str:
-        return hashlib.sha256(f"{self.identity}|{lang}|{digest}".encode()).hexdigest()
+    def _key(self, lang: str, source: str) -> str:
+        return hashlib.sha256(f"{self.identity}|{lang}|{source}".encode()).hexdigest()
 
-    def load(self, lang: str, digest: str):
-        """(counts, ranks or None, record) of a finished language, or None."""
+    def load(self, lang: str, source: str):
+        """(tensors, record) of a finished language, or None."""
         path = self.dir / f"{lang}.safetensors"
         if not path.is_file():
             return None
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
-            if meta.get("key") != self._key(lang, digest):
+            if meta.get("key") != self._key(lang, source):
                 return None
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        counts = {g: tensors[f"counts.{g}"] for g in GROUPS}
-        ranks = {g: tensors[f"ranks.{g}"] for g in GROUPS} if f"ranks.{GROUPS[0]}" in tensors else None
-        return counts, ranks, json.loads(meta["record"])
+            return {name: f.get_tensor(name) for name in f.keys()}, json.loads(meta["record"])
 
-    def save(self, lang: str, digest: str, counts: dict, ranks: dict | None, record: dict) -> None:
+    def save(self, lang: str, source: str, tensors: dict, record) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"counts.{g}": c.contiguous() for g, c in counts.items()}
-        if ranks is not None:
-            tensors.update({f"ranks.{g}": r.contiguous() for g, r in ranks.items()})
-        atomic_save_tensors(tensors, self.dir / f"{lang}.safetensors",
-                            {"key": self._key(lang, digest), "record": json.dumps(record)})
+        atomic_save_tensors({k: t.contiguous() for k, t in tensors.items()}, self.dir / f"{lang}.safetensors",
+                            {"key": self._key(lang, source), "record": json.dumps(record, ensure_ascii=False)})
 
 
 def corpus_digest(lines: list[str]) -> str:
@@ -306,16 +297,21 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
                "max_sentences": max_sentences, "eval_sentences": eval_sentences, "max_length": max_length,
                "batch_size": batch_size, "seed": seed, "qk_metric": metric, "backend": backend,
                "text_field": text_field, "compat": compat}
-    kept = None if resume_dir is None else _LanguageProgress(
-        resume_dir, {"model": model_name, "dtype": dtype, "fingerprint": fingerprint, "weights": weights_stamp(model)},
-        options)
+    # Batch size, backend and device are not in the key: the counts do not depend on them.
+    counted_by = ("corpus", "ratio", "sigma", "max_sentences", "eval_sentences", "max_length", "seed", "qk_metric",
+                  "text_field", "compat")
+    kept = None if resume_dir is None else LanguageProgress(resume_dir, PROGRESS_DIR, {
+        "model": model_name, "dtype": dtype, "fingerprint": fingerprint, "weights": weights_stamp(model),
+        **{k: options[k] for k in counted_by}})
     counts, members, ranks, per_lang = {}, {}, {}, {}
     start = time.perf_counter()
     for lang in langs:
         digest = corpus_digest(texts[lang])
         finished = kept.load(lang, digest) if kept is not None else None
         if finished is not None:
-            counts[lang], ranks[lang], per_lang[lang] = finished
+            tensors, per_lang[lang] = finished
+            counts[lang] = {g: tensors[f"counts.{g}"] for g in GROUPS}
+            ranks[lang] = {g: tensors[f"ranks.{g}"] for g in GROUPS} if sigma is None else None
             per_lang[lang]["resumed"] = True
             members[lang] = {g: membership(c, per_lang[lang]["sentences"], tau) for g, c in counts[lang].items()}
             continue
@@ -340,7 +336,9 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
             "impact_seconds": round(impact_s, 3), "tokens_per_second": round(tokens / elapsed, 1),
         }
         if kept is not None:
-            kept.save(lang, digest, counts[lang], ranks[lang], per_lang[lang])
+            tensors = {f"counts.{g}": c for g, c in counts[lang].items()}
+            tensors.update({f"ranks.{g}": r for g, r in (ranks[lang] or {}).items()})
+            kept.save(lang, digest, tensors, per_lang[lang])
     from neurolang import __version__
 
     info = {

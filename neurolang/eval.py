@@ -272,36 +272,6 @@ def _fit(task, items, i, shots, runner, budget):
                          f"without exemplars; at most {budget} fit (--max-length, the model's context, generation)")
 
 
-class _LanguageProgress:
-    """Each finished language of an evaluation in OUT/eval-progress/<lang>.json (its summary and
-    item records), so that an evaluation interrupted after some languages (killed, out of memory)
-    computes only the others when re-run. A file is used only when the model (its name, dtype and
-    fingerprint), the language's benchmark file and every option that changes the predictions are
-    those of the run asking; the batch size is not among them."""
-
-    def __init__(self, out, identity: dict):
-        self.dir = Path(out) / PROGRESS_DIR
-        self.identity = json.dumps(identity, sort_keys=True)
-
-    def _key(self, lang: str, data_file: Path) -> str:
-        return hashlib.sha256(f"{self.identity}|{lang}|".encode() + data_file.read_bytes()).hexdigest()
-
-    def load(self, lang: str, data_file: Path):
-        """(summary, records) of a finished language, or None."""
-        path = self.dir / f"{lang}.json"
-        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        if saved is None or saved["key"] != self._key(lang, data_file):
-            return None
-        return saved["summary"], saved["records"]
-
-    def save(self, lang: str, data_file: Path, summary: dict, records: list) -> None:
-        from neurolang.detect import atomic_write_text
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        saved = {"key": self._key(lang, data_file), "summary": summary, "records": records}
-        atomic_write_text(json.dumps(saved, ensure_ascii=False), self.dir / f"{lang}.json")
-
-
 def evaluate(runner, task: str, langs, data, *, limit=None, shots=None, max_new_tokens=48, max_length=2048,
              progress=False, resume_dir=None, model_name=None) -> dict:
     """Accuracy per language (and per subject for MMMLU) with every item's prediction. With
@@ -325,21 +295,22 @@ def evaluate(runner, task: str, langs, data, *, limit=None, shots=None, max_new_
                              f"for a prompt beside the {max_length - budget} answer tokens")
     kept = None
     if resume_dir is not None:
-        from neurolang.detect import model_fingerprint
+        from neurolang.detect import LanguageProgress, model_fingerprint
         from neurolang.models import weights_stamp
 
         dtype = str(next(runner.model.parameters()).dtype).removeprefix("torch.")
-        kept = _LanguageProgress(resume_dir, {
+        # The batch size is not in the key: a run out of memory may go on with a smaller one.
+        kept = LanguageProgress(resume_dir, PROGRESS_DIR, {
             "model": model_name, "dtype": dtype, "fingerprint": model_fingerprint(runner.model),
             "weights": weights_stamp(runner.model), "task": task, "limit": limit, "shots": shots,
             "max_new_tokens": max_new_tokens, "max_length": max_length})
     per_language, records, start = {}, [], time.perf_counter()
     for lang in langs:
-        data_file = _data_file(data, task, lang)
-        finished = None if kept is None else kept.load(lang, data_file)
+        data_digest = hashlib.sha256(_data_file(data, task, lang).read_bytes()).hexdigest()
+        finished = None if kept is None else kept.load(lang, data_digest)
         if finished is not None:
-            per_language[lang] = {**finished[0], "resumed": True}
-            records += finished[1]
+            per_language[lang] = {**finished[1]["summary"], "resumed": True}
+            records += finished[1]["records"]
             continue
         items = read_task(data, task, lang)
         chosen = range(min(limit or len(items), len(items)))
@@ -368,7 +339,8 @@ def evaluate(runner, task: str, langs, data, *, limit=None, shots=None, max_new_
         if task == "mmmlu":
             per_language[lang]["per_subject"] = {s: 100.0 * c / t for s, (c, t) in sorted(subjects.items())}
         if kept is not None:
-            kept.save(lang, data_file, per_language[lang], [r for r in records if r["lang"] == lang])
+            kept.save(lang, data_digest, {},
+                      {"summary": per_language[lang], "records": [r for r in records if r["lang"] == lang]})
     return {"task": task, "langs": list(langs), "per_language": per_language,
             "average": sum(v["accuracy"] for v in per_language.values()) / len(per_language),
             "options": {"data": str(data), "limit": limit, "shots": shots, "max_new_tokens": max_new_tokens,

@@ -223,7 +223,7 @@ def test_an_interrupted_evaluation_resumes_from_its_finished_languages(mgsm_dir,
     with pytest.raises(KeyboardInterrupt):
         evaluate(ModelRunner(model, tokenizer, 4), "mgsm", ["zh", "fr"], mgsm_dir, resume_dir=out,
                  model_name="tiny:llama", **options)
-    assert [p.name for p in (out / PROGRESS_DIR).iterdir()] == ["zh.json"]
+    assert [p.name for p in (out / PROGRESS_DIR).iterdir()] == ["zh.safetensors"]
     calls.clear()
     monkeypatch.setattr(ModelRunner, "generate", interrupted_at(0))  # never interrupts
     assert main(["eval", "--model", "tiny:llama", "--task", "mgsm", "--data", str(mgsm_dir), "--langs", "zh,fr",
