@@ -288,7 +288,7 @@ def sweep(shape: str, t: int) -> str:
     """Q/K kernel time for each tile size and dot precision at one shape (CUDA), with each
     configuration's largest difference from the plain-float32 (ieee) result on the same inputs,
     relative to its largest impact."""
-    from kernels import qk_impact, qk_impact_triton
+    from kernels import qk_impact_triton
 
     x = make_inputs(shape, t, "cuda")
     values = {"float32": x, "bfloat16": dict(x, q=x["q_bf16"], k=x["k_bf16"], v=x["v_bf16"])}
@@ -307,12 +307,11 @@ def sweep(shape: str, t: int) -> str:
     # fastest of these on an H100, h100-kernels.md), beside the stacked kernel ("stacked": 16 rows
     # and a block of channels a program) and one channel a program ("channel"); with a soft-cap
     # (gemma2-27b) it is stacked, pair beside it. At head_dim 256 the stacked kernel with 8
-    # channels, 8 warps and 64-key tiles in one stage (`default_stages`: 68 SASS instructions a
-    # (channel, row, key) compiled for sm_90a, untimed; two stages for bfloat16 values), then
-    # 32-key tiles in two stages (85 instructions before the row factors took −1/cap; the H100's
-    # best so far, 51.5 ms before the soft-cap's Taylor form), then 2 channels and 4 warps. With a
-    # soft-cap, the default again with the exact form alone (`TANH_SERIES_LIMIT` = 0) after the
-    # first two rows. Under a time limit the first rows matter most.
+    # channels and 8 warps: 32-key tiles in two stages for float32 values, 64 in two for bfloat16
+    # ones (`default_key_block`; H100 run 3: 43.6 and 39.5 ms), then 32 keys in two stages for
+    # bfloat16 values (472 B spilled a thread against 840, sm_90a compile), three stages of 32 keys
+    # on each (196 and 148 KiB of shared memory), and 64 keys in one stage (the default before run
+    # 3: 47.1 ms). Under a time limit the first rows matter most.
     if x["spec"].head_dim <= 128 and x["spec"].softcap is not None:  # the stacked default, pair beside it
         configs = [("stacked", "fp16x3", "float32", None, None, None, None, None),
                    ("pair", "fp16x3", "float32", None, None, None, None, None)]
@@ -327,17 +326,15 @@ def sweep(shape: str, t: int) -> str:
                    ("channel", "fp16x3", "float32", 128, 32, None, 8, 2)]
     else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
         configs = [("stacked", "fp16x3", "float32", None, None, None, None, None),
-                   ("stacked", "fp16x3", "float32", 16, 32, 8, 8, 2),
                    ("stacked", "fp16x3", "bfloat16", None, None, None, None, None),
-                   ("stacked", "fp16x3", "float32", 16, 32, 2, 4, 2)]
-    if x["spec"].softcap is not None:  # the default again with the soft-cap's exact form alone
-        configs.insert(2, ("stacked, exact soft-cap",) + configs[0][1:])
-    default_limit = qk_impact.TANH_SERIES_LIMIT
+                   ("stacked", "fp16x3", "bfloat16", 16, 32, 8, 8, 2),
+                   ("stacked", "fp16x3", "float32", 16, 32, 8, 8, 3),
+                   ("stacked", "fp16x3", "bfloat16", 16, 32, 8, 8, 3),
+                   ("stacked", "fp16x3", "float32", 16, 64, 8, 8, 1)]
     for layout, precision, kind, block_m, block_n, block_c, warps, stages in configs:
         y = values[kind]
         fn = lambda z: call(z, precision=precision, block_m=block_m, block_n=block_n, block_c=block_c,  # noqa: E731
-                            num_warps=warps, num_stages=stages, layout=layout.split(",")[0])
-        qk_impact.TANH_SERIES_LIMIT = 0.0 if layout.endswith("exact soft-cap") else default_limit
+                            num_warps=warps, num_stages=stages, layout=layout)
         try:
             if kind not in bases:
                 bases[kind] = call(y, precision="ieee")
@@ -345,8 +342,6 @@ def sweep(shape: str, t: int) -> str:
             cell = f"{time_cuda(fn, y)[0] * 1e3:.1f} ms | {diff:.1e}"
         except Exception as err:  # noqa: BLE001
             cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
-        finally:
-            qk_impact.TANH_SERIES_LIMIT = default_limit
         lines.append(f"| {layout} | {precision} | {kind} | {block_m or 'auto'} | {block_n or 'auto'} | {block_c or 'auto'} | "
                      f"{warps or 'auto'} | {stages or 'default'} | {cell} |")
         print(lines[-1], file=sys.stderr, flush=True)

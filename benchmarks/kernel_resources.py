@@ -114,7 +114,7 @@ def every_variant(arch: int, head_dim: int, precision: str, v_exact: bool) -> No
     """Compile both stacked kernels in all 32 specialisations (query/key channel, q/k norm, soft-cap,
     window, metric) at the stacked layout's defaults for this head_dim; report the worst."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    warps, block_n = default_warps(block_d, precision), default_key_block(block_d, precision)
+    warps, block_n = default_warps(block_d, precision), default_key_block(block_d, precision, v_exact)
     stages, block_c = default_stages(block_d, block_n, precision, v_exact), default_channel_block(16, head_dim, warps, precision)
     names = ("IS_KEY", "HAS_NORM", "HAS_CAP", "HAS_WINDOW", "PROBS")
     worst = {"registers": (0, ""), "spill_bytes": (0, ""), "shared_bytes": (0, "")}

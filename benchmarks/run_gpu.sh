@@ -7,8 +7,9 @@
 # its target met on the H200: `bench_kernels.py --sweep ffn`.)
 # Usage (on a CUDA machine, from the repository root): bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
 # STEPS is a comma list of target, tests, sweep, table, profile, scan, run in that order (default:
-# the first three; on an H100 on 2026-11-26 tests, sweep, table and scan took 8.1 minutes together,
-# the tests 2.6 of them; the default limits, 150 + 180 + 200 + 150 + 70 + 120 s: one 10-minute call
+# the first three; on an H100 on 2026-11-27 they took 7.3 minutes, and table + scan 4.1, where the
+# table's 150 s ran out before gemma2-9b's kernel rows and the tests' 180 s (8 workers) before the
+# last 4 of 189 tests; the default limits, 150 + 240 + 200 + 200 + 70 + 120 + 90 s: one 10-minute call
 # runs the first three, a second the rest).
 # target: issue #3's open figure first, so that a short lease still measures it: gemma2-9b's Q/K
 # call at T = 1024 beside the reference (time, ratio, peak memory, FlashAttention floor).
@@ -16,8 +17,10 @@
 # when `ncu` is on the machine (about 1–2 minutes).
 # scan: end-to-end detection against a plain forward pass (`bench_scan.py`) on a Llama-3.1-8B-shaped
 # model with random weights in bfloat16, 6 languages × 100 sentences, then 8 batches of it profiled
-# per layer call (`--profile`; SCAN_S, 120 s; without the profile 85 s sufficed on an H100).
-# Each step has its own time limit (TARGET_S, TEST_S, SWEEP_S, TABLE_S, PROFILE_S, SCAN_S) and writes its log to OUT_DIR as it goes.
+# per layer call (`--profile`; SCAN_S, 120 s; without the profile 85 s sufficed on an H100), then
+# the same detection in batches of 32 (SCAN32_S, 90 s): run 3's profile found the GPU idle 57 % of a
+# layer call at batch 8, waiting for the host, whose work per call hardly grows with the batch.
+# Each step has its own time limit (TARGET_S, TEST_S, SWEEP_S, TABLE_S, PROFILE_S, SCAN_S, SCAN32_S) and writes its log to OUT_DIR as it goes.
 set -u
 out=${1:?usage: run_gpu.sh OUT_DIR [target,tests,sweep,table,profile,scan]}
 steps=",${2:-target,tests,sweep},"
@@ -34,7 +37,7 @@ if [[ $steps == *,target,* ]]; then
     --shapes gemma2-9b --seq-lens 1024 --out "$out/target.md" 2>&1 | tee "$out/target.log" | grep -v "^{" | tail -8
 fi
 if [[ $steps == *,tests,* ]]; then
-  NEUROLANG_GPU_TESTS=1 timeout "${TEST_S:-180}" python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark \
+  NEUROLANG_GPU_TESTS=1 timeout "${TEST_S:-240}" python3 -m pytest -q -n 14 -p no:cacheprovider -p no:benchmark \
     tests/test_triton_kernels.py 2>&1 | tee "$out/tests.log" | tail -15
 fi
 if [[ $steps == *,sweep,* ]]; then
@@ -43,7 +46,7 @@ if [[ $steps == *,sweep,* ]]; then
     --out "$out/sweep.md" 2>"$out/sweep.log"; tail -3 "$out/sweep.log"
 fi
 if [[ $steps == *,table,* ]]; then
-  timeout "${TABLE_S:-150}" python3 benchmarks/bench_kernels.py --ops qk/reference,qk/triton,qk/triton-bf16,qk/triton-stacked,ffn,select --seq-lens 1024,2048,256 \
+  timeout "${TABLE_S:-200}" python3 benchmarks/bench_kernels.py --ops qk/reference,qk/triton,qk/triton-bf16,qk/triton-stacked,ffn,select --seq-lens 1024,2048,256 \
     --out "$out/kernels.md" \
     2>&1 | tee "$out/kernels.log" | grep -v "^{" | tail -45
 fi
@@ -60,4 +63,6 @@ fi
 if [[ $steps == *,scan,* ]]; then
   timeout "${SCAN_S:-120}" python3 benchmarks/bench_scan.py --model random:llama3.1-8b --dtype bfloat16 --device cuda \
     --max-sentences 100 --profile 8 --out "$out/scan.md" >"$out/scan.log" 2>&1; tail -50 "$out/scan.log"
+  timeout "${SCAN32_S:-90}" python3 benchmarks/bench_scan.py --model random:llama3.1-8b --dtype bfloat16 --device cuda \
+    --max-sentences 100 --batch-size 32 --out "$out/scan-b32.md" >"$out/scan-b32.log" 2>&1; head -12 "$out/scan-b32.log"
 fi

@@ -1458,27 +1458,25 @@ def default_channel_block(block_m: int, head_dim: int, num_warps: int, precision
     return min(1 << (fit.bit_length() - 1), channels)
 
 
-def default_key_block(block_d: int, precision: str) -> int:
-    """Keys per tile: 64 under fp16x3 (H200, llama3.1-8b T = 1024: 23.8 ms, 32 keys 27.3 ms; 128
-    keys overflow shared memory; above head_dim 128 in fewer stages, `default_stages`), else
-    32: tf32x3's float32 K and V tiles need about 280 KiB of shared memory at 64 keys and head_dim
-    128 (an H100 allows 227 KiB: the launch failed there; `kernel_resources.py` compiles each
-    precision)."""
-    return 64 if block_d <= 256 and precision == "fp16x3" else 32
+def default_key_block(block_d: int, precision: str, v_exact: bool = False) -> int:
+    """Keys per tile: 64 under fp16x3 up to head_dim 128 (H200, llama3.1-8b T = 1024: 23.8 ms, 32
+    keys 27.3 ms; 128 keys overflow shared memory), and above it only for v that is its own big part
+    (`_exact_in_big_part`), whose 64-key tiles fit in two stages (`default_stages`); else 32. H100,
+    gemma2-9b T = 1024, float32 q, k, v (fp16x3, 8 channels, 8 warps): 32 keys in two stages 43.6
+    ms against 64 keys in one 47.1, in one run (sm_90a compile: 472 against 896 B spilled a thread;
+    `h100-kernels.md`, run 3). tf32x3's float32 K and V tiles need about 280 KiB of shared memory at
+    64 keys and head_dim 128 (an H100 allows 227 KiB: the launch failed there; `kernel_resources.py`
+    compiles each precision)."""
+    return 64 if precision == "fp16x3" and (block_d <= 128 or (block_d <= 256 and v_exact)) else 32
 
 
 def default_stages(block_d: int, block_n: int, precision: str, v_exact: bool = False) -> int:
     """Software-pipelining depth: Triton's usual 3 up to head_dim 128; above, where K and V tiles
     in three stages need more shared memory than an H100 has (about 228 KiB), 2 with 32-key tiles,
     and with 64 1, but 2 under fp16x3 where v is its own big part (`_exact_in_big_part`, a bfloat16
-    model: no small part of V to hold; 181 KiB, against 245 KiB with it). At
-    gemma2-9b's head_dim 256, fp16x3, 8 channels and 8 warps, 64 keys in one stage run 57.5 SASS
-    instructions per (channel, row, key) and in two, with such a v, 56, against 71 for 32 keys in two
-    (sm_90a compile, Taylor soft-cap; 8 warps then split the Q·Kᵀ tile without doing it twice, and
-    the per-tile work is spread over twice the keys); on an H200 (an older kernel, 2 and 4
-    channels) 64 keys in one stage beat 32 in two by 10–13 % (`h200-kernels.md`). Not yet timed on
-    an H100 in this form: the sweep's first rows compare them
-    (`benchmarks/results/sm90a-qk-kernel-resources.md`)."""
+    model: no small part of V to hold; 180 KiB, against 244 KiB with it; sm_90a compile, triton
+    3.6). H100, gemma2-9b T = 1024: bfloat16 q, k, v with 64 keys in two stages 39.5 ms; float32
+    ones with 64 in one 47.1 and 32 in two 43.6 (`default_key_block`)."""
     if block_d <= 128:
         return 3
     return 2 if block_n < 64 or (precision == "fp16x3" and v_exact) else 1
@@ -1494,7 +1492,7 @@ def default_layout(head_dim: int, precision: str, softcap: float | None = None) 
     the Taylor form (`_capped_change`), its key loop is 49.9 SASS instructions per (channel, row,
     key) against pair's 82.1 (sm_90a compile, soft-cap + window; without the cap, in the version the
     H100 timed, 41.0 against 35, and it took 19.7 against 17.5 ms: times in about the instructions'
-    ratio). Untimed with a soft-cap: `bench_kernels.py --sweep qk --shapes gemma2-27b` compares them."""
+    ratio). With a soft-cap, on an H100 (gemma2-27b, T = 1024): stacked 26.9 ms against pair's 28.4."""
     plain = precision == "fp16x3" and head_dim % 2 == 0 and head_dim <= 128 and softcap is None
     return "pair" if plain else "stacked"
 
@@ -1507,7 +1505,8 @@ PLAIN_TILES = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
 
 # The stacked kernels' soft-cap: a key tile whose changes of logit ÷ cap are all at most this
 # takes the Taylor form of `_capped_change`, else its exact form (0: the exact form always; the
-# plain-tile kernels always take it, see `_logit_change`).
+# plain-tile kernels always take it, see `_logit_change`). H100, T = 1024, float32 q, k, v:
+# gemma2-9b 47.1 ms against 52.8 with the exact form alone, gemma2-27b 26.9 against 31.8.
 TANH_SERIES_LIMIT = 0.25
 
 
@@ -1573,13 +1572,16 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     block_d = max(16, triton.next_power_of_2(d))
     layout = default_layout(d, precision, spec.softcap) if layout is None else layout
     if layout == "stacked":
-        defaults = dict(block_m=16, block_n=default_key_block(block_d, precision),
-                        num_warps=default_warps(block_d, precision))  # stages: once v is read
+        v_exact = _exact_in_big_part(v.dtype, precision)
+        block_n = default_key_block(block_d, precision, v_exact) if block_n is None else block_n
+        defaults = dict(block_m=16, block_n=block_n, num_warps=default_warps(block_d, precision),
+                        num_stages=default_stages(block_d, block_n, precision, v_exact))
     else:
         defaults = PLAIN_TILES
     block_m = defaults["block_m"] if block_m is None else block_m
     block_n = defaults["block_n"] if block_n is None else block_n
     num_warps = defaults["num_warps"] if num_warps is None else num_warps
+    num_stages = defaults["num_stages"] if num_stages is None else num_stages
     if layout == "stacked" and block_n > KEY_SLACK:
         raise ValueError(f"the stacked Q/K kernel takes at most {KEY_SLACK} keys a tile (KEY_SLACK), not {block_n}")
     # The kernels index q, the base output and the row flags with 32-bit offsets (B·heads·T·D, and
@@ -1606,9 +1608,6 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     (qn, qr, kn, kr), parts, unscale, v_exact = _operands(qn, kn, _heads(v, hk, d, None), cos, sin, tokens, spec,
                                                           precision)
     lse, out = _base_attention(parts, unscale, v_exact, tokens, spec, precision)
-    if num_stages is None:
-        num_stages = default_stages(block_d, block_n, precision, v_exact) if layout == "stacked" else \
-            PLAIN_TILES["num_stages"]
     counted = _counted_rows(token_mask, spec.sliding_window)
     n_tiles = triton.cdiv(t, block_m)
     block_c = default_channel_block(block_m, d, num_warps, precision) if block_c is None else block_c

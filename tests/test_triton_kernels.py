@@ -342,14 +342,14 @@ def test_qk_kernel_runs_a_batch_past_its_offsets_a_few_sentences_at_a_time(monke
 @pytest.mark.parametrize("precision, d, kernel, tiles, inputs_kind", [
     ("fp16x3", 8, "_qk_channel_kernel", dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PAIR=True), "float32"),
     ("fp16x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=64, num_stages=3, HAS_CAP=True), "soft-cap"),  # its Taylor form
-    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_C=8, num_warps=8, num_stages=1), "float32"),  # past 128
-    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_N=64, num_stages=2), "bfloat16 v"),  # no small part of v to hold: two stages
+    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=2), "float32"),  # past 128
+    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_N=64, num_stages=2), "bfloat16 v"),  # no small part of v to hold: 64 keys
     ("tf32x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=2, num_warps=4, num_stages=2), "float32"),
     ("tf32x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=3), "float32")])  # 64 keys: no shared memory
 def test_qk_kernel_defaults(precision, d, kernel, tiles, inputs_kind, monkeypatch):
     """With no layout or tiles given, the launch `default_layout` and its tiles choose, and the
-    impacts match float64 (head_dim 136: the tiles of head_dim 256; v of a bfloat16 model changes
-    the pipeline's depth there; a soft-cap takes the stacked kernel at any head_dim)."""
+    impacts match float64 (head_dim 136: the tiles of head_dim 256; v of a bfloat16 model doubles
+    the key tiles there; a soft-cap takes the stacked kernel at any head_dim)."""
     import kernels.qk_impact as qk
 
     launches = []
