@@ -50,18 +50,20 @@ SHAPES = {
 TABLE_SHAPES = "llama3.1-8b,qwen2.5-7b,gemma2-9b"  # the issue's
 
 
-def make_inputs(shape: str, t: int, device: str, seed: int = 0):
+def make_inputs(shape: str, t: int, device: str, seed: int = 0, qk_batch: int = 1):
+    """Random inputs of one layer of `shape`: q, k, v of `qk_batch` sentences of t tokens (and
+    their bfloat16 copies), H of FFN_BATCH sentences, a batch of FFN impacts, the attention spec."""
     s = SHAPES[shape]
     gen = torch.Generator().manual_seed(seed)
     d, hq, hk = s["head_dim"], s["n_heads"], s["n_kv_heads"]
-    q = torch.randn(1, t, hq * d, generator=gen)
-    k = torch.randn(1, t, hk * d, generator=gen)
-    v = torch.randn(1, t, hk * d, generator=gen)
+    q = torch.randn(qk_batch, t, hq * d, generator=gen)
+    k = torch.randn(qk_batch, t, hk * d, generator=gen)
+    v = torch.randn(qk_batch, t, hk * d, generator=gen)
     pos = torch.arange(t, dtype=torch.float32)
     inv = 1 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     emb = torch.cat([pos[:, None] * inv] * 2, -1)
     h = torch.randn(FFN_BATCH, t, s["ffn"], generator=gen, dtype=torch.bfloat16)  # no float32 copy on the way
-    mask = torch.ones(1, t, dtype=torch.bool)
+    mask = torch.ones(qk_batch, t, dtype=torch.bool)
     h_mask = torch.ones(FFN_BATCH, t, dtype=torch.bool)
     impacts = torch.rand(8, s["ffn"], generator=gen)  # a batch of 8 sentences' FFN impacts, for selection
     spec = AttentionSpec(hq, hk, d, d ** -0.5, s["softcap"], s["window"])
@@ -284,20 +286,20 @@ def table(rows, floors, device) -> str:
     return "\n".join(lines)
 
 
-def sweep(shape: str, t: int) -> str:
+def sweep(shape: str, t: int, batch: int = 1) -> str:
     """Q/K kernel time for each tile size and dot precision at one shape (CUDA), with each
     configuration's largest difference from the plain-float32 (ieee) result on the same inputs,
-    relative to its largest impact."""
+    relative to its largest impact; `batch` sentences of t tokens."""
     from kernels import qk_impact_triton
 
-    x = make_inputs(shape, t, "cuda")
+    x = make_inputs(shape, t, "cuda", qk_batch=batch)
     values = {"float32": x, "bfloat16": dict(x, q=x["q_bf16"], k=x["k_bf16"], v=x["v_bf16"])}
 
     def call(y, **options):
         return qk_impact_triton(y["q"], y["k"], y["v"], y["cos"], y["sin"], y["mask"], y["spec"], **options)
 
     bases = {}
-    lines = [f"Q/K kernel sweep, {shape}, T = {t}:", "",
+    lines = [f"Q/K kernel sweep, {shape}, T = {t}{f', {batch} sentences' if batch > 1 else ''}:", "",
              "| layout | precision | q, k, v values | BLOCK_M | BLOCK_N | BLOCK_C | warps | stages | median | "
              "max diff from ieee ÷ max |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -311,8 +313,18 @@ def sweep(shape: str, t: int) -> str:
     # ones (`default_key_block`; H100 run 3: 43.6 and 39.5 ms), then 32 keys in two stages for
     # bfloat16 values (472 B spilled a thread against 840, sm_90a compile), three stages of 32 keys
     # on each (196 and 148 KiB of shared memory), and 64 keys in one stage (the default before run
-    # 3: 47.1 ms). Under a time limit the first rows matter most.
-    if x["spec"].head_dim <= 128 and x["spec"].softcap is not None:  # the stacked default, pair beside it
+    # 3: 47.1 ms). Under a time limit the first rows matter most. At the detection's lengths
+    # (T ≤ 64: sentences of 20–60 tokens, `--sweep-t 40 --sweep-batch 8`) the plain tiles of 64
+    # rows and 32 keys are mostly padding (H100 run 3's scan profile): smaller ones beside them,
+    # on bfloat16 values as a bfloat16 model's detection has them.
+    if t <= 64 and x["spec"].head_dim <= 128 and x["spec"].softcap is None:
+        configs = [("pair", "fp16x3", "bfloat16", None, None, None, None, None),
+                   ("pair", "fp16x3", "bfloat16", 32, 32, None, 4, 2),
+                   ("pair", "fp16x3", "bfloat16", 32, 16, None, 4, 2),
+                   ("pair", "fp16x3", "bfloat16", 16, 16, None, 4, 2),
+                   ("stacked", "fp16x3", "bfloat16", None, None, None, None, None),
+                   ("stacked", "fp16x3", "bfloat16", None, 32, None, None, None)]
+    elif x["spec"].head_dim <= 128 and x["spec"].softcap is not None:  # the stacked default, pair beside it
         configs = [("stacked", "fp16x3", "float32", None, None, None, None, None),
                    ("pair", "fp16x3", "float32", None, None, None, None, None)]
     elif x["spec"].head_dim <= 128:
@@ -461,6 +473,7 @@ def main():
                         help="CUDA: ffn (FFN tiles, the first of --shapes) and/or qk (Q/K tiles and precisions, "
                              "each shape); bare: both")
     parser.add_argument("--sweep-t", type=int, default=1024)
+    parser.add_argument("--sweep-batch", type=int, default=1, help="sentences of --sweep-t tokens in the Q/K sweep")
     parser.add_argument("--accuracy", action="store_true", help="CUDA: Q/K precisions against float64")
     parser.add_argument("--breakdown", action="store_true",
                         help="CUDA: each GPU kernel's share of one Q/K call (each shape, at --sweep-t)")
@@ -484,7 +497,7 @@ def main():
 
     parts = []  # the Q/K sweep first: on a time limit, what is still open comes first
     for shape in args.shapes.split(",") if "qk" in args.sweep else []:
-        parts.append(sweep(shape, args.sweep_t))
+        parts.append(sweep(shape, args.sweep_t, args.sweep_batch))
         save(*parts)
     for shape in args.shapes.split(",") if args.breakdown else []:
         try:  # the profiler needs CUPTI; without it, say so and go on

@@ -6,11 +6,12 @@
 # h100-kernels.md (`bench_kernels.py --sweep qk --shapes llama3.1-8b` reruns them). (The FFN sweep,
 # its target met on the H200: `bench_kernels.py --sweep ffn`.)
 # Usage (on a CUDA machine, from the repository root): bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
-# STEPS is a comma list of target, tests, sweep, table, profile, scan, run in that order (default:
+# STEPS is a comma list of target, tests, sweep, table, profile, scan, short, run in that order (default:
 # the first three; on an H100 on 2026-11-27 they took 7.3 minutes, and table + scan 4.1, where the
 # table's 150 s ran out before gemma2-9b's kernel rows and the tests' 180 s (8 workers) before the
-# last 4 of 189 tests; the default limits, 150 + 240 + 200 + 200 + 70 + 120 + 90 s: one 10-minute call
-# runs the first three, a second the rest).
+# last 4 of 189 tests; the default limits, 150 + 240 + 200 + 200 + 70 + 120 + 90 + 90 s: one
+# 10-minute call runs the first three; a 15-minute lease has about 4–5 minutes left after it, for
+# `scan,short` (up to 300 s; the table re-times what h100-kernels.md has)).
 # target: issue #3's open figure first, so that a short lease still measures it: gemma2-9b's Q/K
 # call at T = 1024 beside the reference (time, ratio, peak memory, FlashAttention floor).
 # profile: Nsight Compute on warm launches of the Q/K and column-norm kernels (llama, T = 512),
@@ -20,9 +21,10 @@
 # per layer call (`--profile`; SCAN_S, 120 s; without the profile 85 s sufficed on an H100), then
 # the same detection in batches of 32 (SCAN32_S, 90 s): run 3's profile found the GPU idle 57 % of a
 # layer call at batch 8, waiting for the host, whose work per call hardly grows with the batch.
-# Each step has its own time limit (TARGET_S, TEST_S, SWEEP_S, TABLE_S, PROFILE_S, SCAN_S, SCAN32_S) and writes its log to OUT_DIR as it goes.
+# short: the Q/K tiles at the detection's lengths, 8 sentences of 40 tokens, llama3.1-8b (SHORT_S, 90 s).
+# Each step has its own time limit (TARGET_S, TEST_S, SWEEP_S, TABLE_S, PROFILE_S, SCAN_S, SCAN32_S, SHORT_S) and writes its log to OUT_DIR as it goes.
 set -u
-out=${1:?usage: run_gpu.sh OUT_DIR [target,tests,sweep,table,profile,scan]}
+out=${1:?usage: run_gpu.sh OUT_DIR [target,tests,sweep,table,profile,scan,short]}
 steps=",${2:-target,tests,sweep},"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -65,4 +67,8 @@ if [[ $steps == *,scan,* ]]; then
     --max-sentences 100 --profile 8 --out "$out/scan.md" >"$out/scan.log" 2>&1; tail -50 "$out/scan.log"
   timeout "${SCAN32_S:-90}" python3 benchmarks/bench_scan.py --model random:llama3.1-8b --dtype bfloat16 --device cuda \
     --max-sentences 100 --batch-size 32 --out "$out/scan-b32.md" >"$out/scan-b32.log" 2>&1; head -12 "$out/scan-b32.log"
+fi
+if [[ $steps == *,short,* ]]; then
+  timeout "${SHORT_S:-90}" python3 benchmarks/bench_kernels.py --sweep qk --sweep-t 40 --sweep-batch 8 --ops "" \
+    --shapes llama3.1-8b --out "$out/short.md" 2>"$out/short.log"; tail -8 "$out/short.log"
 fi
