@@ -138,6 +138,13 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_identity(model, name) -> dict:
+    """What tells this model's resumed work from another's: its name, dtype, fingerprint and the
+    stamp of its weight files (`models.weights_stamp`)."""
+    return {"model": name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "fingerprint": model_fingerprint(model), "weights": weights_stamp(model)}
+
+
 def membership(counts: torch.Tensor, n_sentences: int, tau: float) -> torch.Tensor:
     """N_ℓ: neurons activated in at least τ of the n sentences (τ = 1: in every one)."""
     return counts >= max(1, math.ceil(tau * n_sentences - 1e-9))
@@ -291,8 +298,7 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
             raise NeurolangError(f"unknown --compat {compat!r}; choose {', '.join(COMPAT_MODES)}")
         check_compatible(adapter)
     texts = load_corpus(corpus, list(langs), text_field)
-    fingerprint = model_fingerprint(model)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    identity = model_identity(model, model_name)
     options = {"corpus": str(corpus), "ratio": ratio, "sigma": sigma, "tau": tau,
                "max_sentences": max_sentences, "eval_sentences": eval_sentences, "max_length": max_length,
                "batch_size": batch_size, "seed": seed, "qk_metric": metric, "backend": backend,
@@ -301,8 +307,7 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
     counted_by = ("corpus", "ratio", "sigma", "max_sentences", "eval_sentences", "max_length", "seed", "qk_metric",
                   "text_field", "compat")
     kept = None if resume_dir is None else LanguageProgress(resume_dir, PROGRESS_DIR, {
-        "model": model_name, "dtype": dtype, "fingerprint": fingerprint, "weights": weights_stamp(model),
-        **{k: options[k] for k in counted_by}})
+        **identity, **{k: options[k] for k in counted_by}})
     counts, members, ranks, per_lang = {}, {}, {}, {}
     start = time.perf_counter()
     for lang in langs:
@@ -342,8 +347,8 @@ def detect(model, tokenizer, corpus="builtin", langs=("en", "zh", "th", "fr", "d
     from neurolang import __version__
 
     info = {
-        "model": model_name, "model_type": adapter.family, "fingerprint": fingerprint,
-        "dtype": dtype, "n_layers": adapter.n_layers,
+        "model": model_name, "model_type": adapter.family, "fingerprint": identity["fingerprint"],
+        "dtype": identity["dtype"], "n_layers": adapter.n_layers,
         "widths": adapter.widths(), "neuron_count": adapter.neuron_count(), "langs": list(langs),
         "options": options, "per_language": per_lang, "version": __version__,
         "seconds": round(time.perf_counter() - start, 3),

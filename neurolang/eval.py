@@ -295,14 +295,11 @@ def evaluate(runner, task: str, langs, data, *, limit=None, shots=None, max_new_
                              f"for a prompt beside the {max_length - budget} answer tokens")
     kept = None
     if resume_dir is not None:
-        from neurolang.detect import LanguageProgress, model_fingerprint
-        from neurolang.models import weights_stamp
+        from neurolang.detect import LanguageProgress, model_identity
 
-        dtype = str(next(runner.model.parameters()).dtype).removeprefix("torch.")
         # The batch size is not in the key: a run out of memory may go on with a smaller one.
         kept = LanguageProgress(resume_dir, PROGRESS_DIR, {
-            "model": model_name, "dtype": dtype, "fingerprint": model_fingerprint(runner.model),
-            "weights": weights_stamp(runner.model), "task": task, "limit": limit, "shots": shots,
+            **model_identity(runner.model, model_name), "task": task, "limit": limit, "shots": shots,
             "max_new_tokens": max_new_tokens, "max_length": max_length})
     per_language, records, start = {}, [], time.perf_counter()
     for lang in langs:
