@@ -798,7 +798,7 @@ if triton is not None:
         """Rows flagged by `_qk_kernel` (a large change): the new softmax directly, with its own
         running max and sum, which stays accurate where the expm1 form would cancel or overflow.
         A separate launch, so that the common kernel carries none of its registers; a program
-        without flagged rows does nothing (PARTIAL starts at zero)."""
+        without flagged rows writes zeros."""
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         chans = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
@@ -852,6 +852,9 @@ if triton is not None:
             total = tl.sum(tl.where(rough, per_row, 0.0), axis=1)
             tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + chans, total,
                      mask=chan_ok)
+        else:
+            tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + chans,
+                     tl.zeros([BLOCK_C], dtype=tl.float32), mask=chans < D)
 
     # ------------------------------------------------------------------------------------------
     # One channel, or a channel and its rotary partner, a program (layout "channel" or "pair"): the
@@ -1179,6 +1182,8 @@ if triton is not None:
                 per_row = tl.sum(change * change, axis=1)
             total = tl.sum(tl.where(rough, per_row, 0.0), axis=0)
             tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, total)
+        else:
+            tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + c, 0.0)
 
     # ------------------------------------------------------------------------------------------
     # The operands of the products: one launch a tensor instead of about twenty PyTorch operations.
@@ -1630,7 +1635,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         specialise = [dict(MASK_KEYS=padding_first, PAIR=layout == "pair")] * 2
     results = []
     for is_key, r, r_m1, has_norm in ((False, rq, rq_m1, has_norm_q), (True, rk, rk_m1, has_norm_k)):
-        partial = torch.zeros(2, b * hq, n_tiles, d, dtype=acc, device=q.device)  # gentle rows, rough rows
+        # Gentle rows, rough rows: every entry written (a rough program without such rows writes 0).
+        partial = torch.empty(2, b * hq, n_tiles, d, dtype=acc, device=q.device)
         rough = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
         dummy = qn  # never read when the norm is absent
         for kernel, grid, own, part in zip(kernels, grids, specialise, partial):

@@ -4,6 +4,8 @@ Per sentence, the top k = floor(ρ·width) neurons (at least 1) of a (layer, gro
 or, in threshold mode, those whose impact exceeds σ. The count of a neuron is the number of
 sentences in which it was activated; only these counts ever leave the device.
 """
+import functools
+
 import torch
 
 from kernels.dispatch import on_input_device
@@ -66,9 +68,13 @@ if triton is not None:
         return tl.where(values == 0.0, 0, values.to(tl.int32, bitcast=True))
 
     @triton.jit
-    def _select_count_kernel(IMPACTS, COUNTS, ORDER, W, stride_row, k, sigma,
+    def _select_count_kernel(IMPACTS, COUNTS, ORDER, ROWS, GROUPS, stride_row, stride_order, sigma,
                              USE_SIGMA: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr):
-        """One program per sentence: select its activated neurons and add them to the counts.
+        """One program per (sentence, group): select its activated neurons and add them to the counts.
+
+        GROUPS holds, per group, where its columns start in a row of IMPACTS (and of COUNTS), its
+        width W, its k and where its k indices start in a row of ORDER; ROWS, the row of ORDER each
+        sentence writes.
 
         Top-k without sorting the row: a radix select finds the k-th largest impact v in four
         passes over the row (one byte of its bits per pass, from a 256-bin histogram of the
@@ -78,18 +84,24 @@ if triton is not None:
         among equal ones, the lower index first (the stable order of `top_k_order`).
         """
         row = tl.program_id(0)
-        base = IMPACTS + row * stride_row
+        group = GROUPS + 4 * tl.program_id(1)
+        first = tl.load(group)
+        W = tl.load(group + 1)
+        base = IMPACTS + row * stride_row + first
+        counts = COUNTS + first
         offs = tl.arange(0, BLOCK)
         if USE_SIGMA:
             for start in range(0, W, BLOCK):
                 cols = start + offs
                 valid = cols < W
                 values = tl.load(base + cols, mask=valid, other=0.0).to(tl.float32)
-                tl.atomic_add(COUNTS + cols, (values > sigma).to(tl.int32), mask=valid)
+                tl.atomic_add(counts + cols, (values > sigma).to(tl.int32), mask=valid)
         else:
+            k = tl.load(group + 2)
+            order = ORDER + tl.load(ROWS + row) * stride_order + tl.load(group + 3)
             bins = tl.arange(0, 512)  # bytes 0…255; bin 256 takes what does not match
             prefix = tl.zeros([], dtype=tl.int32)  # the bytes found so far (the bits are ≥ 0)
-            need = tl.zeros([], dtype=tl.int32) + k  # how many of those matching the prefix to take
+            need = k  # how many of those matching the prefix to take
             for byte in tl.static_range(4):
                 shift = 24 - 8 * byte
                 hist = tl.zeros([512], dtype=tl.int32)
@@ -116,44 +128,71 @@ if triton is not None:
                 equal = (valid & (bits == prefix)).to(tl.int32)
                 take = (valid & (bits > prefix)) | ((equal != 0) & (ties + tl.cumsum(equal, axis=0) - equal < need))
                 take32 = take.to(tl.int32)
-                tl.store(ORDER + row * k + taken + tl.cumsum(take32, axis=0) - take32, cols, mask=take)
+                tl.store(order + taken + tl.cumsum(take32, axis=0) - take32, cols, mask=take)
                 taken += tl.sum(take32, axis=0)
                 ties += tl.sum(equal, axis=0)
             tl.debug_barrier()  # the k gathered indices, written by other threads of this program
             slots = tl.arange(0, K_BLOCK)
             in_k = slots < k
-            index = tl.load(ORDER + row * k + slots, mask=in_k, other=0)
+            index = tl.load(order + slots, mask=in_k, other=0)
             bits = _order_bits(base, index, in_k).to(tl.int64)
             keys = tl.where(in_k, (bits << 32) | (W - 1 - index).to(tl.int64), -1)
             index = (W - 1 - (tl.sort(keys, descending=True) & 0xFFFFFFFF)).to(tl.int32)
             tl.debug_barrier()
-            tl.store(ORDER + row * k + slots, index, mask=in_k)
-            tl.atomic_add(COUNTS + index, tl.full([K_BLOCK], 1, tl.int32), mask=in_k)
+            tl.store(order + slots, index, mask=in_k)
+            tl.atomic_add(counts + index, tl.full([K_BLOCK], 1, tl.int32), mask=in_k)
 
 
 MAX_TOP_K = 16384  # the k selected impacts are sorted as int64 keys in one program's shared memory
 
 
-@on_input_device
-def select_count_triton(impacts: torch.Tensor, counts: torch.Tensor, k: int | None = None,
-                        sigma: float | None = None) -> torch.Tensor | None:
-    """One launch for a batch [B, W] of one (layer, group): adds each neuron's activations to
-    `counts` (int32 [W], in place) and returns the top-k order [B, k] (int32; None with σ).
+@functools.lru_cache(maxsize=64)
+def _group_table(widths: tuple, ks: tuple, device: torch.device) -> torch.Tensor:
+    """Per group (first column, width, k, first slot of its order): int32 [G, 4] on `device`, made
+    once per layout (a detection has one), so that a launch copies nothing to the device."""
+    firsts = [sum(widths[:g]) for g in range(len(widths))]
+    slots = [sum(ks[:g]) for g in range(len(ks))]
+    return torch.tensor(list(zip(firsts, widths, ks, slots)), dtype=torch.int32, device=device)
 
-    Same selection as `select_count_torch` / `top_k_order`: impacts must be non-negative floats.
-    Any width; k up to MAX_TOP_K.
+
+@on_input_device
+def select_count_triton(impacts: torch.Tensor, counts: torch.Tensor, k=None, sigma: float | None = None,
+                        widths=None, order: torch.Tensor | None = None,
+                        rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One launch for a batch [B, ΣW] of impacts: adds each neuron's activations to `counts`
+    (int32 [ΣW], in place) and, in top-k mode, writes each sentence's top-k order (int32, largest
+    first; None with σ). The same selection as `select_count_torch` / `top_k_order`: impacts must be
+    non-negative floats. Any width; k up to MAX_TOP_K.
+
+    The columns may be several groups side by side (`widths`, one per group; default one group of
+    all columns), each selected on its own (`k` an int, or one per group; indices within the group).
+    `order` [N, Σk] takes them (group after group in a row) at rows `rows` (int64 [B] on the device),
+    as detection keeps every sentence's order without an indexed copy; by default a new [B, Σk].
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
     if (k is None) == (sigma is None):
         raise ValueError("give exactly one of k and sigma")
-    b, w = impacts.shape
-    if k is not None and not 1 <= k <= min(w, MAX_TOP_K):
-        raise ValueError(f"top-k of {k} out of {w}: the kernel selects 1 to min(width, {MAX_TOP_K})")
+    b, total = impacts.shape
+    widths = (total,) if widths is None else tuple(widths)
+    ks = (0,) * len(widths) if k is None else tuple(k) if isinstance(k, (tuple, list)) else (k,) * len(widths)
+    if sum(widths) != total or len(ks) != len(widths):
+        raise ValueError(f"impacts of {total} columns do not split into groups of widths {widths} with k {ks}")
+    for w, k_g in zip(widths, ks):
+        if k is not None and not 1 <= k_g <= min(w, MAX_TOP_K):
+            raise ValueError(f"top-k of {k_g} out of {w}: the kernel selects 1 to min(width, {MAX_TOP_K})")
     impacts = impacts if impacts.stride(-1) == 1 else impacts.contiguous()
-    order = None if k is None else torch.empty(b, k, dtype=torch.int32, device=impacts.device)
-    _select_count_kernel[(b,)](impacts, counts, order if order is not None else counts, w, impacts.stride(0),
-                               k or 0, float(sigma or 0.0), USE_SIGMA=sigma is not None,
-                               BLOCK=min(4096, triton.next_power_of_2(w)),
-                               K_BLOCK=triton.next_power_of_2(k or 1), num_warps=8 if w > 4096 else 4)
+    if k is not None and order is None:
+        order = torch.empty(b, sum(ks), dtype=torch.int32, device=impacts.device)
+    if k is not None and rows is None:
+        rows = torch.arange(b, device=impacts.device)
+    if order is not None and (order.shape[1] != sum(ks) or order.stride(1) != 1):
+        raise ValueError(f"order must be [N, {sum(ks)}] with unit stride along its rows, not {tuple(order.shape)}")
+    widest = max(widths)
+    _select_count_kernel[(b, len(widths))](
+        impacts, counts, counts if order is None else order, counts if rows is None else rows,
+        _group_table(widths, ks, impacts.device), impacts.stride(0), 0 if order is None else order.stride(0),
+        float(sigma or 0.0), USE_SIGMA=sigma is not None,
+        BLOCK=min(4096, triton.next_power_of_2(widest)), K_BLOCK=triton.next_power_of_2(max(ks) or 1),
+        num_warps=8 if widest > 4096 else 4)
     return order

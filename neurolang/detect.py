@@ -5,6 +5,7 @@ into activation counts on the device as soon as they exist (top ρ per sentence,
 or impact > σ), and N_ℓ is the set of neurons activated in at least τ of the language's sentences.
 """
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -159,16 +160,39 @@ def top_k_sizes(widths: dict[str, int], ratio: float, compat=None) -> dict[str, 
     return {g: top_k_size(ratio, w) for g, w in widths.items()}
 
 
+def _spans(sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Where each group's block starts and ends when the blocks lie side by side in `sizes`' order."""
+    ends = dict(zip(sizes, itertools.accumulate(sizes.values())))
+    return {g: (ends[g] - n, ends[g]) for g, n in sizes.items()}
+
+
+def _neighbour_runs(groups: list[str], chosen: list[str]) -> list[list[str]]:
+    """`chosen` split into runs of groups that are neighbours in `groups`."""
+    runs = []
+    for i, g in enumerate(groups):
+        if g in chosen:
+            if runs and i > 0 and groups[i - 1] == runs[-1][-1]:
+                runs[-1].append(g)
+            else:
+                runs.append([g])
+    return runs
+
+
 def count_activations(adapter: ModelAdapter, seqs, pad_id: int, *, ratio=0.01, sigma=None, batch_size=8,
                       metric="output", backend="auto", device=None, progress=None, compat=None):
     """Activation counts {group: int32 [n_layers, width]} over token sequences, in length-sorted
     batches; also the ranks (top-k mode, else None) and the seconds spent on impacts and selection."""
     widths = adapter.widths()
     device = device or next(adapter.model.parameters()).device
-    counts = {g: torch.zeros(adapter.n_layers, w, dtype=torch.int32, device=device) for g, w in widths.items()}
     ks = {g: None for g in widths} if sigma is not None else top_k_sizes(widths, ratio, compat)
-    ranks = None if sigma is not None else {
-        g: torch.zeros(len(seqs), adapter.n_layers, k, dtype=torch.int32, device=device) for g, k in ks.items()}
+    # Every group's counts and ranks side by side in one tensor (each group's a view of it), so that
+    # one launch selects a layer's groups and writes the ranks in place.
+    all_counts = torch.zeros(adapter.n_layers, sum(widths.values()), dtype=torch.int32, device=device)
+    counts = dict(zip(widths, all_counts.split(list(widths.values()), dim=1)))
+    ranks = None
+    if sigma is None:
+        all_ranks = torch.zeros(len(seqs), adapter.n_layers, sum(ks.values()), dtype=torch.int32, device=device)
+        ranks = dict(zip(ks, all_ranks.split(list(ks.values()), dim=2)))
     timings = {"impacts_s": 0.0}
     weight_norms = {}  # o_proj's and down_proj's column norms, read once per detection
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
@@ -177,16 +201,28 @@ def count_activations(adapter: ModelAdapter, seqs, pad_id: int, *, ratio=0.01, s
         on_triton = resolve_backend(backend, torch.device(device)) == "triton"
     except ValueError as err:
         raise NeurolangError(str(err)) from None
+    # On the Triton backend one launch selects, counts and ranks a layer's groups for the whole batch;
+    # a k over what one program sorts (ρ·width > 16384: far above the paper's 1 %) takes the twin,
+    # also on the device. A launch takes a run of neighbouring groups (all five, but for such a k):
+    # their columns of `all_counts` and slots of `all_ranks`, side by side.
+    kernel_groups = [g for g in widths if on_triton and (ks[g] or 0) <= MAX_TOP_K]
+    runs = _neighbour_runs(list(widths), kernel_groups)
+    columns = _spans(widths)
+    slots = None if sigma is not None else _spans(ks)
 
     def on_layer(layer, impacts):
+        for run in runs:
+            values = torch.cat([impacts[g].float() for g in run], dim=1) if len(run) > 1 else impacts[run[0]].float()
+            counted = all_counts[layer, columns[run[0]][0]:columns[run[-1]][1]]
+            if sigma is not None:
+                select_count_triton(values, counted, sigma=sigma, widths=[widths[g] for g in run])
+            else:
+                select_count_triton(values, counted, k=[ks[g] for g in run], widths=[widths[g] for g in run],
+                                    order=all_ranks[:, layer, slots[run[0]][0]:slots[run[-1]][1]], rows=rows)
         for group, values in impacts.items():
-            # One launch per (layer, group) selects, counts and ranks the batch; a k over what one
-            # program sorts (ρ·width > 16384: far above the paper's 1 %) takes the twin, also on the device.
-            if on_triton and (ks[group] or 0) <= MAX_TOP_K:
-                chosen = select_count_triton(values.float(), counts[group][layer], k=ks[group], sigma=sigma)
-                if chosen is not None:
-                    ranks[group][rows, layer] = chosen
-            elif sigma is not None:
+            if group in kernel_groups:
+                continue
+            if sigma is not None:
                 counts[group][layer] += select_count_torch(values, sigma=sigma)
             else:
                 chosen = top_k_order(values, ks[group])

@@ -28,14 +28,29 @@ def _column_norms(weight: torch.Tensor, kept: dict | None) -> torch.Tensor:
     return kept[weight]
 
 
+def _float32_rotary(cos: torch.Tensor, sin: torch.Tensor, batch: int, kept: dict | None):
+    """cos and sin as the Triton kernels read them (float32 [B, T, D], contiguous); with a dict
+    `kept`, made once for each pair of tensors: a model hands every layer of a forward pass the same
+    pair (Gemma3 a second one to its local layers), so one conversion serves them all."""
+    if kept is not None and cos in kept and kept[cos][0] is sin:
+        return kept[cos][1:]
+    shape = (batch, *cos.shape[1:])
+    converted = tuple(x.to(torch.float32).expand(shape).contiguous() for x in (cos, sin))
+    if kept is not None:
+        kept[cos] = (sin, *converted)
+    return converted
+
+
 def attention_impacts(layer: Layer, cap: Captured, token_mask: torch.Tensor, metric: str = "output",
                       chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, backend: str = "torch",
-                      weight_norms: dict | None = None) -> dict[str, torch.Tensor]:
+                      weight_norms: dict | None = None, rotary: dict | None = None) -> dict[str, torch.Tensor]:
     """Q, K, V and O impacts of one layer from what its hooks captured: {group: [B, width]}.
-    `token_mask` must be right-padded (`check_right_padded`); `weight_norms` as in `compute_impacts`."""
+    `token_mask` must be right-padded (`check_right_padded`); `weight_norms` as in `compute_impacts`;
+    `rotary`, a dict, keeps the float32 cos and sin of one forward pass for its other layers."""
     spec = layer.spec
     if backend == "triton":
-        q, k = qk_impact_triton(cap.q, cap.k, cap.v, cap.cos, cap.sin, token_mask, spec, metric,
+        cos, sin = _float32_rotary(cap.cos, cap.sin, token_mask.shape[0], rotary)
+        q, k = qk_impact_triton(cap.q, cap.k, cap.v, cos, sin, token_mask, spec, metric,
                                 right_padded=True)  # `compute_impacts` checked: no wait for the GPU
         out_sumsq = masked_column_sumsq_triton(cap.attn_out, token_mask)
     else:
@@ -100,12 +115,13 @@ def compute_impacts(adapter: ModelAdapter, input_ids: torch.Tensor, attention_ma
     token_mask = check_right_padded(attention_mask)
     results: dict[int, dict[str, torch.Tensor]] = {}
     pending: dict[int, dict[str, torch.Tensor]] = {}
+    rotary = {}  # this forward pass's cos and sin in float32 (`_float32_rotary`)
 
     def on_attention(layer, cap):
         start = time.perf_counter()
         if compat is None:
             pending[layer.index] = attention_impacts(layer, cap, token_mask, metric, chunk_elements, backend,
-                                                     weight_norms)
+                                                     weight_norms, rotary)
         else:
             pending[layer.index] = released.attention_scores(layer, cap, token_mask)
         if timings is not None:

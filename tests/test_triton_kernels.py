@@ -172,8 +172,10 @@ def test_qk_kernel_brings_back_a_key_whose_probability_underflowed(from_channel,
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("layout", ["stacked", "pair"])  # "channel" shares "pair"'s rough kernel
-def test_qk_kernel_rows_that_change_a_lot(metric, layout):
-    """Large logits (q, k × 6): many rows leave the expm1 form for the direct softmax."""
+def test_qk_kernel_rows_that_change_a_lot(metric, layout, nan_empty):
+    """Large logits (q, k × 6): many rows leave the expm1 form for the direct softmax. Partial sums
+    are allocated NaN: every program of both kernels writes its own (the rough kernel's without
+    such rows, zeros)."""
     hq, hk, d, t = 4, 2, 8, 21
     q, k, v, mask = inputs(hq, hk, d, t, 3)
     q, k = 6 * q, 6 * k
@@ -189,7 +191,7 @@ def test_qk_kernel_rows_that_change_a_lot(metric, layout):
                                                              ("anywhere", 20, "output", "pair"),
                                                              ("anywhere", None, "probs", "channel"),
                                                              ("right", 20, "probs", "pair")])
-def test_qk_plain_tile_kernel_unmasked_tiles_and_padding_anywhere(padding, window, metric, layout):
+def test_qk_plain_tile_kernel_unmasked_tiles_and_padding_anywhere(padding, window, metric, layout, nan_empty):
     """The plain-tile layouts skip the mask on key tiles that every row of the query tile sees
     whole (here most of them: 37 tokens, tiles of 16, no window or one of 20 that cuts through
     tiles), and mask padding keys only when padding comes before a real token."""
@@ -636,6 +638,35 @@ def test_select_count_kernel_matches_the_twin(shape):
     assert torch.equal(counts.cpu(), select_count_torch(impacts, sigma=0.5))
 
 
+def test_select_count_kernel_selects_groups_side_by_side_into_given_rows():
+    """Groups of different widths and k in one launch, each selected on its own (indices within
+    the group), their orders written into given rows of a larger order (as detection keeps its
+    ranks), the others untouched; σ mode counts each column once. Checked group by group against
+    the twin."""
+    from kernels import count_selected, select_count_torch, select_count_triton, top_k_order
+
+    widths, ks = (300, 37, 5000), (3, 37, 50)
+    gen = torch.Generator().manual_seed(5)
+    impacts = torch.rand(3, sum(widths), generator=gen)
+    impacts[:, ::7] = impacts[:, :1].clone()  # ties across the groups' edges
+    groups = impacts.split(widths, dim=1)
+    counts = torch.full((sum(widths),), 2, dtype=torch.int32, device=DEVICE)
+    order = torch.full((5, 2, sum(ks)), -1, dtype=torch.int32, device=DEVICE)  # [sentences, layers, Σk]
+    rows = torch.tensor([4, 0, 2], device=DEVICE)
+    layer = order[:, 1]
+    assert select_count_triton(impacts.to(DEVICE), counts, k=ks, widths=widths, order=layer, rows=rows) is layer
+    order, counts = order.cpu().long(), counts.cpu()
+    assert (order[:, 0] == -1).all() and (order[[1, 3], 1] == -1).all()
+    for values, got, counted, k in zip(groups, order[rows.cpu(), 1].split(ks, dim=1), counts.split(widths), ks):
+        assert torch.equal(got, top_k_order(values, k))
+        assert torch.equal(counted, 2 + count_selected(top_k_order(values, k), values.shape[1]))
+    counts = torch.zeros(sum(widths), dtype=torch.int32, device=DEVICE)
+    assert select_count_triton(impacts.to(DEVICE), counts, sigma=0.5, widths=widths) is None
+    assert torch.equal(counts.cpu(), select_count_torch(impacts, sigma=0.5))
+    with pytest.raises(ValueError, match="do not split into groups"):
+        select_count_triton(impacts.to(DEVICE), counts, k=ks, widths=(300, 37))
+
+
 def test_select_count_kernel_refuses_a_k_it_cannot_sort():
     from kernels import select_count_triton
     from kernels.select_count import MAX_TOP_K
@@ -646,24 +677,55 @@ def test_select_count_kernel_refuses_a_k_it_cannot_sort():
             select_count_triton(torch.rand(2, MAX_TOP_K + 1, device=DEVICE), counts, k=k)
 
 
-@pytest.mark.parametrize("max_top_k", [None, 3])
-def test_detect_with_the_triton_backend_equals_the_twin(monkeypatch, max_top_k):
-    """Also when a k over what the selection kernel sorts (here: over 3) takes the twin."""
+@pytest.mark.parametrize("family,max_top_k,sigma", [("qwen3", None, None), ("qwen3", 3, None), ("llama", 4, None),
+                                                     ("llama", None, 1.0)])
+def test_detect_with_the_triton_backend_equals_the_twin(monkeypatch, family, max_top_k, sigma):
+    """Also when a k over what the selection kernel sorts takes the twin: tiny qwen3, ρ = 0.1 and
+    at most 3, k and v (k = 2) take the kernel in one launch, ffn, q and o (k = 4) the twin; tiny
+    llama and at most 4, ffn (k = 4) and k, v (k = 2) take it in two launches, q and o (k = 7) the
+    twin. And in threshold mode."""
     import importlib
 
     from neurolang.detect import detect
     from neurolang.models import load_model
 
-    if max_top_k is not None:  # tiny qwen3, ρ = 0.1: k, v (k = 2) take the kernel, ffn, q, o (k = 4) the twin
+    if max_top_k is not None:
         monkeypatch.setattr(importlib.import_module("neurolang.detect"), "MAX_TOP_K", max_top_k)
 
-    model, tokenizer = load_model("tiny:qwen3", device=DEVICE)
+    model, tokenizer = load_model(f"tiny:{family}", device=DEVICE)
     runs = [detect(model, tokenizer, "builtin", ["fr"], max_sentences=2, eval_sentences=1, max_length=12, ratio=0.1,
-                   tau=0.5, backend=backend, progress=False) for backend in ("torch", "triton")]
-    for lang in ("fr",):
-        for g in runs[0].counts[lang]:
-            assert torch.equal(runs[0].counts[lang][g], runs[1].counts[lang][g])
-            assert torch.equal(runs[0].ranks[lang][g], runs[1].ranks[lang][g])
+                   sigma=sigma, tau=0.5, backend=backend, progress=False) for backend in ("torch", "triton")]
+    counts = runs[0].counts["fr"]
+    assert 0 < sum(c.sum() for c in counts.values()) < 2 * sum(c.numel() for c in counts.values())  # 2 sentences
+    for g in counts:
+        assert torch.equal(counts[g], runs[1].counts["fr"][g])
+        if sigma is None:
+            assert torch.equal(runs[0].ranks["fr"][g], runs[1].ranks["fr"][g])
+
+
+def test_triton_impacts_of_every_layer_take_their_own_rotary_tables(monkeypatch):
+    """A forward pass hands every layer the same cos and sin, which the Triton path converts to
+    float32 once (`_float32_rotary`); Gemma3's local layers get a second pair (another RoPE base).
+    Every layer's impacts on the Triton path equal the twin's, and two conversions serve three layers."""
+    import neurolang.impact as impact
+    from neurolang.adapters import ModelAdapter
+    from neurolang.corpus import pad_batch
+    from neurolang.impact import compute_impacts
+    from neurolang.tiny import tiny_model
+
+    adapter = ModelAdapter(tiny_model("gemma3_text").to(DEVICE))
+    ids, mask = pad_batch([[5, 9, 30, 44, 7, 81, 12], [3, 60, 61]], 0, DEVICE)
+    converted = []
+    real = impact._float32_rotary
+    monkeypatch.setattr(impact, "_float32_rotary",
+                        lambda cos, sin, batch, kept: converted.append(cos in kept) or real(cos, sin, batch, kept))
+    fast = compute_impacts(adapter, ids, mask, backend="triton")
+    assert converted == [False, False, True]  # sliding, full, sliding
+    twin = compute_impacts(adapter, ids, mask, backend="torch")
+    for layer in twin:
+        for group in twin[layer]:
+            torch.testing.assert_close(fast[layer][group].cpu(), twin[layer][group].cpu(), rtol=2e-5,
+                                       atol=1e-6 * float(twin[layer][group].max()))
 
 
 def test_impacts_multiply_in_full_float32_whatever_the_process_chose(monkeypatch):
