@@ -9,16 +9,19 @@ the ratio of detection time to forward time, and how detection splits between fo
 
 `--profile N` then runs N more batches of the first language's sentences under the PyTorch profiler,
 with and without detection's hooks, and splits a layer call into GPU kernels (CUDA), GPU idle time
-and the host's busiest operations, each per layer call.
+and the host's busiest operations, each per layer call, and (on a GPU) counts where the host
+waits for the GPU.
 
 `random:<shape>` is a model of that architecture and size with random weights (`random_weights_`)
 and the tiny models' byte tokenizer, built on the device: no download, the same layers, kernels
 and launches as the real model (the byte tokenizer makes more tokens a sentence than the real one).
 """
 import argparse
+import collections
 import platform
 import sys
 import time
+import warnings
 
 import torch
 from transformers import Gemma2Config, LlamaConfig, Qwen2Config
@@ -79,6 +82,21 @@ def plain_forward_seconds(model, tokenizer, texts, max_length, batch_size):
     return seconds, tokens
 
 
+def host_waits(run) -> collections.Counter:
+    """Where `run` makes the host wait for the GPU (a copy to the host, a value read back, a sync):
+    torch's sync debug mode warns at each such operation, here counted by the Python line that
+    made it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return collections.Counter(f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in caught
+                               if "synchroniz" in str(w.message))
+
+
 def profile_layer_calls(model, tokenizer, sentences, max_length, batch_size, n_batches) -> str:
     """Where detection's time goes beyond the forward pass: `n_batches` batches of
     `count_activations` under torch.profiler, and the same batches without hooks. Per layer call:
@@ -128,6 +146,9 @@ def profile_layer_calls(model, tokenizer, sentences, max_length, batch_size, n_b
             f", GPU busy {busy / calls:.0f} µs, idle {(wall_us - busy) / calls:.0f} µs, "
             f"{sum(c for c, _ in kernels.values()) / calls:.1f} kernels" if cuda else ""))
     if cuda:
+        waits = host_waits(runs["detection"])
+        lines += ["", f"Host waits for the GPU during the detection of these batches (torch's sync debug mode): "
+                  f"{sum(waits.values())}" + "".join(f"\n- {site}: {n}" for site, n in waits.most_common(8))]
         extra = {k: v for k, v in kernels_of["detection"].items()
                  if kernels_of["plain forward"].get(k, (0, 0.0))[0] < v[0]}
         lines += ["", "Detection's kernels beyond the forward's (per layer call):", "",
