@@ -25,12 +25,15 @@ def main():
     parser.add_argument("--shape", default="llama3.1-8b")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--precisions", default="tf32x3,fp16x3")
+    parser.add_argument("--values", default="float32", choices=("float32", "bfloat16"),
+                        help="dtype of q, k, v (bfloat16: as a bfloat16 model's projections give them)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_kernels.py: needs a CUDA device")
     x = make_inputs(args.shape, args.seq_len, "cuda")
-    calls = [lambda p=p: qk_impact_triton(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["mask"], x["spec"],
-                                          precision=p) for p in args.precisions.split(",")]
+    q, k, v = (x[f"{name}_bf16"] if args.values == "bfloat16" else x[name] for name in "qkv")
+    calls = [lambda p=p: qk_impact_triton(q, k, v, x["cos"], x["sin"], x["mask"], x["spec"], precision=p)
+             for p in args.precisions.split(",")]
     calls.append(lambda: masked_column_sumsq_triton(x["h"], x["h_mask"]))
     for call in calls:
         call()
@@ -40,7 +43,8 @@ def main():
         call()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
-    print(f"profiled {args.shape}, T = {args.seq_len}: Q/K in {args.precisions}, then the column-norm kernel")
+    print(f"profiled {args.shape}, T = {args.seq_len}, {args.values} q, k, v: Q/K in {args.precisions}, then the "
+          "column-norm kernel")
 
 
 if __name__ == "__main__":

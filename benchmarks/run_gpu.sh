@@ -9,13 +9,14 @@
 # STEPS is a comma list of target, tests, sweep, table, profile, scan, short, run in that order (default:
 # the first three; on an H100 on 2026-11-27 they took 7.3 minutes, and table + scan 4.1, where the
 # table's 150 s ran out before gemma2-9b's kernel rows and the tests' 180 s (8 workers) before the
-# last 4 of 189 tests; the default limits, 150 + 240 + 200 + 200 + 70 + 120 + 90 + 90 s: one
+# last 4 of 189 tests; the default limits, 150 + 240 + 200 + 200 + 120 + 120 + 90 + 90 s: one
 # 10-minute call runs the first three; a 15-minute lease has about 4–5 minutes left after it, for
 # `scan,short` (up to 300 s; the table re-times what h100-kernels.md has)).
 # target: issue #3's open figure first, so that a short lease still measures it: gemma2-9b's Q/K
 # call at T = 1024 beside the reference (time, ratio, peak memory, FlashAttention floor).
-# profile: Nsight Compute on warm launches of the Q/K and column-norm kernels (llama, T = 512),
-# when `ncu` is on the machine (about 1–2 minutes).
+# profile: Nsight Compute on warm launches of the Q/K and column-norm kernels (gemma2-9b, T = 1024,
+# bfloat16 q, k, v: the stacked kernel of the open target; its stall reasons, occupancy and pipes),
+# when `ncu` is on the machine (PROFILE_S, 120 s).
 # scan: end-to-end detection against a plain forward pass (`bench_scan.py`) on a Llama-3.1-8B-shaped
 # model with random weights in bfloat16, 6 languages × 100 sentences, then 8 batches of it profiled
 # per layer call (`--profile`; SCAN_S, 120 s; without the profile 85 s sufficed on an H100), then
@@ -54,10 +55,11 @@ if [[ $steps == *,table,* ]]; then
 fi
 if [[ $steps == *,profile,* ]]; then
   if command -v ncu >/dev/null; then
-    timeout "${PROFILE_S:-70}" ncu --profile-from-start off --kernel-name regex:'^(_qk_kernel|_column_sumsq_kernel)$' \
+    timeout "${PROFILE_S:-120}" ncu --profile-from-start off --kernel-name regex:'^(_qk_kernel|_column_sumsq_kernel)$' \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-      python3 benchmarks/profile_kernels.py >"$out/ncu.txt" 2>&1; tail -60 "$out/ncu.txt"
+      python3 benchmarks/profile_kernels.py --shape gemma2-9b --seq-len 1024 --precisions fp16x3 --values bfloat16 \
+      >"$out/ncu.txt" 2>&1; tail -80 "$out/ncu.txt"
   else
     echo "profile: no ncu (Nsight Compute) on this machine" | tee "$out/ncu.txt"
   fi
