@@ -312,9 +312,10 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
     # channels and 8 warps: 32-key tiles in two stages for float32 values, 64 in two for bfloat16
     # ones (`default_key_block`; H100 run 3: 43.6 and 39.5 ms), then 32 keys in two stages for
     # bfloat16 values (472 B spilled a thread against 840, sm_90a compile), the same with 4 channels
-    # and 4 warps (91 KiB of shared memory and at most 255 registers a thread: two programs an SM, so
-    # that one computes while the other waits at a barrier; the float32 one's 124 KiB fit one), and
-    # three stages of 32 keys on each (196 and 148 KiB). Under a time limit the first rows matter most. At the detection's lengths
+    # and 4 warps (89 KiB of shared memory and at most 255 registers a thread: two programs an SM, so
+    # that one computes while the other waits at a barrier), the same on float32 values in one stage
+    # (56 KiB; 121 in two would fit one program), and three stages of 32 keys on each (196 and 148
+    # KiB). Under a time limit the first rows matter most. At the detection's lengths
     # (T ≤ 64: sentences of 20–60 tokens, `--sweep-t 40 --sweep-batch 8`) the plain tiles of 64
     # rows and 32 keys are mostly padding (H100 run 3's scan profile): smaller ones beside them,
     # on bfloat16 values as a bfloat16 model's detection has them.
@@ -342,6 +343,7 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
                    ("stacked", "fp16x3", "bfloat16", None, None, None, None, None),
                    ("stacked", "fp16x3", "bfloat16", 16, 32, 8, 8, 2),
                    ("stacked", "fp16x3", "bfloat16", 16, 32, 4, 4, 2),
+                   ("stacked", "fp16x3", "float32", 16, 32, 4, 4, 1),
                    ("stacked", "fp16x3", "float32", 16, 32, 8, 8, 3),
                    ("stacked", "fp16x3", "bfloat16", 16, 32, 8, 8, 3)]
     for layout, precision, kind, block_m, block_n, block_c, warps, stages in configs:
