@@ -57,11 +57,11 @@ def ptxas_path(arch: int) -> str:
 def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, block_c: int, warps: int, stages: int | None,
               head_dim: int = 128, **flags) -> dict:
     """Registers, spill bytes and shared memory of one specialisation (`flags`: IS_KEY, HAS_NORM,
-    HAS_CAP, HAS_WINDOW, PROBS, MASK_KEYS, PAIR, V_EXACT; absent ones are False; block_c is ignored by the
-    one-channel kernels)."""
+    HAS_CAP, HAS_WINDOW, PROBS, MASK_KEYS, PAIR, V_EXACT, absent ones False; SERIES_BOUND, absent
+    True; block_c is ignored by the one-channel kernels)."""
     params = list(inspect.signature(kernel.fn).parameters)
     constants = dict(IS_KEY=False, HAS_NORM=False, HAS_CAP=False, HAS_WINDOW=False, PROBS=False, MASK_KEYS=False,
-                     PAIR=False, V_EXACT=False) | flags | dict(
+                     PAIR=False, V_EXACT=False, SERIES_BOUND=True) | flags | dict(
         PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
     constants = {name: value for name, value in constants.items() if name in params}

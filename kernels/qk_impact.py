@@ -485,7 +485,7 @@ if triton is not None:
         return 2.0 * e * tl.where(d < 0, em, -em) * _reciprocal((1.0 + u) * (1.0 + v))
 
     @triton.jit
-    def _capped_change(a, t, u, d, softcap, series_limit):
+    def _capped_change(a, t, u, d, softcap, series_limit, series_all):
         """softcap·(tanh(a + d) − tanh(a)) for a tile: t = tanh a and u = e^-2|a| come from the
         caller (shared by a block's channels). Where every |d| of the tile is at most
         `series_limit` (one branch for the whole program; `TANH_SERIES_LIMIT`): the addition
@@ -493,8 +493,14 @@ if triton is not None:
         4e-9 relative for |d| ≤ ¼), 1 − t² as w·(2 − w), w = 1 − |t| = 2u / (1 + u), which stays
         exact where a saturates, and 1 + t·τ > 0.75 cannot cancel. Otherwise `_tile_tanh_change`,
         exact for any d. Compiled for sm_90a at head_dim 256 (16 rows, 8 channels, 32 keys), the
-        soft-cap adds 18 SASS instructions per (channel, row, key) one way and 37 the other."""
-        if tl.max(tl.abs(d)) <= series_limit:
+        soft-cap adds 18 SASS instructions per (channel, row, key) one way and 37 the other.
+        `series_all`: the program knows already that all its tiles are within the limit
+        (`_series_everywhere`), and skips the tile's maximum (a reduction across the program, with
+        3 of the key loop's 16 barriers in sm_90a SASS at gemma's tiles)."""
+        within = series_all
+        if not series_all:
+            within = tl.max(tl.abs(d)) <= series_limit
+        if within:
             w = 2.0 * u * _reciprocal(1.0 + u)
             d2 = d * d
             poly = 62.0 / 2835.0
@@ -659,7 +665,7 @@ if triton is not None:
     @triton.jit
     def _tile_change(q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                      sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling,
-                     softcap, window, series_limit,
+                     softcap, window, series_limit, series_all,
                      IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """For one key tile: the allowed mask and base log-probabilities [rows, keys], shared by
@@ -707,7 +713,7 @@ if triton is not None:
                 dx = rm1 * x[None, :, :] + r * dx
         if HAS_CAP:
             dl = _capped_change(a[None, :, :], t[None, :, :], _exp(-2.0 * tl.abs(a))[None, :, :], dx, softcap,
-                                series_limit)
+                                series_limit, series_all)
         else:
             dl = dx
         # chan_ok changes nothing (those channels' factors are 0) but makes the mask a [channels,
@@ -716,12 +722,26 @@ if triton is not None:
         return allowed, logp, tl.where(allowed[None, :, :] & chan_ok[:, None, None], dl, 0.0)
 
     @triton.jit
+    def _series_everywhere(COLMAX, row_c, row_p, chans, chan_ok, b, n_heads, group, D, series_limit):
+        """Whether every change of logit ÷ cap this program will meet is within `series_limit`, so that
+        its key tiles need not check (`_capped_change`): |Δ| ≤ |row_c|·|col_c| + |row_p|·|col_p|,
+        bounded by the largest row factors of the program's rows and COLMAX, the largest column
+        factors of each channel over its KV head's keys ([B, KV heads, 2, D], `_column_bounds`),
+        with 2^-20 to spare for the rounding of the products."""
+        kv = b * (n_heads // group) + (tl.program_id(0) % n_heads) // group
+        col_c = tl.load(COLMAX + (2 * kv) * D + chans, mask=chan_ok, other=0.0)
+        col_p = tl.load(COLMAX + (2 * kv + 1) * D + chans, mask=chan_ok, other=0.0)
+        bound = tl.max(tl.max(tl.abs(row_c), axis=1) * col_c + tl.max(tl.abs(row_p), axis=1) * col_p, axis=0)
+        return bound * (1.0 + 2.0 ** -20) <= series_limit
+
+    @triton.jit
     def _qk_kernel(
         QN, QR, KN, KR, QB, QS, KB, KS, VB, VS, COS, SIN, R, RM1, LSE, OUT, UNSCALE, TOKENS, COUNTED, PARTIAL, ROUGH,
         T, D, n_heads, group, scaling, softcap, window, series_limit,
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr, V_EXACT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        COLMAX, SERIES_BOUND: tl.constexpr,
     ):
         """The common case, rows that move gently: W_i = Σ_j A_ij·e_ij and ‖ΔO_i‖ (or ‖ΔA_i‖²) by
         the expm1 form. Rows that move a lot are flagged in ROUGH for `_qk_rough_kernel`.
@@ -736,6 +756,9 @@ if triton is not None:
          value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
             QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, softcap, window,
             IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
+        series_all = False
+        if HAS_CAP and not HAS_NORM and SERIES_BOUND:  # a bound without the q/k-norm's factors
+            series_all = _series_everywhere(COLMAX, row_c, row_p, chans, chan_ok, b, n_heads, group, D, series_limit)
         dims = tl.arange(0, BLOCK_D)
         # W accumulates element-wise, reduced over keys once after the loop (per tile, the
         # reductions cost 160 shuffles a thread in sm_90a SASS).
@@ -746,7 +769,8 @@ if triton is not None:
             _, logp, dl = _tile_change(
                 q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                 sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                window, series_limit, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                window, series_limit, series_all, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
+                BLOCK_D)
             # However large the logit change, A·e is exact to rounding; where A' overflows, W
             # becomes infinite (or NaN), so the row fails the gentle test and the rough kernel
             # redoes it. A·e comes out times 2^s, as the value product's split wants it
@@ -773,7 +797,8 @@ if triton is not None:
                 allowed, logp, dl = _tile_change(
                     q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                     sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                    window, series_limit, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                    window, series_limit, series_all, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
+                BLOCK_D)
                 p = _exp(logp)[None, :, :]
                 change = (_weighted_expm1(p, logp[None, :, :], dl) - p * w_sum[:, :, None]) / (1.0 + w_sum[:, :, None])
                 per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
@@ -816,7 +841,8 @@ if triton is not None:
                 allowed, logp, dl = _tile_change(
                     q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                     sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                    window, series_limit, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                    window, series_limit, False, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
+                BLOCK_D)
                 z = logp[None, :, :] + dl
                 m_next = tl.maximum(m_new, tl.max(z, axis=2))
                 m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
@@ -839,7 +865,8 @@ if triton is not None:
                     allowed, logp, dl = _tile_change(
                         q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                         sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                        window, series_limit, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D)
+                        window, series_limit, False, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
+                BLOCK_D)
                     change = tl.exp(logp[None, :, :] + dl - m_new[:, :, None]) / l_new[:, :, None] \
                         - tl.exp(logp)[None, :, :]
                     per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
@@ -1316,6 +1343,21 @@ if triton is not None:
                  acc * tl.load(UNSCALE + 2 * bh + 1) / total[:, None], mask=row_ok[:, None] & (dims < D)[None, :])
 
 
+def _column_bounds(kn, kr, cos, sin, scaling: float, keys: bool) -> torch.Tensor:
+    """[B, KV heads, 2, D] float32: per channel c, the largest |col_c| and |col_p| over its KV head's
+    tokens, the column factors of the change of logit Δ = row_c·col_c + row_p·col_p the stacked
+    kernel forms (`_series_everywhere`): k's rotated channel c and partner p for a query channel;
+    scaling·k̂_c·cos_c and scaling·k̂_c·sin_p for a key channel (k̂ normed, not rotated; cos, sin [B, T, D])."""
+    half = kn.shape[-1] // 2
+    if keys:
+        col_c = (kn * cos[:, None]).abs_().amax(2) * abs(scaling)
+        col_p = (kn * sin.roll(-half, -1)[:, None]).abs_().amax(2) * abs(scaling)
+    else:
+        col_c = kr.abs().amax(2)
+        col_p = col_c.roll(-half, -1)
+    return torch.stack((col_c, col_p), 2)
+
+
 def _counted_rows(token_mask: torch.Tensor, window: int | None) -> torch.Tensor:
     """[B, T] int8: the query rows whose impacts count, real tokens that see more than one key (a
     row that sees one key keeps A = 1 whatever the logits: exactly no change)."""
@@ -1515,6 +1557,11 @@ PLAIN_TILES = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
 TANH_SERIES_LIMIT = 0.25
 
 
+# Whether a stacked program with a soft-cap (and no q/k norm) first bounds the changes of logit of all
+# its key tiles, once, so that none of its tiles has to find its own largest (`_series_everywhere`);
+# False: every tile checks (`_capped_change`). The same results either way.
+TANH_SERIES_BOUND = True
+
 MAX_KERNEL_OFFSET = 2 ** 31  # the Q/K kernels' offsets are int32
 
 
@@ -1622,7 +1669,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     if layout == "stacked":
         kernels = (_qk_kernel, _qk_rough_kernel)
         grids = [(b * hq, n_tiles, triton.cdiv(d, block_c))] * 2
-        specialise = [dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT)] * 2
+        specialise = [dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, SERIES_BOUND=TANH_SERIES_BOUND),
+                      dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT)]
     else:  # plain tiles
         if layout == "pair" and d % 2:
             raise ValueError(f"layout='pair' needs an even head_dim, not {d}")
@@ -1639,6 +1687,9 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         partial = torch.empty(2, b * hq, n_tiles, d, dtype=acc, device=q.device)
         rough = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
         dummy = qn  # never read when the norm is absent
+        if layout == "stacked":  # the main kernel's column bounds, read with a soft-cap and no norm (`_series_everywhere`)
+            bounded = spec.softcap is not None and not has_norm and TANH_SERIES_BOUND
+            specialise[0]["COLMAX"] = _column_bounds(kn, kr, cos, sin, spec.scaling, is_key) if bounded else dummy
         for kernel, grid, own, part in zip(kernels, grids, specialise, partial):
             with _expected_overflow():
                 kernel[grid](

@@ -131,6 +131,34 @@ def test_qk_stacked_kernel_reads_past_the_keys_only_what_is_masked(metric, preci
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
 
+@pytest.mark.parametrize("bound", [True, False])
+@pytest.mark.parametrize("outlier", ["key partner", "query row"])
+def test_qk_stacked_kernel_soft_cap_bound_sees_an_outlier(outlier, bound, monkeypatch):
+    """With a soft-cap, a stacked program first bounds its changes of logit over all its key tiles
+    (`_series_everywhere`) and, within the Taylor form's quarter cap, no tile checks its own.
+    Small logits everywhere but one outlier, whose changes reach a cap and more in a few tiles:
+    channel 4 of the first token's k (which channel 0's rotary partner term meets: programs of
+    2 channels, so channel 0's has only its column bound to see it), or channel 1 of one query
+    row. The bound must see it, or those tiles take the series out of its reach. Against float64,
+    with the bound (TANH_SERIES_BOUND) and with every tile checking."""
+    import kernels.qk_impact as qk
+
+    monkeypatch.setattr(qk, "TANH_SERIES_BOUND", bound)
+    hq, hk, d, t = 4, 2, 8, 40
+    q, k, v, mask = inputs(hq, hk, d, t, 21)
+    q, k = 0.1 * q, 0.1 * k
+    if outlier == "key partner":
+        k[:, 0, 4] = 60.0  # KV head 0, channel 4 (position 0: unrotated)
+    else:
+        q[:, 17, d + 1] = 60.0  # query head 1, row 17
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, 2.0, None, False, 21)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec)
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, block_c=2, layout="stacked")
+    for a, r in zip((x.cpu() for x in tri), ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("precision, layout", [(p, "stacked") for p in PRECISIONS] + [("fp16x3", "pair")])
 def test_qk_kernel_soft_cap_far_below_the_logits(metric, precision, layout):
@@ -443,11 +471,11 @@ def test_qk_kernel_soft_cap_in_either_form(metric, monkeypatch):
 
 
 @triton.jit
-def _capped_change_of(A, DL, Y, N, softcap, series_limit, BLOCK: tl.constexpr):
+def _capped_change_of(A, DL, Y, N, softcap, series_limit, series_all, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     a = tl.load(A + offs, mask=offs < N)
     change = _capped_change(a, _tanh(a), tl.exp(-2.0 * tl.abs(a)), tl.load(DL + offs, mask=offs < N) / softcap, softcap,
-                            series_limit)
+                            series_limit, series_all != 0)
     tl.store(Y + offs, change, mask=offs < N)
 
 
@@ -464,7 +492,7 @@ def test_kernel_soft_cap_change_is_accurate(form, limit):
     dl = cap * reach * (2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1) * 10.0 ** -(8 * torch.rand(n, generator=gen))
     a, dl = a.float().double(), dl.float().double()  # what the kernel reads
     y = torch.empty(n, device=DEVICE)
-    _capped_change_of[(n // 1024,)](a.float().to(DEVICE), dl.float().to(DEVICE), y, n, cap, limit, BLOCK=1024)
+    _capped_change_of[(n // 1024,)](a.float().to(DEVICE), dl.float().to(DEVICE), y, n, cap, limit, 0, BLOCK=1024)
     expected = cap * torch.sinh(dl / cap) / (torch.cosh(a) * torch.cosh(a + dl / cap))  # tanh(a + d) − tanh(a)
     # Relative to the change itself, also where it is 1e-8 of the cap and a saturates (where
     # tanh(a + d) − tanh(a) would cancel): a few float32 roundings, on a GPU the approximate exp2
@@ -472,6 +500,21 @@ def test_kernel_soft_cap_change_is_accurate(form, limit):
     # an error that grows with |a| (3.7e-6 at |a| = 17 in the exact form, interpreter).
     relative = ((y.cpu().double() - expected).abs() / expected.abs().clamp_min(1e-300))
     assert bool((relative < 1e-6 + 2e-7 * a.abs()).all())
+
+
+def test_kernel_soft_cap_change_known_within_reach_takes_the_series():
+    """`series_all` (a program that bounded all its changes beforehand, `_series_everywhere`)
+    takes the Taylor form without the tile's own check, whatever the limit says: the same bits
+    as the series forced by the limit, and not the exact form's (changes up to a quarter cap)."""
+    gen = torch.Generator().manual_seed(5)
+    cap, n = 30.0, 1 << 12
+    a = (4 * torch.randn(n, generator=gen)).to(DEVICE)
+    dl = (cap * 0.25 * (2 * torch.rand(n, generator=gen) - 1)).to(DEVICE)
+    runs = {}
+    for name, limit, known in (("known", -1.0, 1), ("series", 1e30, 0), ("exact", -1.0, 0)):
+        runs[name] = torch.empty(n, device=DEVICE)
+        _capped_change_of[(n // 1024,)](a, dl, runs[name], n, cap, limit, known, BLOCK=1024)
+    assert torch.equal(runs["known"], runs["series"]) and not torch.equal(runs["known"], runs["exact"])
 
 
 def test_kernel_expm1_is_accurate_to_float32_rounding():
