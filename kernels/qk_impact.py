@@ -798,7 +798,7 @@ if triton is not None:
                     q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                     sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
                     window, series_limit, series_all, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
-                BLOCK_D)
+                    BLOCK_D)
                 p = _exp(logp)[None, :, :]
                 change = (_weighted_expm1(p, logp[None, :, :], dl) - p * w_sum[:, :, None]) / (1.0 + w_sum[:, :, None])
                 per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
@@ -842,7 +842,7 @@ if triton is not None:
                     q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                     sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
                     window, series_limit, False, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
-                BLOCK_D)
+                    BLOCK_D)
                 z = logp[None, :, :] + dl
                 m_next = tl.maximum(m_new, tl.max(z, axis=2))
                 m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
@@ -866,7 +866,7 @@ if triton is not None:
                         q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
                         sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
                         window, series_limit, False, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
-                BLOCK_D)
+                        BLOCK_D)
                     change = tl.exp(logp[None, :, :] + dl - m_new[:, :, None]) / l_new[:, :, None] \
                         - tl.exp(logp)[None, :, :]
                     per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
