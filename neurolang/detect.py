@@ -166,18 +166,6 @@ def _spans(sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
     return {g: (ends[g] - n, ends[g]) for g, n in sizes.items()}
 
 
-def _neighbour_runs(groups: list[str], chosen: list[str]) -> list[list[str]]:
-    """`chosen` split into runs of groups that are neighbours in `groups`."""
-    runs = []
-    for i, g in enumerate(groups):
-        if g in chosen:
-            if runs and i > 0 and groups[i - 1] == runs[-1][-1]:
-                runs[-1].append(g)
-            else:
-                runs.append([g])
-    return runs
-
-
 def count_activations(adapter: ModelAdapter, seqs, pad_id: int, *, ratio=0.01, sigma=None, batch_size=8,
                       metric="output", backend="auto", device=None, progress=None, compat=None):
     """Activation counts {group: int32 [n_layers, width]} over token sequences, in length-sorted
@@ -203,10 +191,10 @@ def count_activations(adapter: ModelAdapter, seqs, pad_id: int, *, ratio=0.01, s
         raise NeurolangError(str(err)) from None
     # On the Triton backend one launch selects, counts and ranks a layer's groups for the whole batch;
     # a k over what one program sorts (ρ·width > 16384: far above the paper's 1 %) takes the twin,
-    # also on the device. A launch takes a run of neighbouring groups (all five, but for such a k):
-    # their columns of `all_counts` and slots of `all_ranks`, side by side.
+    # also on the device, and the other groups then a launch each. A launch's groups lie side by
+    # side in `all_counts` and `all_ranks`.
     kernel_groups = [g for g in widths if on_triton and (ks[g] or 0) <= MAX_TOP_K]
-    runs = _neighbour_runs(list(widths), kernel_groups)
+    runs = [kernel_groups] if kernel_groups == list(widths) else [[g] for g in kernel_groups]
     columns = _spans(widths)
     slots = None if sigma is not None else _spans(ks)
 

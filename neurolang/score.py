@@ -231,12 +231,13 @@ def score(model, tokenizer, run_dir, *, batch_size: int = 8, seed: int = 0, low:
     def measure(name, masks, on_langs):
         """results[name]: PPL with `masks` off (the base PPL where the set is empty: nothing to
         deactivate); the per-sentence values stay in per_sentence[name] for the bootstrap."""
-        if set_size(masks):
+        size = set_size(masks)
+        if size:
             per_sentence[name] = nll_with(masks, on_langs)
         else:
             bar.update(len(on_langs))
             per_sentence[name] = {lang: base_nll[lang] for lang in on_langs}
-        results[name] = {"size": set_size(masks),
+        results[name] = {"size": size,
                          "ppl": {lang: ppl_of(*pair) for lang, pair in per_sentence[name].items()}}
 
     base_nll = nll_on(langs)

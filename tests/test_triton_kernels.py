@@ -724,9 +724,8 @@ def test_select_count_kernel_refuses_a_k_it_cannot_sort():
                                                      ("llama", None, 1.0)])
 def test_detect_with_the_triton_backend_equals_the_twin(monkeypatch, family, max_top_k, sigma):
     """Also when a k over what the selection kernel sorts takes the twin: tiny qwen3, ρ = 0.1 and
-    at most 3, k and v (k = 2) take the kernel in one launch, ffn, q and o (k = 4) the twin; tiny
-    llama and at most 4, ffn (k = 4) and k, v (k = 2) take it in two launches, q and o (k = 7) the
-    twin. And in threshold mode."""
+    at most 3, k and v (k = 2) take the kernel, ffn, q and o (k = 4) the twin; tiny llama and at
+    most 4, ffn (k = 4), k and v (k = 2) take it, q and o (k = 7) the twin. And in threshold mode."""
     import importlib
 
     from neurolang.detect import detect
