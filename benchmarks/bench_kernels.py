@@ -309,16 +309,16 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
     # the default is "pair" (a channel and its rotary partner a program, plain 64 × 32 tiles: the
     # fastest of these on an H100, h100-kernels.md), beside the stacked kernel ("stacked": 16 rows
     # and a block of channels a program) and one channel a program ("channel"); with a soft-cap
-    # (gemma2-27b) it is stacked, pair beside it. At head_dim 256 the stacked kernel with 8
-    # channels and 8 warps: 32-key tiles in two stages for float32 values, 64 in two for bfloat16
-    # ones (`default_key_block`; H100 run 3: 43.6 and 39.5 ms), then 32 keys in two stages for
-    # bfloat16 values (472 B spilled a thread against 840, sm_90a compile), the same with 4 channels
-    # and 4 warps (89 KiB of shared memory and at most 255 registers a thread: two programs an SM, so
-    # that one computes while the other waits at a barrier), the same on float32 values in one stage
-    # (56 KiB; 121 in two would fit one program), and three stages of 32 keys (148 KiB). With a
-    # soft-cap, "tile checks" is the default with every key tile finding its own largest change of
-    # logit, as before the programs bounded them once (`TANH_SERIES_BOUND`). Under a time limit
-    # the first rows matter most. At the detection's lengths
+    # (gemma2-27b) it is stacked, pair beside it. At head_dim 256, by value dtype, the stacked
+    # kernel's default (8 channels and 8 warps; 64-key tiles in two stages for bfloat16 values, 32
+    # in two for float32 ones, `default_key_block`; H100 run 3: 39.5 and 43.6 ms), each with 4
+    # channels and 4 warps over 32 keys beside it (bfloat16: two stages, 89 KiB of shared memory;
+    # float32: one, 56 KiB; at most 255 registers a thread): two programs an SM, so that one
+    # computes while the other's value product runs or it waits at a barrier (a program's own
+    # wgmma never overlaps its arithmetic, sm90a-qk-kernel-resources.md). Then "tile checks" (the
+    # default with every key tile finding its own largest change of logit, as before the programs
+    # bounded them once, `TANH_SERIES_BOUND`), and 8 channels over 32 bfloat16 keys in two and three
+    # stages. Under a time limit the first rows matter most. At the detection's lengths
     # (T ≤ 64: sentences of 20–60 tokens, `--sweep-t 40 --sweep-batch 8`) the plain tiles of 64
     # rows and 32 keys are mostly padding (H100 run 3's scan profile): smaller ones beside them,
     # on bfloat16 values as a bfloat16 model's detection has them.
@@ -343,12 +343,12 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
                    ("pair", "fp16x3", "float32", 128, 32, None, 8, 2),
                    ("channel", "fp16x3", "float32", 128, 32, None, 8, 2)]
     else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
-        configs = [("stacked", "fp16x3", "float32", None, None, None, None, None),
-                   ("stacked", "fp16x3", "bfloat16", None, None, None, None, None),
+        configs = [("stacked", "fp16x3", "bfloat16", None, None, None, None, None),
+                   ("stacked", "fp16x3", "bfloat16", 16, 32, 4, 4, 2),
+                   ("stacked", "fp16x3", "float32", None, None, None, None, None),
+                   ("stacked", "fp16x3", "float32", 16, 32, 4, 4, 1),
                    ("stacked, tile checks", "fp16x3", "bfloat16", None, None, None, None, None),
                    ("stacked", "fp16x3", "bfloat16", 16, 32, 8, 8, 2),
-                   ("stacked", "fp16x3", "bfloat16", 16, 32, 4, 4, 2),
-                   ("stacked", "fp16x3", "float32", 16, 32, 4, 4, 1),
                    ("stacked", "fp16x3", "bfloat16", 16, 32, 8, 8, 3)]
     for layout, precision, kind, block_m, block_n, block_c, warps, stages in configs:
         y = values[kind]
