@@ -496,7 +496,7 @@ if triton is not None:
         soft-cap adds 18 SASS instructions per (channel, row, key) one way and 37 the other.
         `series_all`: the program knows already that all its tiles are within the limit
         (`_series_everywhere`), and skips the tile's maximum (a reduction across the program, with
-        3 of the key loop's 16 barriers in sm_90a SASS at gemma's tiles)."""
+        3 of the key loop's 8 barriers in sm_90a SASS at gemma's tiles)."""
         within = series_all
         if not series_all:
             within = tl.max(tl.abs(d)) <= series_limit
@@ -668,7 +668,7 @@ if triton is not None:
                      softcap, window, series_limit, series_all,
                      IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """For one key tile: the allowed mask and base log-probabilities [rows, keys], shared by
+        """For one key tile: the allowed mask and base log-probabilities [1, rows, keys], shared by
         the block, and each channel's logit change [channels, rows, keys] (0 where not allowed)."""
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < T
@@ -678,7 +678,14 @@ if triton is not None:
         k_big, k_small = _load_operand(KB, KS, k_base + cols[:, None] * D + dims[None, :], None, PRECISION, False)
         x = logit_scale * _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small),
                                tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, False)
-        allowed = _allowed_keys(rows, cols, col_ok, b, TOKENS, T, window, HAS_WINDOW) & row_ok[:, None]
+        # Everything per (row, key) is computed from here on in the layout of the [channels, rows,
+        # keys] tiles (whose threads hold a key's channels in registers: no work is repeated), so that
+        # the logits change layout once, through shared memory. Broadcast from the product's layout
+        # instead, a, tanh a, e^-2|a| and log A each changed it: in sm_90a SASS at gemma2-9b's tiles,
+        # 16 barriers a key tile, now 8, 5 of them run where the series bound holds
+        # (sm90a-qk-kernel-resources.md).
+        x = x[None, :, :]
+        allowed = (_allowed_keys(rows, cols, col_ok, b, TOKENS, T, window, HAS_WINDOW) & row_ok[:, None])[None, :, :]
         if HAS_CAP:
             inv_cap = 1.0 / softcap  # once: per element, a multiplication instead of a division
             a = x * inv_cap
@@ -686,7 +693,7 @@ if triton is not None:
             logit = softcap * t
         else:
             logit = x
-        logp = tl.where(allowed, logit - lse[:, None], -float("inf"))
+        logp = tl.where(allowed, logit - lse[None, :, None], -float("inf"))
         at_c = cols[None, :] * D + chans[:, None]
         at_p = cols[None, :] * D + partners[:, None]
         ok = chan_ok[:, None] & col_ok[None, :]
@@ -708,18 +715,17 @@ if triton is not None:
                 r = r_row[:, :, None]
                 rm1 = rm1_row[:, :, None]
             if HAS_CAP:
-                dx = rm1 * a[None, :, :] + r * dx
+                dx = rm1 * a + r * dx
             else:
-                dx = rm1 * x[None, :, :] + r * dx
+                dx = rm1 * x + r * dx
         if HAS_CAP:
-            dl = _capped_change(a[None, :, :], t[None, :, :], _exp(-2.0 * tl.abs(a))[None, :, :], dx, softcap,
-                                series_limit, series_all)
+            dl = _capped_change(a, t, _exp(-2.0 * tl.abs(a)), dx, softcap, series_limit, series_all)
         else:
             dl = dx
         # chan_ok changes nothing (those channels' factors are 0) but makes the mask a [channels,
         # rows, keys] one: LLVM then joins its terms once per (row, key) and selects once per
         # element, not once per term (sm_90a SASS: one FSEL per (channel, row, key) fewer).
-        return allowed, logp, tl.where(allowed[None, :, :] & chan_ok[:, None, None], dl, 0.0)
+        return allowed, logp, tl.where(allowed & chan_ok[:, None, None], dl, 0.0)
 
     @triton.jit
     def _series_everywhere(COLMAX, row_c, row_p, chans, chan_ok, b, n_heads, group, D, series_limit):
@@ -776,7 +782,7 @@ if triton is not None:
             # redoes it. A·e comes out times 2^s, as the value product's split wants it
             # (`_value_scale`): from A·2^s (exact) and, for the far form, log2 A + s.
             logp2 = logp * LOG2_E
-            pe = _weighted_expm1_2((_exp2(logp2) * scale)[None, :, :], (logp2 + shift)[None, :, :], dl)
+            pe = _weighted_expm1_2(_exp2(logp2) * scale, logp2 + shift, dl)
             w_acc += pe
             if not PROBS:
                 cols = n0 + tl.arange(0, BLOCK_N)
@@ -799,9 +805,9 @@ if triton is not None:
                     sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
                     window, series_limit, series_all, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
                     BLOCK_D)
-                p = _exp(logp)[None, :, :]
-                change = (_weighted_expm1(p, logp[None, :, :], dl) - p * w_sum[:, :, None]) / (1.0 + w_sum[:, :, None])
-                per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
+                p = _exp(logp)
+                change = (_weighted_expm1(p, logp, dl) - p * w_sum[:, :, None]) / (1.0 + w_sum[:, :, None])
+                per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=2)
         else:
             out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
                           mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
@@ -843,7 +849,7 @@ if triton is not None:
                     sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
                     window, series_limit, False, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
                     BLOCK_D)
-                z = logp[None, :, :] + dl
+                z = logp + dl
                 m_next = tl.maximum(m_new, tl.max(z, axis=2))
                 m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
                 shift = tl.exp(m_new - m_safe)
@@ -867,9 +873,8 @@ if triton is not None:
                         sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
                         window, series_limit, False, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
                         BLOCK_D)
-                    change = tl.exp(logp[None, :, :] + dl - m_new[:, :, None]) / l_new[:, :, None] \
-                        - tl.exp(logp)[None, :, :]
-                    per_row += tl.sum(tl.where(allowed[None, :, :], change * change, 0.0), axis=2)
+                    change = tl.exp(logp + dl - m_new[:, :, None]) / l_new[:, :, None] - tl.exp(logp)
+                    per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=2)
             else:
                 out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
                               mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
@@ -887,8 +892,8 @@ if triton is not None:
     # One channel, or a channel and its rotary partner, a program (layout "channel" or "pair"): the
     # same impacts with plain [rows, keys] tiles. The logits come out of the Q·Kᵀ product in the
     # layout the value product takes its left operand in, so nothing passes through shared memory
-    # (the stacked kernel's [channels, rows, keys] tiles do, with 7 barriers a key tile in sm_90a
-    # SASS); the price is a Q·Kᵀ product and the per-key work (mask, A) for one or two channels
+    # (the stacked kernel's [channels, rows, keys] tiles do, with 5 barriers a key tile in sm_90a
+    # SASS at head_dim 128); the price is a Q·Kᵀ product and the per-key work (mask, A) for one or two channels
     # instead of a block of eight. A partner pair shares them, and its rotary columns. Logits are
     # kept in base 2 (log2 A); only the key tiles on the diagonal or the window's edge are masked.
     # ------------------------------------------------------------------------------------------
