@@ -678,12 +678,11 @@ if triton is not None:
         k_big, k_small = _load_operand(KB, KS, k_base + cols[:, None] * D + dims[None, :], None, PRECISION, False)
         x = logit_scale * _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small),
                                tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, False)
-        # Everything per (row, key) is computed from here on in the layout of the [channels, rows,
-        # keys] tiles (whose threads hold a key's channels in registers: no work is repeated), so that
-        # the logits change layout once, through shared memory. Broadcast from the product's layout
-        # instead, a, tanh a, e^-2|a| and log A each changed it: in sm_90a SASS at gemma2-9b's tiles,
-        # 16 barriers a key tile, now 8, 5 of them run where the series bound holds
-        # (sm90a-qk-kernel-resources.md).
+        # From here on everything per (row, key) is computed in the layout of the [channels, rows,
+        # keys] tiles (a thread holds a key's channels in registers: no work is repeated), so the
+        # logits change layout once, through shared memory. Broadcast from the product's layout,
+        # a, tanh a, e^-2|a| and log A each changed it: at gemma2-9b's tiles (sm_90a SASS) 16
+        # barriers a key tile, now 8 (sm90a-qk-kernel-resources.md).
         x = x[None, :, :]
         allowed = (_allowed_keys(rows, cols, col_ok, b, TOKENS, T, window, HAS_WINDOW) & row_ok[:, None])[None, :, :]
         if HAS_CAP:
@@ -893,9 +892,10 @@ if triton is not None:
     # same impacts with plain [rows, keys] tiles. The logits come out of the Q·Kᵀ product in the
     # layout the value product takes its left operand in, so nothing passes through shared memory
     # (the stacked kernel's [channels, rows, keys] tiles do, with 5 barriers a key tile in sm_90a
-    # SASS at head_dim 128); the price is a Q·Kᵀ product and the per-key work (mask, A) for one or two channels
-    # instead of a block of eight. A partner pair shares them, and its rotary columns. Logits are
-    # kept in base 2 (log2 A); only the key tiles on the diagonal or the window's edge are masked.
+    # SASS at head_dim 128); the price is a Q·Kᵀ product and the per-key work (mask, A) for one or
+    # two channels instead of a block of eight. A partner pair shares them, and its rotary columns.
+    # Logits are kept in base 2 (log2 A); only the key tiles on the diagonal or the window's edge
+    # are masked.
     # ------------------------------------------------------------------------------------------
     @triton.jit
     def _query_tile(QB, QS, T, D, n_heads, group, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
