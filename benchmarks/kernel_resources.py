@@ -33,9 +33,9 @@ import torch  # noqa: E402
 from bench_kernels import FFN_SWEEP  # noqa: E402
 from kernels.column_norms import _column_sumsq_kernel, default_column_block  # noqa: E402
 from kernels.qk_impact import (OPERAND_TILE, OPERAND_WARPS, PRECISIONS, _base_attention_kernel,  # noqa: E402
-                               _operand_kernel, _qk_channel_kernel, _qk_kernel,
-                               _qk_rough_kernel, base_attention_tiles, default_channel_block, default_key_block,
-                               default_stages, default_warps)
+                               _operand_kernel, _qk_channel_kernel, _qk_kernel, _qk_rough_kernel,
+                               base_attention_tiles, default_channel_block, default_key_block, default_q_slice,
+                               default_stages, default_w_by_dot, default_warps)
 
 OPERANDS = ("QB", "QS", "KB", "KS", "VB", "VS")  # float16 halves under fp16x3, else the float32 values
 TYPES = dict(TOKENS="*i32", COUNTED="*i8", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32", softcap="fp32", series_limit="fp32",
@@ -57,13 +57,15 @@ def ptxas_path(arch: int) -> str:
 def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, block_c: int, warps: int, stages: int | None,
               head_dim: int = 128, **flags) -> dict:
     """Registers, spill bytes and shared memory of one specialisation (`flags`: IS_KEY, HAS_NORM,
-    HAS_CAP, HAS_WINDOW, PROBS, MASK_KEYS, PAIR, V_EXACT, absent ones False; SERIES_BOUND, absent
-    True; block_c is ignored by the one-channel kernels)."""
+    HAS_CAP, HAS_WINDOW, PROBS, MASK_KEYS, PAIR, V_EXACT, absent ones False; SERIES_BOUND, Q_SLICE
+    and W_BY_DOT, absent as the launch sets them; block_c is ignored by the one-channel kernels)."""
     params = list(inspect.signature(kernel.fn).parameters)
+    block_d = max(16, triton.next_power_of_2(head_dim))
     constants = dict(IS_KEY=False, HAS_NORM=False, HAS_CAP=False, HAS_WINDOW=False, PROBS=False, MASK_KEYS=False,
-                     PAIR=False, V_EXACT=False, SERIES_BOUND=True) | flags | dict(
+                     PAIR=False, V_EXACT=False, SERIES_BOUND=True, Q_SLICE=default_q_slice(block_d, precision),
+                     W_BY_DOT=default_w_by_dot(precision)) | flags | dict(
         PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+        BLOCK_D=block_d)
     constants = {name: value for name, value in constants.items() if name in params}
     operand = "*fp16" if precision == "fp16x3" else "*fp32"
     signature = {name: "constexpr" if name in constants else TYPES.get(name, operand if name in OPERANDS else "*fp32")

@@ -663,21 +663,38 @@ if triton is not None:
         return (allowed | (cols[None, :] == rows[:, None])) & col_ok[None, :]
 
     @triton.jit
-    def _tile_change(q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
-                     sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling,
-                     softcap, window, series_limit, series_all,
+    def _tile_change(q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans,
+                     chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS,
+                     T, D, scaling, softcap, window, series_limit, series_all,
                      IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, Q_SLICE: tl.constexpr):
         """For one key tile: the allowed mask and base log-probabilities [1, rows, keys], shared by
-        the block, and each channel's logit change [channels, rows, keys] (0 where not allowed)."""
+        the block, and each channel's logit change [channels, rows, keys] (0 where not allowed).
+        Q_SLICE 0: q's parts are the loop-invariant q_big, q_small, which stay in registers across
+        the key loop; else q is read again (from QB, QS) each tile, Q_SLICE of head_dim at a time
+        with K's matching slice (`default_q_slice`)."""
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < T
         dims = tl.arange(0, BLOCK_D)
         # Unmasked (`KEY_SLACK`): keys past T and dims past D read other finite values, which
         # meet q's zero dims past D and then the allowed mask.
-        k_big, k_small = _load_operand(KB, KS, k_base + cols[:, None] * D + dims[None, :], None, PRECISION, False)
-        x = logit_scale * _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small),
-                               tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, False)
+        if Q_SLICE == 0:
+            k_big, k_small = _load_operand(KB, KS, k_base + cols[:, None] * D + dims[None, :], None, PRECISION, False)
+            x = _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small),
+                     tl.zeros([q_big.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, False)
+        else:
+            x = tl.zeros([rows.shape[0], BLOCK_N], dtype=tl.float32)
+            # 0, but not to the compiler, which would otherwise read q once before the loop, as the
+            # loop-invariant load it is, and hold it in registers again.
+            again = tl.where(T < 0, n0, 0)
+            for d0 in tl.static_range(0, BLOCK_D, Q_SLICE):
+                part = d0 + tl.arange(0, Q_SLICE)
+                q_big, q_small = _load_operand(QB, QS, again + q_base + rows[:, None] * D + part[None, :],
+                                               row_ok[:, None] & (part < D)[None, :], PRECISION, False)
+                k_big, k_small = _load_operand(KB, KS, k_base + cols[:, None] * D + part[None, :], None, PRECISION,
+                                               False)
+                x = _dot(q_big, q_small, tl.trans(k_big), tl.trans(k_small), x, PRECISION, False)
+        x = logit_scale * x
         # From here on everything per (row, key) is computed in the layout of the [channels, rows,
         # keys] tiles (a thread holds a key's channels in registers: no work is repeated), so the
         # logits change layout once, through shared memory. Broadcast from the product's layout,
@@ -746,7 +763,7 @@ if triton is not None:
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr, V_EXACT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-        COLMAX, SERIES_BOUND: tl.constexpr,
+        COLMAX, SERIES_BOUND: tl.constexpr, Q_SLICE: tl.constexpr, W_BY_DOT: tl.constexpr,
     ):
         """The common case, rows that move gently: W_i = Σ_j A_ij·e_ij and ‖ΔO_i‖ (or ‖ΔA_i‖²) by
         the expm1 form. Rows that move a lot are flagged in ROUGH for `_qk_rough_kernel`.
@@ -765,24 +782,30 @@ if triton is not None:
         if HAS_CAP and not HAS_NORM and SERIES_BOUND:  # a bound without the q/k-norm's factors
             series_all = _series_everywhere(COLMAX, row_c, row_p, chans, chan_ok, b, n_heads, group, D, series_limit)
         dims = tl.arange(0, BLOCK_D)
-        # W accumulates element-wise, reduced over keys once after the loop (per tile, the
-        # reductions cost 160 shuffles a thread in sm_90a SASS).
-        w_acc = tl.zeros([BLOCK_C, BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # W_i = Σ_j A_ij·e_ij. W_BY_DOT (output metric): as the product of A·e's parts with a tile of
+        # ones beside the value product, [channels·rows, 16] identical columns; else element-wise,
+        # reduced over keys once after the loop (per tile, the reductions cost 160 shuffles a thread
+        # in sm_90a SASS), in [channels, rows, keys] registers (`W_BY_DOT`).
+        if W_BY_DOT and not PROBS:
+            w_acc = tl.zeros([BLOCK_C * BLOCK_M, 16], dtype=tl.float32)
+        else:
+            w_acc = tl.zeros([BLOCK_C, BLOCK_M, BLOCK_N], dtype=tl.float32)
         u_acc = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
         shift, scale = _value_scale(PRECISION, PROBS)
         for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             _, logp, dl = _tile_change(
-                q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
-                sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                window, series_limit, series_all, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
-                BLOCK_D)
+                q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans,
+                chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T,
+                D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW,
+                PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
             # However large the logit change, A·e is exact to rounding; where A' overflows, W
             # becomes infinite (or NaN), so the row fails the gentle test and the rough kernel
             # redoes it. A·e comes out times 2^s, as the value product's split wants it
             # (`_value_scale`): from A·2^s (exact) and, for the far form, log2 A + s.
             logp2 = logp * LOG2_E
             pe = _weighted_expm1_2(_exp2(logp2) * scale, logp2 + shift, dl)
-            w_acc += pe
+            if PROBS or not W_BY_DOT:
+                w_acc += pe
             if not PROBS:
                 cols = n0 + tl.arange(0, BLOCK_N)
                 # Unmasked (`KEY_SLACK`): keys past T meet A·e = 0; dims past D are dropped below.
@@ -790,7 +813,14 @@ if triton is not None:
                                                V_EXACT)
                 pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION, True)
                 u_acc = _dot(pe_big, pe_small, v_big, v_small, _opaque(u_acc), PRECISION, V_EXACT)
-        w_sum = tl.sum(w_acc, axis=2) * (1.0 / scale)
+                if W_BY_DOT:
+                    # `_opaque` on the result: the loop carries no product still running (see above)
+                    ones = tl.full([BLOCK_N, 16], 1.0, dtype=pe_big.dtype)
+                    w_acc = _opaque(_dot(pe_big, pe_small, ones, ones, w_acc, PRECISION, True))
+        if W_BY_DOT and not PROBS:
+            w_sum = tl.reshape(tl.sum(w_acc, axis=1), [BLOCK_C, BLOCK_M]) * (1.0 / (16.0 * scale))
+        else:
+            w_sum = tl.sum(w_acc, axis=2) * (1.0 / scale)
         counted = counted[None, :]  # `_counted_rows`
         gentle = tl.abs(w_sum) <= 0.5  # False for NaN
         flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
@@ -800,10 +830,10 @@ if triton is not None:
             per_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
             for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                 allowed, logp, dl = _tile_change(
-                    q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
-                    sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                    window, series_limit, series_all, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
-                    BLOCK_D)
+                    q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans,
+                    chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T,
+                    D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW,
+                    PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
                 p = _exp(logp)
                 change = (_weighted_expm1(p, logp, dl) - p * w_sum[:, :, None]) / (1.0 + w_sum[:, :, None])
                 per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=2)
@@ -824,6 +854,7 @@ if triton is not None:
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr, V_EXACT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q_SLICE: tl.constexpr,
     ):
         """Rows flagged by `_qk_kernel` (a large change): the new softmax directly, with its own
         running max and sum, which stays accurate where the expm1 form would cancel or overflow.
@@ -844,10 +875,10 @@ if triton is not None:
             a_new = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
             for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                 allowed, logp, dl = _tile_change(
-                    q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
-                    sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                    window, series_limit, False, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
-                    BLOCK_D)
+                    q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans,
+                    chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T,
+                    D, scaling, softcap, window, series_limit, False, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW,
+                    PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
                 z = logp + dl
                 m_next = tl.maximum(m_new, tl.max(z, axis=2))
                 m_safe = tl.where(m_next == -float("inf"), 0.0, m_next)  # a row with no key yet
@@ -868,10 +899,10 @@ if triton is not None:
                 per_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
                 for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                     allowed, logp, dl = _tile_change(
-                        q_big, q_small, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans, chan_ok, partners,
-                        sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T, D, scaling, softcap,
-                        window, series_limit, False, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N,
-                        BLOCK_D)
+                        q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans,
+                        chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T,
+                        D, scaling, softcap, window, series_limit, False, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW,
+                        PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
                     change = tl.exp(logp + dl - m_new[:, :, None]) / l_new[:, :, None] - tl.exp(logp)
                     per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=2)
             else:
@@ -1567,6 +1598,41 @@ TANH_SERIES_LIMIT = 0.25
 # False: every tile checks (`_capped_change`). The same results either way.
 TANH_SERIES_BOUND = True
 
+
+# Whether the stacked kernel under fp16x3 sums each row's W = Σ_j A_ij·e_ij (output metric) on the
+# matrix units, as the product of A·e's float16 parts with a tile of ones beside the value product,
+# instead of element-wise in registers: a [channels, rows, keys] accumulator (32 registers a thread at
+# gemma2-9b's 64-key tiles) becomes [channels·rows, 16] (8), for 16/256 more tensor work. W then
+# carries the same rounding of A·e as the value product, so ΔO_i = (u_i − W_i·O_i) / (1 + W_i)
+# subtracts what that rounding added to both. Compiled for sm_90a (triton 3.6), spills a thread at
+# gemma2-9b's shape: 812 → 436 B (bfloat16 v, 64 keys), 412 → 276 B (float32 v, 32 keys);
+# gemma2-27b's 248 → 120 B (`sm90a-qk-kernel-resources.md`). Untimed on a GPU so far. (tf32x3 at
+# head_dim 256, 2 channels and 4 warps, 32 rows a product: 516 → 23204 B, so the other precisions
+# sum element-wise.)
+W_BY_DOT = True
+
+
+# Above head_dim 128 under fp16x3, the head_dim slice in which the stacked kernels read q again each
+# key tile (`_tile_change`); 0: q's float16 parts held in registers across the key loop, as at
+# head_dim 128 and below. With mma.sync at 16 rows every warp holds all of q: 128 registers a thread
+# at head_dim 256, which left the rest spilling; read again from L2 (16 KiB a tile) in slices of 64,
+# the Q·Kᵀ product needs 32. Compiled for sm_90a (triton 3.6), gemma2-9b with `W_BY_DOT`: 276 → 36 B
+# spilled a thread with 32-key tiles (float32 or bfloat16 v, none reloaded in the key loop), no
+# change with 64 (436 → 428 B); at head_dim 128 (64 registers) little or nothing, for about 3 % more
+# instructions. (tf32x3 splits q in the kernel, which each tile would then redo: 21 % more
+# instructions at head_dim 256.) Untimed on a GPU so far.
+Q_SLICE = 64
+
+
+def default_q_slice(block_d: int, precision: str) -> int:
+    """`Q_SLICE` above head_dim 128 under fp16x3, else 0 (q held in registers)."""
+    return Q_SLICE if block_d > 128 and precision == "fp16x3" else 0
+
+
+def default_w_by_dot(precision: str) -> bool:
+    """`W_BY_DOT` under fp16x3, else False (W summed element-wise)."""
+    return W_BY_DOT and precision == "fp16x3"
+
 MAX_KERNEL_OFFSET = 2 ** 31  # the Q/K kernels' offsets are int32
 
 
@@ -1675,8 +1741,10 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     if layout == "stacked":
         kernels = (_qk_kernel, _qk_rough_kernel)
         grids = [(b * hq, n_tiles, triton.cdiv(d, block_c))] * 2
-        specialise = [dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, SERIES_BOUND=TANH_SERIES_BOUND),
-                      dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT)]
+        q_slice = default_q_slice(block_d, precision)
+        specialise = [dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, SERIES_BOUND=TANH_SERIES_BOUND,
+                           Q_SLICE=q_slice, W_BY_DOT=default_w_by_dot(precision)),
+                      dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, Q_SLICE=q_slice)]
     else:  # plain tiles
         if layout == "pair" and d % 2:
             raise ValueError(f"layout='pair' needs an even head_dim, not {d}")

@@ -159,6 +159,52 @@ def test_qk_stacked_kernel_soft_cap_bound_sees_an_outlier(outlier, bound, monkey
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """The Q/K kernels' launches, as (kernel, keyword arguments), in order."""
+    import kernels.qk_impact as qk
+
+    seen = []
+
+    class Spy:
+        def __init__(self, name):
+            self.kernel = getattr(qk, name)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append((self.kernel, kw)) or self.kernel[grid](*args, **kw)
+
+    for name in ("_qk_kernel", "_qk_rough_kernel", "_qk_channel_kernel", "_qk_channel_rough_kernel"):
+        monkeypatch.setattr(qk, name, Spy(name))
+    return seen
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("q_slice, w_by_dot", [(16, True), (16, False), (0, False)])
+def test_qk_stacked_kernel_q_read_in_slices_and_w_on_the_matrix_units(metric, q_slice, w_by_dot, launches,
+                                                                       monkeypatch):
+    """The stacked kernel's two ways to fewer registers, each on and off: q read again each key
+    tile in head_dim slices (`Q_SLICE`: here 16 of head_dim 24 padded to 32, so the second slice
+    runs past it) instead of held, and W summed by a product with ones beside the value product
+    (`W_BY_DOT`, the output metric) instead of element-wise. Against float64, with a soft-cap, a
+    window, GQA group 3 and several key tiles, under fp16x3 (the precision that has them). (Held
+    q with W on the matrix units is the default up to head_dim 128, which the other tests check.)"""
+    import kernels.qk_impact as qk
+
+    monkeypatch.setattr(qk, "default_q_slice", lambda block_d, precision: q_slice)
+    monkeypatch.setattr(qk, "W_BY_DOT", w_by_dot)
+    hq, hk, d, t = 6, 2, 24, 37
+    q, k, v, mask = inputs(hq, hk, d, t, 31)
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, 4.0, 20, False, 31)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
+    tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric, "fp16x3", block_n=16,
+                           layout="stacked")
+    for a, r in zip((x.cpu() for x in tri), ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
+    assert [kw["Q_SLICE"] for _, kw in launches] == [q_slice] * 4
+    assert [kw["W_BY_DOT"] for _, kw in launches[::2]] == [w_by_dot] * 2  # the main kernels
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("precision, layout", [(p, "stacked") for p in PRECISIONS] + [("fp16x3", "pair")])
 def test_qk_kernel_soft_cap_far_below_the_logits(metric, precision, layout):
@@ -371,28 +417,21 @@ def test_qk_kernel_runs_a_batch_past_its_offsets_a_few_sentences_at_a_time(monke
 
 @pytest.mark.parametrize("precision, d, kernel, tiles, inputs_kind", [
     ("fp16x3", 8, "_qk_channel_kernel", dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PAIR=True), "float32"),
-    ("fp16x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=64, num_stages=3, HAS_CAP=True), "soft-cap"),  # its Taylor form
-    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=2), "float32"),  # past 128
+    ("fp16x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=64, num_stages=3, HAS_CAP=True, Q_SLICE=0),
+     "soft-cap"),  # its Taylor form
+    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=2, Q_SLICE=64,
+                                       W_BY_DOT=True), "float32"),  # past 128
     ("fp16x3", 136, "_qk_kernel", dict(BLOCK_N=64, num_stages=2), "bfloat16 v"),  # no small part of v to hold: 64 keys
-    ("tf32x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=2, num_warps=4, num_stages=2), "float32"),
+    ("tf32x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=2, num_warps=4, num_stages=2, Q_SLICE=0,
+                                       W_BY_DOT=False), "float32"),  # both fp16x3's alone
     ("tf32x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=3), "float32")])  # 64 keys: no shared memory
-def test_qk_kernel_defaults(precision, d, kernel, tiles, inputs_kind, monkeypatch):
+def test_qk_kernel_defaults(precision, d, kernel, tiles, inputs_kind, launches):
     """With no layout or tiles given, the launch `default_layout` and its tiles choose, and the
-    impacts match float64 (head_dim 136: the tiles of head_dim 256; v of a bfloat16 model doubles
-    the key tiles there; a soft-cap takes the stacked kernel at any head_dim)."""
+    impacts match float64 (head_dim 136: the tiles of head_dim 256, with q read again in slices
+    of 64; v of a bfloat16 model doubles the key tiles there; a soft-cap takes the stacked kernel at
+    any head_dim)."""
     import kernels.qk_impact as qk
 
-    launches = []
-
-    class Spy:
-        def __init__(self, name):
-            self.kernel = getattr(qk, name)
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append((self.kernel, kw)) or self.kernel[grid](*args, **kw)
-
-    for name in ("_qk_kernel", "_qk_rough_kernel", "_qk_channel_kernel", "_qk_channel_rough_kernel"):
-        monkeypatch.setattr(qk, name, Spy(name))
     q, k, v, mask = inputs(2, 1, d, 5, 0)
     v_in = v.to(torch.bfloat16).to(DEVICE) if inputs_kind == "bfloat16 v" else v.float().to(DEVICE)
     v = v_in.cpu().double()
