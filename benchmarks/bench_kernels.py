@@ -312,12 +312,12 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
     # (gemma2-27b) it is stacked, pair beside it. At head_dim 256, by value dtype, the stacked
     # kernel's default (8 channels and 8 warps; 64-key tiles in two stages for bfloat16 values, 32
     # in two for float32 ones, `default_key_block`; H100 run 3: 39.5 and 43.6 ms, before `Q_SLICE`
-    # and `W_BY_DOT`). On bfloat16 values first: the default; the same as before those two ("q held,
-    # W summed"); 8 channels over 32 keys in two stages (with them, nothing spilled in the key loop);
-    # 4 channels and 4 warps over 32 keys (two stages, 89 KiB of shared memory; at most 255
-    # registers a thread): two programs an SM, so that one computes while the other's value product
-    # runs or it waits at a barrier (a program's own wgmma never overlaps its arithmetic,
-    # sm90a-qk-kernel-resources.md). Then the float32 default and its 4 channels and 4 warps (one
+    # and `W_BY_DOT`). On bfloat16 values first: the default (W on the matrix units, q held); the
+    # same as before `W_BY_DOT` ("q held, W summed"); 8 channels over 32 keys in two stages (with
+    # both, q read again: nothing spilled in the key loop); 4 channels and 4 warps over 32 keys (two
+    # stages, 89 KiB of shared memory; at most 255 registers a thread): two programs an SM, so that
+    # one computes while the other's value product runs or it waits at a barrier (a program's own
+    # wgmma never overlaps its arithmetic, sm90a-qk-kernel-resources.md). Then the float32 default and its 4 channels and 4 warps (one
     # stage, 56 KiB), "tile checks" (the default with every key tile finding its own largest change
     # of logit, as before the programs bounded them once, `TANH_SERIES_BOUND`), and 32 bfloat16
     # keys in three stages. Under a time limit the first rows matter most. At the detection's lengths

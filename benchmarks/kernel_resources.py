@@ -62,7 +62,7 @@ def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, blo
     params = list(inspect.signature(kernel.fn).parameters)
     block_d = max(16, triton.next_power_of_2(head_dim))
     constants = dict(IS_KEY=False, HAS_NORM=False, HAS_CAP=False, HAS_WINDOW=False, PROBS=False, MASK_KEYS=False,
-                     PAIR=False, V_EXACT=False, SERIES_BOUND=True, Q_SLICE=default_q_slice(block_d, precision),
+                     PAIR=False, V_EXACT=False, SERIES_BOUND=True, Q_SLICE=default_q_slice(block_d, block_n, precision),
                      W_BY_DOT=default_w_by_dot(precision)) | flags | dict(
         PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_D=block_d)

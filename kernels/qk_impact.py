@@ -1612,21 +1612,23 @@ TANH_SERIES_BOUND = True
 W_BY_DOT = True
 
 
-# Above head_dim 128 under fp16x3, the head_dim slice in which the stacked kernels read q again each
-# key tile (`_tile_change`); 0: q's float16 parts held in registers across the key loop, as at
-# head_dim 128 and below. With mma.sync at 16 rows every warp holds all of q: 128 registers a thread
-# at head_dim 256, which left the rest spilling; read again from L2 (16 KiB a tile) in slices of 64,
-# the Q·Kᵀ product needs 32. Compiled for sm_90a (triton 3.6), gemma2-9b with `W_BY_DOT`: 276 → 36 B
-# spilled a thread with 32-key tiles (float32 or bfloat16 v, none reloaded in the key loop), no
-# change with 64 (436 → 428 B); at head_dim 128 (64 registers) little or nothing, for about 3 % more
-# instructions. (tf32x3 splits q in the kernel, which each tile would then redo: 21 % more
-# instructions at head_dim 256.) Untimed on a GPU so far.
+# Above head_dim 128 with 32-key tiles under fp16x3, the head_dim slice in which the stacked kernels
+# read q again each key tile (`_tile_change`); 0: q's float16 parts held in registers across the key
+# loop. With mma.sync at 16 rows every warp holds all of q: 128 registers a thread at head_dim 256,
+# which left the rest spilling; read again from L2 (16 KiB a tile) in slices of 64, the Q·Kᵀ product
+# needs 32. Compiled for sm_90a (triton 3.6), gemma2-9b with `W_BY_DOT`: 276 → 36 B spilled a thread
+# with 32-key tiles (float32 or bfloat16 v; no spill reloads left in the key loop), for the same
+# instructions. Not with 64-key tiles (436 → 428 B, 4 % more instructions run a tile), nor at
+# head_dim 128 (64 registers; little or nothing for about 3 % more instructions), nor under tf32x3,
+# which splits q in the kernel and would redo that each tile (21 % more instructions at head_dim
+# 256). Untimed on a GPU so far.
 Q_SLICE = 64
 
 
-def default_q_slice(block_d: int, precision: str) -> int:
-    """`Q_SLICE` above head_dim 128 under fp16x3, else 0 (q held in registers)."""
-    return Q_SLICE if block_d > 128 and precision == "fp16x3" else 0
+def default_q_slice(block_d: int, block_n: int, precision: str) -> int:
+    """`Q_SLICE` above head_dim 128 with key tiles of at most 32 under fp16x3, else 0 (q held in
+    registers)."""
+    return Q_SLICE if block_d > 128 and block_n <= 32 and precision == "fp16x3" else 0
 
 
 def default_w_by_dot(precision: str) -> bool:
@@ -1741,7 +1743,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     if layout == "stacked":
         kernels = (_qk_kernel, _qk_rough_kernel)
         grids = [(b * hq, n_tiles, triton.cdiv(d, block_c))] * 2
-        q_slice = default_q_slice(block_d, precision)
+        q_slice = default_q_slice(block_d, block_n, precision)
         specialise = [dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, SERIES_BOUND=TANH_SERIES_BOUND,
                            Q_SLICE=q_slice, W_BY_DOT=default_w_by_dot(precision)),
                       dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, Q_SLICE=q_slice)]

@@ -190,7 +190,7 @@ def test_qk_stacked_kernel_q_read_in_slices_and_w_on_the_matrix_units(metric, q_
     q with W on the matrix units is the default up to head_dim 128, which the other tests check.)"""
     import kernels.qk_impact as qk
 
-    monkeypatch.setattr(qk, "default_q_slice", lambda block_d, precision: q_slice)
+    monkeypatch.setattr(qk, "default_q_slice", lambda block_d, block_n, precision: q_slice)
     monkeypatch.setattr(qk, "W_BY_DOT", w_by_dot)
     hq, hk, d, t = 6, 2, 24, 37
     q, k, v, mask = inputs(hq, hk, d, t, 31)
@@ -421,15 +421,16 @@ def test_qk_kernel_runs_a_batch_past_its_offsets_a_few_sentences_at_a_time(monke
      "soft-cap"),  # its Taylor form
     ("fp16x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=2, Q_SLICE=64,
                                        W_BY_DOT=True), "float32"),  # past 128
-    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_N=64, num_stages=2), "bfloat16 v"),  # no small part of v to hold: 64 keys
+    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_N=64, num_stages=2, Q_SLICE=0, W_BY_DOT=True),
+     "bfloat16 v"),  # no small part of v to hold: 64 keys, and q held
     ("tf32x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=2, num_warps=4, num_stages=2, Q_SLICE=0,
                                        W_BY_DOT=False), "float32"),  # both fp16x3's alone
     ("tf32x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=3), "float32")])  # 64 keys: no shared memory
 def test_qk_kernel_defaults(precision, d, kernel, tiles, inputs_kind, launches):
     """With no layout or tiles given, the launch `default_layout` and its tiles choose, and the
     impacts match float64 (head_dim 136: the tiles of head_dim 256, with q read again in slices
-    of 64; v of a bfloat16 model doubles the key tiles there; a soft-cap takes the stacked kernel at
-    any head_dim)."""
+    of 64; v of a bfloat16 model doubles the key tiles there, with q held; a soft-cap takes the
+    stacked kernel at any head_dim)."""
     import kernels.qk_impact as qk
 
     q, k, v, mask = inputs(2, 1, d, 5, 0)
