@@ -1635,6 +1635,7 @@ def default_w_by_dot(precision: str) -> bool:
     """`W_BY_DOT` under fp16x3, else False (W summed element-wise)."""
     return W_BY_DOT and precision == "fp16x3"
 
+
 MAX_KERNEL_OFFSET = 2 ** 31  # the Q/K kernels' offsets are int32
 
 
