@@ -9,8 +9,9 @@
 # STEPS is a comma list of target, tests, sweep, table, profile, scan, short, run in that order (default:
 # the first three; on an H100 on 2026-11-27 they took 7.3 minutes, and table + scan 4.1, where the
 # table's 150 s ran out before gemma2-9b's kernel rows and the tests' 180 s (8 workers) before the
-# last 4 of 189 tests; the default limits, 150 + 240 + 200 + 200 + 120 + 120 + 90 + 90 s: one
-# 10-minute call runs the first three; a 15-minute lease has about 4–5 minutes left after it, for
+# last 4 of 189 tests; the default limits, 150 + 240 + 240 + 200 + 120 + 120 + 90 + 90 s: one
+# 10-minute call runs the first three (about 8 minutes: the sweep has 8 gemma2-9b rows since the
+# twentieth session, 5 in that run); a 15-minute lease has about 4–5 minutes left after it, for
 # `scan,short` (up to 300 s; the table re-times what h100-kernels.md has)).
 # target: issue #3's open figure first, so that a short lease still measures it: gemma2-9b's Q/K
 # call at T = 1024 beside the reference (time, ratio, peak memory, FlashAttention floor).
@@ -44,7 +45,7 @@ if [[ $steps == *,tests,* ]]; then
     tests/test_triton_kernels.py 2>&1 | tee "$out/tests.log" | tail -15
 fi
 if [[ $steps == *,sweep,* ]]; then
-  timeout "${SWEEP_S:-200}" python3 benchmarks/bench_kernels.py --sweep qk --breakdown --accuracy --ops "" \
+  timeout "${SWEEP_S:-240}" python3 benchmarks/bench_kernels.py --sweep qk --breakdown --accuracy --ops "" \
     --shapes gemma2-9b,gemma2-27b \
     --out "$out/sweep.md" 2>"$out/sweep.log"; tail -3 "$out/sweep.log"
 fi
