@@ -317,13 +317,13 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
     # both, q read again: nothing spilled in the key loop); 4 channels and 4 warps over 32 keys (two
     # stages, 89 KiB of shared memory; at most 255 registers a thread): two programs an SM, so that
     # one computes while the other's value product runs or it waits at a barrier (a program's own
-    # wgmma never overlaps its arithmetic, sm90a-qk-kernel-resources.md). Then the float32 default and its 4 channels and 4 warps (one
-    # stage, 56 KiB), "tile checks" (the default with every key tile finding its own largest change
-    # of logit, as before the programs bounded them once, `TANH_SERIES_BOUND`), and 32 bfloat16
-    # keys in three stages. Under a time limit the first rows matter most. At the detection's lengths
-    # (T ≤ 64: sentences of 20–60 tokens, `--sweep-t 40 --sweep-batch 8`) the plain tiles of 64
-    # rows and 32 keys are mostly padding (H100 run 3's scan profile): smaller ones beside them,
-    # on bfloat16 values as a bfloat16 model's detection has them.
+    # wgmma never overlaps its arithmetic, sm90a-qk-kernel-resources.md). Then the float32 default
+    # and its 4 channels and 4 warps (one stage, 56 KiB), "tile checks" (the default with every key
+    # tile finding its own largest change of logit, as before the programs bounded them once,
+    # `TANH_SERIES_BOUND`), and 32 bfloat16 keys in three stages. Under a time limit the first rows
+    # matter most. At the detection's lengths (T ≤ 64: sentences of 20–60 tokens, `--sweep-t 40
+    # --sweep-batch 8`) the plain tiles of 64 rows and 32 keys are mostly padding (H100 run 3's scan
+    # profile): smaller ones beside them, on bfloat16 values as a bfloat16 model's detection has them.
     if t <= 64 and x["spec"].head_dim <= 128 and x["spec"].softcap is None:
         configs = [("pair", "fp16x3", "bfloat16", None, None, None, None, None),
                    ("pair", "fp16x3", "bfloat16", 32, 32, None, 4, 2),
