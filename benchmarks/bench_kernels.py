@@ -320,8 +320,9 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
     # wgmma never overlaps its arithmetic, sm90a-qk-kernel-resources.md). Then the float32 default
     # and its 4 channels and 4 warps (one stage, 56 KiB), "tile checks" (the default with every key
     # tile finding its own largest change of logit, as before the programs bounded them once,
-    # `TANH_SERIES_BOUND`), and 32 bfloat16 keys in three stages. Under a time limit the first rows
-    # matter most. At the detection's lengths (T ≤ 64: sentences of 20–60 tokens, `--sweep-t 40
+    # `TANH_SERIES_BOUND`), 32 bfloat16 keys in three stages, and the float32 default as before
+    # `Q_SLICE` and `W_BY_DOT` (run 3's 43.6 ms form). Under a time limit the first rows matter
+    # most. At the detection's lengths (T ≤ 64: sentences of 20–60 tokens, `--sweep-t 40
     # --sweep-batch 8`) the plain tiles of 64 rows and 32 keys are mostly padding (H100 run 3's scan
     # profile): smaller ones beside them, on bfloat16 values as a bfloat16 model's detection has them.
     if t <= 64 and x["spec"].head_dim <= 128 and x["spec"].softcap is None:
@@ -352,7 +353,8 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
                    ("stacked", "fp16x3", "float32", None, None, None, None, None),
                    ("stacked", "fp16x3", "float32", 16, 32, 4, 4, 1),
                    ("stacked, tile checks", "fp16x3", "bfloat16", None, None, None, None, None),
-                   ("stacked", "fp16x3", "bfloat16", 16, 32, 8, 8, 3)]
+                   ("stacked", "fp16x3", "bfloat16", 16, 32, 8, 8, 3),
+                   ("stacked, q held, W summed", "fp16x3", "float32", None, None, None, None, None)]
     q_slice, w_by_dot = qk_impact.Q_SLICE, qk_impact.W_BY_DOT
     for layout, precision, kind, block_m, block_n, block_c, warps, stages in configs:
         y = values[kind]
