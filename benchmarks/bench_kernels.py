@@ -311,20 +311,21 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
     # and a block of channels a program) and one channel a program ("channel"); with a soft-cap
     # (gemma2-27b) it is stacked, pair beside it. At head_dim 256, by value dtype, the stacked
     # kernel's default (8 channels and 8 warps; 64-key tiles in two stages for bfloat16 values, 32
-    # in two for float32 ones, `default_key_block`; H100 run 3: 39.5 and 43.6 ms, before `Q_SLICE`
-    # and `W_BY_DOT`). On bfloat16 values first: the default (W on the matrix units, q held); the
-    # same as before `W_BY_DOT` ("q held, W summed"); 8 channels over 32 keys in two stages (with
-    # both, q read again: nothing spilled in the key loop); 4 channels and 4 warps over 32 keys (two
-    # stages, 89 KiB of shared memory; at most 255 registers a thread): two programs an SM, so that
-    # one computes while the other's value product runs or it waits at a barrier (a program's own
-    # wgmma never overlaps its arithmetic, sm90a-qk-kernel-resources.md). Then the float32 default
-    # and its 4 channels and 4 warps (one stage, 56 KiB), "tile checks" (the default with every key
-    # tile finding its own largest change of logit, as before the programs bounded them once,
-    # `TANH_SERIES_BOUND`), 32 bfloat16 keys in three stages, and the float32 default as before
-    # `Q_SLICE` and `W_BY_DOT` (run 3's 43.6 ms form). Under a time limit the first rows matter
-    # most. At the detection's lengths (T ≤ 64: sentences of 20–60 tokens, `--sweep-t 40
-    # --sweep-batch 8`) the plain tiles of 64 rows and 32 keys are mostly padding (H100 run 3's scan
-    # profile): smaller ones beside them, on bfloat16 values as a bfloat16 model's detection has them.
+    # in two for float32 ones, `default_key_block`; H100 run 3: 39.5 and 43.6 ms, before `Q_SLICE`,
+    # `W_BY_DOT` and `NEAR_LIMIT`). On bfloat16 values first: the default; "both forms" (every
+    # program with both forms of A·(e^Δ − 1), as before `NEAR_LIMIT`); "as run 3" (q held, W summed
+    # element-wise and both forms: the form H100 run 3 timed); 8 channels over 32 keys in two stages
+    # (q read again: nothing spilled in the key loop). Then the float32 default and its "both
+    # forms"; 4 channels and 4 warps over 32 keys (two stages, 89 KiB of shared memory; at most 255
+    # registers a thread): two programs an SM, so that one computes while the other's value product
+    # runs or it waits at a barrier (a program's own wgmma never overlaps its arithmetic,
+    # sm90a-qk-kernel-resources.md), on bfloat16 values and on float32 ones (one stage, 56 KiB);
+    # "tile checks" (no program bound: every key tile finds its own largest change of logit, as
+    # before `CHANGE_BOUND`), 32 bfloat16 keys in three stages, and the float32 "as run 3" (43.6 ms
+    # there). Under a time limit the first rows matter most. At the detection's lengths (T ≤ 64:
+    # sentences of 20–60 tokens, `--sweep-t 40 --sweep-batch 8`) the plain tiles of 64 rows and 32
+    # keys are mostly padding (H100 run 3's scan profile): smaller ones beside them, on bfloat16
+    # values as a bfloat16 model's detection has them.
     if t <= 64 and x["spec"].head_dim <= 128 and x["spec"].softcap is None:
         configs = [("pair", "fp16x3", "bfloat16", None, None, None, None, None),
                    ("pair", "fp16x3", "bfloat16", 32, 32, None, 4, 2),
@@ -347,25 +348,26 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
                    ("channel", "fp16x3", "float32", 128, 32, None, 8, 2)]
     else:  # fewer: each configuration compiles four specialisations (soft-cap and window)
         configs = [("stacked", "fp16x3", "bfloat16", None, None, None, None, None),
-                   ("stacked, q held, W summed", "fp16x3", "bfloat16", None, None, None, None, None),
+                   ("stacked, both forms", "fp16x3", "bfloat16", None, None, None, None, None),
+                   ("stacked, as run 3", "fp16x3", "bfloat16", None, None, None, None, None),
                    ("stacked", "fp16x3", "bfloat16", 16, 32, 8, 8, 2),
-                   ("stacked", "fp16x3", "bfloat16", 16, 32, 4, 4, 2),
                    ("stacked", "fp16x3", "float32", None, None, None, None, None),
+                   ("stacked, both forms", "fp16x3", "float32", None, None, None, None, None),
+                   ("stacked", "fp16x3", "bfloat16", 16, 32, 4, 4, 2),
                    ("stacked", "fp16x3", "float32", 16, 32, 4, 4, 1),
                    ("stacked, tile checks", "fp16x3", "bfloat16", None, None, None, None, None),
                    ("stacked", "fp16x3", "bfloat16", 16, 32, 8, 8, 3),
-                   ("stacked, q held, W summed", "fp16x3", "float32", None, None, None, None, None)]
-    q_slice, w_by_dot = qk_impact.Q_SLICE, qk_impact.W_BY_DOT
+                   ("stacked, as run 3", "fp16x3", "float32", None, None, None, None, None)]
+    # What a row's label after the layout sets in qk_impact for its run (the defaults otherwise).
+    variants = {"tile checks": dict(CHANGE_BOUND=False), "both forms": dict(NEAR_LIMIT=0.0),
+                "as run 3": dict(Q_SLICE=0, W_BY_DOT=False, NEAR_LIMIT=0.0)}
+    defaults = {name: getattr(qk_impact, name) for variant in variants.values() for name in variant}
     for layout, precision, kind, block_m, block_n, block_c, warps, stages in configs:
         y = values[kind]
         fn = lambda z: call(z, precision=precision, block_m=block_m, block_n=block_n, block_c=block_c,  # noqa: E731
                             num_warps=warps, num_stages=stages, layout=layout.split(",")[0])
-        # "tile checks": the soft-cap's series chosen by each key tile's own largest change, as before
-        # each program bounded them all once (`TANH_SERIES_BOUND`); "q held, W summed": q in registers
-        # across the key loop and W summed element-wise, as before `Q_SLICE` and `W_BY_DOT`
-        qk_impact.TANH_SERIES_BOUND = not layout.endswith("tile checks")
-        if layout.endswith("q held, W summed"):
-            qk_impact.Q_SLICE, qk_impact.W_BY_DOT = 0, False
+        for name, value in variants.get(layout.partition(", ")[2], {}).items():
+            setattr(qk_impact, name, value)
         try:
             if kind not in bases:
                 bases[kind] = call(y, precision="ieee")
@@ -374,7 +376,8 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
         except Exception as err:  # noqa: BLE001
             cell = f"error: {type(err).__name__}: {str(err)[:120]} |"
         finally:
-            qk_impact.TANH_SERIES_BOUND, qk_impact.Q_SLICE, qk_impact.W_BY_DOT = True, q_slice, w_by_dot
+            for name, value in defaults.items():
+                setattr(qk_impact, name, value)
         lines.append(f"| {layout} | {precision} | {kind} | {block_m or 'auto'} | {block_n or 'auto'} | {block_c or 'auto'} | "
                      f"{warps or 'auto'} | {stages or 'default'} | {cell} |")
         print(lines[-1], file=sys.stderr, flush=True)

@@ -10,8 +10,8 @@
 # the first three; on an H100 on 2026-11-27 they took 7.3 minutes, and table + scan 4.1, where the
 # table's 150 s ran out before gemma2-9b's kernel rows and the tests' 180 s (8 workers) before the
 # last 4 of 189 tests; the default limits, 150 + 240 + 240 + 200 + 120 + 120 + 90 + 90 s: one
-# 10-minute call runs the first three (about 8 minutes: the sweep has 9 gemma2-9b rows since the
-# twentieth session, 5 in that run); a 15-minute lease has about 4–5 minutes left after it, for
+# 10-minute call runs the first three (about 8 minutes: the sweep has 11 gemma2-9b rows since the
+# twenty-first session, 5 in that run, so its last rows may not fit); a 15-minute lease has about 4–5 minutes left after it, for
 # `scan,short` (up to 300 s; the table re-times what h100-kernels.md has)).
 # target: issue #3's open figure first, so that a short lease still measures it: gemma2-9b's Q/K
 # call at T = 1024 beside the reference (time, ratio, peak memory, FlashAttention floor).

@@ -24,6 +24,7 @@ Two metrics: `output`, ‖(A − A')V‖_F (the paper's, the default), and `prob
 the authors' released code computes). Both are summed over the query heads a neuron reaches.
 """
 import contextlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -462,6 +463,24 @@ if triton is not None:
         return poly * x
 
     @triton.jit
+    def _expm1_near(x):
+        """exp(x) − 1 for |x| ≤ 1 (`NEAR_LIMIT`) to float32 rounding, by one polynomial: x·P(x), P of
+        degree 7 fitted to (eˣ − 1)/x for the least largest relative error (2.4e-8; in float32
+        with FMAs, 1.6e-7 at worst, numpy emulation), FMAs. Twice `_expm1_small`'s reach for one
+        FMA more, and no exp and no select: in the stacked key loop 6.6 SASS instructions per
+        (channel, row, key) fewer than `_weighted_expm1_2`'s two forms at gemma2-9b's tiles, 6.9
+        at llama's (sm_90a, `NEAR_LIMIT`)."""
+        poly = 2.4760299437023273e-05
+        poly = poly * x + 0.0002037028357947945
+        poly = poly * x + 0.001389550753790144
+        poly = poly * x + 0.008330309620013104
+        poly = poly * x + 0.04166626134547569
+        poly = poly * x + 0.1666671525981125
+        poly = poly * x + 0.5000000492046018
+        poly = poly * x + 1.0
+        return poly * x
+
+    @triton.jit
     def _expm1(x):
         """exp(x) − 1 to float32 rounding: the polynomial for |x| ≤ ½, where exp(x) − 1 would
         cancel; exp(x) − 1 beyond, where it does not."""
@@ -495,7 +514,7 @@ if triton is not None:
         exact for any d. Compiled for sm_90a at head_dim 256 (16 rows, 8 channels, 32 keys), the
         soft-cap adds 18 SASS instructions per (channel, row, key) one way and 37 the other.
         `series_all`: the program knows already that all its tiles are within the limit
-        (`_series_everywhere`), and skips the tile's maximum (a reduction across the program, with
+        (`_change_bound`), and skips the tile's maximum (a reduction across the program, with
         3 of the key loop's 8 barriers in sm_90a SASS at gemma's tiles)."""
         within = series_all
         if not series_all:
@@ -744,17 +763,16 @@ if triton is not None:
         return allowed, logp, tl.where(allowed & chan_ok[:, None, None], dl, 0.0)
 
     @triton.jit
-    def _series_everywhere(COLMAX, row_c, row_p, chans, chan_ok, b, n_heads, group, D, series_limit):
-        """Whether every change of logit ÷ cap this program will meet is within `series_limit`, so that
-        its key tiles need not check (`_capped_change`): |Δ| ≤ |row_c|·|col_c| + |row_p|·|col_p|,
-        bounded by the largest row factors of the program's rows and COLMAX, the largest column
-        factors of each channel over its KV head's keys ([B, KV heads, 2, D], `_column_bounds`),
-        with 2^-20 to spare for the rounding of the products."""
+    def _change_bound(COLNORM, row_c, row_p, chans, chan_ok, b, n_heads, group, D):
+        """A bound on |row_c·col_c + row_p·col_p|, the change of logit (÷ cap with a soft-cap, whose
+        row factors carry it) of every (channel, row, key) this program will meet: by Cauchy–Schwarz,
+        the largest over its channels of ‖(row_c, row_p)‖ over its rows times COLNORM's
+        ‖(col_c, col_p)‖ over its KV head's keys ([B, KV heads, D], `_column_norms`), with 2^-20 to
+        spare for the rounding of the products."""
         kv = b * (n_heads // group) + (tl.program_id(0) % n_heads) // group
-        col_c = tl.load(COLMAX + (2 * kv) * D + chans, mask=chan_ok, other=0.0)
-        col_p = tl.load(COLMAX + (2 * kv + 1) * D + chans, mask=chan_ok, other=0.0)
-        bound = tl.max(tl.max(tl.abs(row_c), axis=1) * col_c + tl.max(tl.abs(row_p), axis=1) * col_p, axis=0)
-        return bound * (1.0 + 2.0 ** -20) <= series_limit
+        col = tl.load(COLNORM + kv * D + chans, mask=chan_ok, other=0.0)
+        row = tl.sqrt_rn(tl.max(row_c * row_c + row_p * row_p, axis=1))
+        return tl.max(row * col, axis=0) * (1.0 + 2.0 ** -20)
 
     @triton.jit
     def _qk_kernel(
@@ -763,10 +781,20 @@ if triton is not None:
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr, V_EXACT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-        COLMAX, SERIES_BOUND: tl.constexpr, Q_SLICE: tl.constexpr, W_BY_DOT: tl.constexpr,
+        Q_SLICE: tl.constexpr, W_BY_DOT: tl.constexpr, COLNORM, FAR, near_limit, BOUNDED: tl.constexpr,
+        NEAR: tl.constexpr,
     ):
         """The common case, rows that move gently: W_i = Σ_j A_ij·e_ij and ‖ΔO_i‖ (or ‖ΔA_i‖²) by
         the expm1 form. Rows that move a lot are flagged in ROUGH for `_qk_rough_kernel`.
+
+        BOUNDED (no q/k norm, whose factors `_change_bound` leaves out): each program first bounds
+        its changes of logit. Within a quarter cap (`TANH_SERIES_LIMIT`) its tiles take the
+        soft-cap's Taylor form unchecked; within `near_limit` (`NEAR_LIMIT`) A·(e^Δ − 1) needs
+        only `_expm1_near`. The launch with NEAR runs the programs within `near_limit` and flags
+        the others in FAR (an int8 a program), which the launch without runs, with both forms of
+        `_weighted_expm1_2`. Two launches, as one kernel with both loops would hold both loops'
+        shared memory (282 KiB at gemma2-9b's tiles, past sm_90's 227); a program of the second
+        that the first ran reads its flag and ends.
 
         The value product's accumulator goes through `_opaque` each key tile, which makes Triton
         wait for the tile's products before the next tile's instead of carrying them across the
@@ -774,78 +802,96 @@ if triton is not None:
         tile, 3 with it; sm_90a, triton 3.6.0; `benchmarks/kernel_resources.py`). A multiplication
         by a 1.0 the compiler could not see did the same for 4 instructions per (channel, row, key)
         at gemma's tiles, 2 at head_dim 128."""
-        (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
-         value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
-            QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, softcap, window,
-            IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
-        series_all = False
-        if HAS_CAP and not HAS_NORM and SERIES_BOUND:  # a bound without the q/k-norm's factors
-            series_all = _series_everywhere(COLMAX, row_c, row_p, chans, chan_ok, b, n_heads, group, D, series_limit)
-        dims = tl.arange(0, BLOCK_D)
-        # W_i = Σ_j A_ij·e_ij. W_BY_DOT (output metric): as the product of A·e's parts with a tile of
-        # ones beside the value product, [channels·rows, 16] identical columns; else element-wise,
-        # reduced over keys once after the loop (per tile, the reductions cost 160 shuffles a thread
-        # in sm_90a SASS), in [channels, rows, keys] registers (`W_BY_DOT`).
-        if W_BY_DOT and not PROBS:
-            w_acc = tl.zeros([BLOCK_C * BLOCK_M, 16], dtype=tl.float32)
-        else:
-            w_acc = tl.zeros([BLOCK_C, BLOCK_M, BLOCK_N], dtype=tl.float32)
-        u_acc = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
-        shift, scale = _value_scale(PRECISION, PROBS)
-        for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-            _, logp, dl = _tile_change(
-                q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans,
-                chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T,
-                D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW,
-                PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
-            # However large the logit change, A·e is exact to rounding; where A' overflows, W
-            # becomes infinite (or NaN), so the row fails the gentle test and the rough kernel
-            # redoes it. A·e comes out times 2^s, as the value product's split wants it
-            # (`_value_scale`): from A·2^s (exact) and, for the far form, log2 A + s.
-            logp2 = logp * LOG2_E
-            pe = _weighted_expm1_2(_exp2(logp2) * scale, logp2 + shift, dl)
-            if PROBS or not W_BY_DOT:
-                w_acc += pe
-            if not PROBS:
-                cols = n0 + tl.arange(0, BLOCK_N)
-                # Unmasked (`KEY_SLACK`): keys past T meet A·e = 0; dims past D are dropped below.
-                v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :], None, PRECISION,
-                                               V_EXACT)
-                pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION, True)
-                u_acc = _dot(pe_big, pe_small, v_big, v_small, _opaque(u_acc), PRECISION, V_EXACT)
-                if W_BY_DOT:
-                    # `_opaque` on the result: the loop carries no product still running (see above)
-                    ones = tl.full([BLOCK_N, 16], 1.0, dtype=pe_big.dtype)
-                    w_acc = _opaque(_dot(pe_big, pe_small, ones, ones, w_acc, PRECISION, True))
-        if W_BY_DOT and not PROBS:
-            w_sum = tl.reshape(tl.sum(w_acc, axis=1), [BLOCK_C, BLOCK_M]) * (1.0 / (16.0 * scale))
-        else:
-            w_sum = tl.sum(w_acc, axis=2) * (1.0 / scale)
-        counted = counted[None, :]  # `_counted_rows`
-        gentle = tl.abs(w_sum) <= 0.5  # False for NaN
-        flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
-        tl.store(flags, (counted & ~gentle).to(tl.int8), mask=chan_ok[:, None] & row_ok[None, :])
-        if PROBS:
-            # Σ_j (A'_ij − A_ij)² = Σ_j ((A_ij·e_ij − A_ij·W_i) / (1 + W_i))², now that W is known.
-            per_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
-            for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-                allowed, logp, dl = _tile_change(
-                    q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans,
-                    chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T,
-                    D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW,
-                    PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
-                p = _exp(logp)
-                change = (_weighted_expm1(p, logp, dl) - p * w_sum[:, :, None]) / (1.0 + w_sum[:, :, None])
-                per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=2)
-        else:
-            out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
-                          mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
-            u = tl.reshape(u_acc, [BLOCK_C, BLOCK_M, BLOCK_D]) * value_unscale
-            u = tl.where((dims < D)[None, None, :], u, 0.0)  # the unmasked V tiles' dims past D
-            change = (u - w_sum[:, :, None] * out[None, :, :]) / (1.0 + w_sum[:, :, None])
-            per_row = tl.sum(change * change, axis=2)  # columns past D are 0 in u and out
-        total = tl.sum(tl.where(counted & gentle, per_row, 0.0), axis=1)
-        tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + chans, total, mask=chan_ok)
+        program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        run = True
+        if BOUNDED and not NEAR:
+            run = tl.load(FAR + program) != 0
+        if run:
+            (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
+             value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
+                QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, softcap, window,
+                IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
+            series_all = False
+            near = False
+            if BOUNDED:
+                bound = _change_bound(COLNORM, row_c, row_p, chans, chan_ok, b, n_heads, group, D)
+                if HAS_CAP:  # |cap·(tanh(a + d) − tanh a)| ≤ cap·|d|
+                    series_all = bound <= series_limit
+                    near = bound * softcap <= near_limit
+                else:
+                    near = bound <= near_limit
+                if NEAR:
+                    tl.store(FAR + program, (~near).to(tl.int8))
+            if near == NEAR:
+                dims = tl.arange(0, BLOCK_D)
+                # W_i = Σ_j A_ij·e_ij. W_BY_DOT (output metric): as the product of A·e's parts with a tile of
+                # ones beside the value product, [channels·rows, 16] identical columns; else element-wise,
+                # reduced over keys once after the loop (per tile, the reductions cost 160 shuffles a thread
+                # in sm_90a SASS), in [channels, rows, keys] registers (`W_BY_DOT`).
+                if W_BY_DOT and not PROBS:
+                    w_acc = tl.zeros([BLOCK_C * BLOCK_M, 16], dtype=tl.float32)
+                else:
+                    w_acc = tl.zeros([BLOCK_C, BLOCK_M, BLOCK_N], dtype=tl.float32)
+                u_acc = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
+                shift, scale = _value_scale(PRECISION, PROBS)
+                for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+                    _, logp, dl = _tile_change(
+                        q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base,
+                        chans, chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R,
+                        RM1, TOKENS, T, D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM,
+                        HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
+                    # However large the logit change, A·e is exact to rounding; where A' overflows, W
+                    # becomes infinite (or NaN), so the row fails the gentle test and the rough kernel
+                    # redoes it. A·e comes out times 2^s, as the value product's split wants it
+                    # (`_value_scale`): from A·2^s (exact) and, for the far form, log2 A + s.
+                    logp2 = logp * LOG2_E
+                    if NEAR:
+                        pe = _exp2(logp2) * scale * _expm1_near(dl)
+                    else:
+                        pe = _weighted_expm1_2(_exp2(logp2) * scale, logp2 + shift, dl)
+                    if PROBS or not W_BY_DOT:
+                        w_acc += pe
+                    if not PROBS:
+                        cols = n0 + tl.arange(0, BLOCK_N)
+                        # Unmasked (`KEY_SLACK`): keys past T meet A·e = 0; dims past D are dropped below.
+                        v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :], None,
+                                                       PRECISION, V_EXACT)
+                        pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION, True)
+                        u_acc = _dot(pe_big, pe_small, v_big, v_small, _opaque(u_acc), PRECISION, V_EXACT)
+                        if W_BY_DOT:
+                            # `_opaque` on the result: the loop carries no product still running (see above)
+                            ones = tl.full([BLOCK_N, 16], 1.0, dtype=pe_big.dtype)
+                            w_acc = _opaque(_dot(pe_big, pe_small, ones, ones, w_acc, PRECISION, True))
+                if W_BY_DOT and not PROBS:
+                    w_sum = tl.reshape(tl.sum(w_acc, axis=1), [BLOCK_C, BLOCK_M]) * (1.0 / (16.0 * scale))
+                else:
+                    w_sum = tl.sum(w_acc, axis=2) * (1.0 / scale)
+                counted_row = counted[None, :]  # `_counted_rows`
+                gentle = tl.abs(w_sum) <= 0.5  # False for NaN
+                flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
+                tl.store(flags, (counted_row & ~gentle).to(tl.int8), mask=chan_ok[:, None] & row_ok[None, :])
+                if PROBS:
+                    # Σ_j (A'_ij − A_ij)² = Σ_j ((A_ij·e_ij − A_ij·W_i) / (1 + W_i))², now that W is known.
+                    per_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
+                    for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+                        allowed, logp, dl = _tile_change(
+                            q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base,
+                            chans, chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R,
+                            RM1, TOKENS, T, D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM,
+                            HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
+                        p = _exp(logp)
+                        change = (_weighted_expm1(p, logp, dl) - p * w_sum[:, :, None]) / (1.0 + w_sum[:, :, None])
+                        per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=2)
+                else:
+                    out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
+                                  mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
+                    u = tl.reshape(u_acc, [BLOCK_C, BLOCK_M, BLOCK_D]) * value_unscale
+                    u = tl.where((dims < D)[None, None, :], u, 0.0)  # the unmasked V tiles' dims past D
+                    change = (u - w_sum[:, :, None] * out[None, :, :]) / (1.0 + w_sum[:, :, None])
+                    per_row = tl.sum(change * change, axis=2)  # columns past D are 0 in u and out
+                total = tl.sum(tl.where(counted_row & gentle, per_row, 0.0), axis=1)
+                tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + chans, total,
+                         mask=chan_ok)
 
     @triton.jit
     def _qk_rough_kernel(
@@ -1379,19 +1425,17 @@ if triton is not None:
                  acc * tl.load(UNSCALE + 2 * bh + 1) / total[:, None], mask=row_ok[:, None] & (dims < D)[None, :])
 
 
-def _column_bounds(kn, kr, cos, sin, scaling: float, keys: bool) -> torch.Tensor:
-    """[B, KV heads, 2, D] float32: per channel c, the largest |col_c| and |col_p| over its KV head's
+def _column_norms(kn, kr, cos, sin, scaling: float, keys: bool) -> torch.Tensor:
+    """[B, KV heads, D] float32: per channel c, the largest ‖(col_c, col_p)‖ over its KV head's
     tokens, the column factors of the change of logit Δ = row_c·col_c + row_p·col_p the stacked
-    kernel forms (`_series_everywhere`): k's rotated channel c and partner p for a query channel;
+    kernel forms (`_change_bound`): k's rotated channel c and partner p for a query channel;
     scaling·k̂_c·cos_c and scaling·k̂_c·sin_p for a key channel (k̂ normed, not rotated; cos, sin [B, T, D])."""
     half = kn.shape[-1] // 2
     if keys:
-        col_c = (kn * cos[:, None]).abs_().amax(2) * abs(scaling)
-        col_p = (kn * sin.roll(-half, -1)[:, None]).abs_().amax(2) * abs(scaling)
-    else:
-        col_c = kr.abs().amax(2)
-        col_p = col_c.roll(-half, -1)
-    return torch.stack((col_c, col_p), 2)
+        squares = (kn * kn) * (cos * cos + sin.roll(-half, -1) ** 2)[:, None]
+        return squares.amax(2).sqrt_() * abs(scaling)
+    squares = kr * kr
+    return (squares + squares.roll(-half, -1)).amax(2).sqrt_()
 
 
 def _counted_rows(token_mask: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -1593,10 +1637,25 @@ PLAIN_TILES = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
 TANH_SERIES_LIMIT = 0.25
 
 
-# Whether a stacked program with a soft-cap (and no q/k norm) first bounds the changes of logit of all
-# its key tiles, once, so that none of its tiles has to find its own largest (`_series_everywhere`);
-# False: every tile checks (`_capped_change`). The same results either way.
-TANH_SERIES_BOUND = True
+# Whether a stacked program without a q/k norm first bounds the changes of logit of all its key
+# tiles, once (`_change_bound`), so that with a soft-cap none of its tiles has to find its own
+# largest for `TANH_SERIES_LIMIT`, and so that within `NEAR_LIMIT` it can take the one-polynomial
+# form of A·(e^Δ − 1). False: every tile checks, and both forms run everywhere. Results agree to
+# rounding either way.
+CHANGE_BOUND = True
+
+
+# The stacked programs whose changes of logit are all at most this in size (`_change_bound`) compute
+# A·(e^Δ − 1) as A times `_expm1_near`'s polynomial alone, in a launch of their own; the others
+# take `_weighted_expm1_2`'s two forms, the polynomial up to ½ and A·e^Δ − A beyond, both computed
+# for every element. At most 1, the polynomial's reach (0: never). Compiled for sm_90a (triton
+# 3.6), SASS instructions a thread runs per key tile in the programs within it, against before
+# (the same as the others now, within 1 %): gemma2-9b 1554 against 1764 (bfloat16 v, 64 keys), 949
+# against 1016 (float32 v, 32 keys); gemma2-27b 1435 against 1670; llama's shape (stacked) 932
+# against 1154 (`sm90a-qk-kernel-resources.md`). Untimed on a GPU so far. With randn q and k, the
+# benchmarks' inputs, 98.9 % of gemma2-9b's programs are within 1 at T = 1024, 61 % at llama's
+# shape (its scaling, 128^-½ against 256^-½, makes the changes larger).
+NEAR_LIMIT = 1.0
 
 
 # Whether the stacked kernel under fp16x3 sums each row's W = Σ_j A_ij·e_ij (output metric) on the
@@ -1682,8 +1741,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
 
     Extra memory: float32 copies of q and k (before and after RoPE) and of v (except under fp16x3),
     the float16 halves (fp16x3), cos, sin, the q/k-norm factors, the base output and
-    log-sum-exp (all O(B·heads·T·D)), per-tile partial sums and, with a soft-cap, the column
-    bounds (`_column_bounds`, from a k-sized product); never channels × T × T.
+    log-sum-exp (all O(B·heads·T·D)), per-tile partial sums and the stacked kernels' column
+    norms (`_column_norms`, from a k-sized product); never channels × T × T.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -1742,37 +1801,43 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         raise ValueError(f"block_c must be a power of two with block_c·block_m ≥ 16, not {block_c}")
     has_norm_q, has_norm_k = rq is not None, rk is not None
     if layout == "stacked":
-        kernels = (_qk_kernel, _qk_rough_kernel)
-        grids = [(b * hq, n_tiles, triton.cdiv(d, block_c))] * 2
+        stacked_grid = (b * hq, n_tiles, triton.cdiv(d, block_c))
         q_slice = default_q_slice(block_d, block_n, precision)
-        specialise = [dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, SERIES_BOUND=TANH_SERIES_BOUND,
-                           Q_SLICE=q_slice, W_BY_DOT=default_w_by_dot(precision)),
-                      dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, Q_SLICE=q_slice)]
+        main = dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, Q_SLICE=q_slice,
+                    W_BY_DOT=default_w_by_dot(precision), near_limit=NEAR_LIMIT)
+        rough = dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, Q_SLICE=q_slice)
+        far = torch.empty(math.prod(stacked_grid), dtype=torch.int8, device=q.device)  # `_qk_kernel`'s FAR
     else:  # plain tiles
         if layout == "pair" and d % 2:
             raise ValueError(f"layout='pair' needs an even head_dim, not {d}")
-        kernels = (_qk_channel_kernel, _qk_channel_rough_kernel)
-        grids = [(b * hq, n_tiles, d // 2 if layout == "pair" else d), (b * hq, n_tiles, d)]
         # Keys need the token mask only where padding comes before a real token (the pipeline pads on the
         # right, `right_padded`); with it, ptxas serialises the kernel's wgmma (sm_90a, triton 3.6), so it is
         # kept off otherwise. Unless the caller vouches, that is read from the device: one wait for the GPU.
         padding_first = bool((tokens[:, 1:] > tokens[:, :-1]).any()) if right_padded is None else not right_padded
-        specialise = [dict(MASK_KEYS=padding_first, PAIR=layout == "pair")] * 2
+        plain = dict(MASK_KEYS=padding_first, PAIR=layout == "pair")
     results = []
     for is_key, r, r_m1, has_norm in ((False, rq, rq_m1, has_norm_q), (True, rk, rk_m1, has_norm_k)):
         # Gentle rows, rough rows: every entry written (a rough program without such rows writes 0).
         partial = torch.empty(2, b * hq, n_tiles, d, dtype=acc, device=q.device)
-        rough = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
+        gentle_part, rough_part = partial
+        rough_rows = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
         dummy = qn  # never read when the norm is absent
-        if layout == "stacked":  # the main kernel's column bounds, read with a soft-cap and no norm (`_series_everywhere`)
-            bounded = spec.softcap is not None and not has_norm and TANH_SERIES_BOUND
-            specialise[0]["COLMAX"] = _column_bounds(kn, kr, cos, sin, spec.scaling, is_key) if bounded else dummy
-        for kernel, grid, own, part in zip(kernels, grids, specialise, partial):
+        if layout == "stacked":
+            # With the programs' bound (no q/k norm): those within `NEAR_LIMIT`, then the others.
+            bounded = not has_norm and CHANGE_BOUND
+            norms = _column_norms(kn, kr, cos, sin, spec.scaling, is_key) if bounded else dummy
+            launches = [(_qk_kernel, stacked_grid, main | dict(COLNORM=norms, FAR=far, BOUNDED=bounded, NEAR=near),
+                         gentle_part) for near in ((True, False) if bounded else (False,))]
+            launches.append((_qk_rough_kernel, stacked_grid, rough, rough_part))
+        else:
+            launches = [(_qk_channel_kernel, (b * hq, n_tiles, d // 2 if layout == "pair" else d), plain, gentle_part),
+                        (_qk_channel_rough_kernel, (b * hq, n_tiles, d), plain, rough_part)]
+        for kernel, grid, own, part in launches:
             with _expected_overflow():
                 kernel[grid](
                     qn, qr, kn, kr, *parts, cos, sin,
                     r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
-                    lse, out, unscale, tokens, counted, part, rough,
+                    lse, out, unscale, tokens, counted, part, rough_rows,
                     t, d, hq, spec.group_size, float(spec.scaling), float(spec.softcap or 1.0),
                     int(spec.sliding_window or 0),
                     IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,

@@ -133,17 +133,19 @@ def test_qk_stacked_kernel_reads_past_the_keys_only_what_is_masked(metric, preci
 
 @pytest.mark.parametrize("bound", [True, False])
 @pytest.mark.parametrize("outlier", ["key partner", "query row"])
-def test_qk_stacked_kernel_soft_cap_bound_sees_an_outlier(outlier, bound, monkeypatch):
-    """With a soft-cap, a stacked program first bounds its changes of logit over all its key tiles
-    (`_series_everywhere`) and, within the Taylor form's quarter cap, no tile checks its own.
-    Small logits everywhere but one outlier, whose changes reach a cap and more in a few tiles:
-    channel 4 of the first token's k (which channel 0's rotary partner term meets: programs of
-    2 channels, so channel 0's has only its column bound to see it), or channel 1 of one query
-    row. The bound must see it, or those tiles take the series out of its reach. Against float64,
-    with the bound (TANH_SERIES_BOUND) and with every tile checking."""
+@pytest.mark.parametrize("softcap", [2.0, None])
+def test_qk_stacked_kernel_change_bound_sees_an_outlier(softcap, outlier, bound, launches, monkeypatch):
+    """A stacked program first bounds its changes of logit over all its key tiles
+    (`_change_bound`): within a quarter cap no tile checks its own for the soft-cap's Taylor form,
+    and within `NEAR_LIMIT` A·(e^Δ − 1) is one polynomial, in the first of two launches. Small
+    logits everywhere but one outlier, whose changes reach a cap and more in a few tiles: channel
+    4 of the first token's k (which channel 0's rotary partner term meets: programs of 2
+    channels, so channel 0's has only its column norms to see it), or channel 1 of one query row.
+    The bound must see it, or those tiles take a form out of its reach. Against float64, with the
+    bound (CHANGE_BOUND: two launches of the main kernel) and without (one, every tile checking)."""
     import kernels.qk_impact as qk
 
-    monkeypatch.setattr(qk, "TANH_SERIES_BOUND", bound)
+    monkeypatch.setattr(qk, "CHANGE_BOUND", bound)
     hq, hk, d, t = 4, 2, 8, 40
     q, k, v, mask = inputs(hq, hk, d, t, 21)
     q, k = 0.1 * q, 0.1 * k
@@ -152,11 +154,13 @@ def test_qk_stacked_kernel_soft_cap_bound_sees_an_outlier(outlier, bound, monkey
     else:
         q[:, 17, d + 1] = 60.0  # query head 1, row 17
     cos, sin = rope(t, d, torch.float64)
-    spec = spec_for(hq, hk, d, 2.0, None, False, 21)
+    spec = spec_for(hq, hk, d, softcap, None, False, 21)
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec)
     tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, block_c=2, layout="stacked")
     for a, r in zip((x.cpu() for x in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
+    main = [kw["NEAR"] for _, kw in launches if "NEAR" in kw]
+    assert main == ([True, False] * 2 if bound else [False, False])
 
 
 @pytest.fixture
@@ -201,8 +205,8 @@ def test_qk_stacked_kernel_q_read_in_slices_and_w_on_the_matrix_units(metric, q_
                            layout="stacked")
     for a, r in zip((x.cpu() for x in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
-    assert [kw["Q_SLICE"] for _, kw in launches] == [q_slice] * 4
-    assert [kw["W_BY_DOT"] for _, kw in launches[::2]] == [w_by_dot] * 2  # the main kernels
+    assert [kw["Q_SLICE"] for _, kw in launches] == [q_slice] * 6  # two main launches and the rough one, twice
+    assert [kw["W_BY_DOT"] for _, kw in launches if "NEAR" in kw] == [w_by_dot] * 4
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -443,7 +447,9 @@ def test_qk_kernel_defaults(precision, d, kernel, tiles, inputs_kind, launches):
     for a, r in zip((x.cpu() for x in tri), qk_impact_reference(q, k, v, cos, sin, mask, spec)):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
     main = [kw for launched, kw in launches if launched is getattr(qk, kernel).kernel]
-    assert len(main) == 2 and len(launches) == 4  # query and key channels, each with its rough kernel
+    # Query and key channels, each with its rough kernel; the stacked one in two launches (the
+    # programs within `NEAR_LIMIT`, then the others).
+    assert len(main) == (4 if kernel == "_qk_kernel" else 2) and len(launches) == len(main) + 2
     assert all(kw[name] == value for kw in main for name, value in tiles.items())
 
 
@@ -510,6 +516,30 @@ def test_qk_kernel_soft_cap_in_either_form(metric, monkeypatch):
     assert not all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("softcap", [5.0, None])
+def test_qk_stacked_kernel_near_programs_take_one_polynomial(softcap, metric, monkeypatch):
+    """Programs whose changes of logit are all within `NEAR_LIMIT` (here every one, at most 0.9)
+    compute A·(e^Δ − 1) by `_expm1_near` alone; with the limit 0 they take both forms of
+    `_weighted_expm1_2`. Both match float64, and they differ, so the one polynomial did run."""
+    import kernels.qk_impact as qk
+
+    hq, hk, d, t = 4, 2, 8, 21
+    q, k, v, mask = inputs(hq, hk, d, t, 14)
+    q = q * 0.25
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, softcap, 9, False, 14)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
+    runs = []
+    for limit in (qk.NEAR_LIMIT, 0.0):
+        monkeypatch.setattr(qk, "NEAR_LIMIT", limit)
+        runs.append([x.cpu() for x in qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric,
+                                                        layout="stacked")])
+        for a, r in zip(runs[-1], ref):
+            torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
+    assert not all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 @triton.jit
 def _capped_change_of(A, DL, Y, N, softcap, series_limit, series_all, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -543,7 +573,7 @@ def test_kernel_soft_cap_change_is_accurate(form, limit):
 
 
 def test_kernel_soft_cap_change_known_within_reach_takes_the_series():
-    """`series_all` (a program that bounded all its changes beforehand, `_series_everywhere`)
+    """`series_all` (a program that bounded all its changes beforehand, `_change_bound`)
     takes the Taylor form without the tile's own check, whatever the limit says: the same bits
     as the series forced by the limit, and not the exact form's (changes up to a quarter cap)."""
     gen = torch.Generator().manual_seed(5)
