@@ -493,51 +493,42 @@ def test_qk_channel_blocks():
                          block_n=256, layout="stacked")
 
 
-@pytest.mark.parametrize("metric", METRICS)
-def test_qk_kernel_soft_cap_in_either_form(metric, monkeypatch):
-    """The stacked kernels' soft-cap change by its Taylor form (key tiles whose changes are all
-    within `TANH_SERIES_LIMIT` of the cap) and by its exact form alone (limit 0): both match
-    float64, and they differ, so the Taylor form did run."""
+def _both_forms_match_and_differ(knob: str, q_scale: float, softcap, seed: int, metric: str, monkeypatch):
+    """The stacked kernels with the limit `knob` of qk_impact at its value and at 0, on inputs whose
+    q is scaled by `q_scale`: both match float64, and they differ, so the form the limit chooses ran."""
     import kernels.qk_impact as qk
 
     hq, hk, d, t = 4, 2, 8, 21
-    q, k, v, mask = inputs(hq, hk, d, t, 12)
-    q = q * 0.5  # every channel's change of logit under a quarter of the cap (0.24 at most)
+    q, k, v, mask = inputs(hq, hk, d, t, seed)
+    q = q * q_scale
     cos, sin = rope(t, d, torch.float64)
-    spec = spec_for(hq, hk, d, 5.0, 9, False, 12)
+    spec = spec_for(hq, hk, d, softcap, 9, False, seed)
     ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
     runs = []
-    for limit in (qk.TANH_SERIES_LIMIT, 0.0):
-        monkeypatch.setattr(qk, "TANH_SERIES_LIMIT", limit)
+    for limit in (getattr(qk, knob), 0.0):
+        monkeypatch.setattr(qk, knob, limit)
         runs.append([x.cpu() for x in qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric,
                                                         layout="stacked")])
         for a, r in zip(runs[-1], ref):
             torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
     assert not all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_qk_kernel_soft_cap_in_either_form(metric, monkeypatch):
+    """The stacked kernels' soft-cap change by its Taylor form (key tiles whose changes are all
+    within `TANH_SERIES_LIMIT` of the cap; here every channel's change of logit is under a quarter
+    of the cap, 0.24 at most) and by its exact form alone (limit 0)."""
+    _both_forms_match_and_differ("TANH_SERIES_LIMIT", 0.5, 5.0, 12, metric, monkeypatch)
 
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("softcap", [5.0, None])
 def test_qk_stacked_kernel_near_programs_take_one_polynomial(softcap, metric, monkeypatch):
-    """Programs whose changes of logit are all within `NEAR_LIMIT` (here every one, at most 0.9)
-    compute A·(e^Δ − 1) by `_expm1_near` alone; with the limit 0 they take both forms of
-    `_weighted_expm1_2`. Both match float64, and they differ, so the one polynomial did run."""
-    import kernels.qk_impact as qk
-
-    hq, hk, d, t = 4, 2, 8, 21
-    q, k, v, mask = inputs(hq, hk, d, t, 14)
-    q = q * 0.25
-    cos, sin = rope(t, d, torch.float64)
-    spec = spec_for(hq, hk, d, softcap, 9, False, 14)
-    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
-    runs = []
-    for limit in (qk.NEAR_LIMIT, 0.0):
-        monkeypatch.setattr(qk, "NEAR_LIMIT", limit)
-        runs.append([x.cpu() for x in qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, metric,
-                                                        layout="stacked")])
-        for a, r in zip(runs[-1], ref):
-            torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
-    assert not all(torch.equal(a, b) for a, b in zip(*runs))
+    """Programs whose changes of logit are all within `NEAR_LIMIT` (here every one: its bound is at
+    most 0.95) compute A·(e^Δ − 1) by `_expm1_near` alone; with the limit 0 they take both forms
+    of `_weighted_expm1_2`."""
+    _both_forms_match_and_differ("NEAR_LIMIT", 0.25, softcap, 14, metric, monkeypatch)
 
 
 @triton.jit
