@@ -314,18 +314,19 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
     # in two for float32 ones, `default_key_block`; H100 run 3: 39.5 and 43.6 ms, before `Q_SLICE`,
     # `W_BY_DOT` and `NEAR_LIMIT`). On bfloat16 values first: the default; "both forms" (every
     # program with both forms of A·(e^Δ − 1), as before `NEAR_LIMIT`); "as run 3" (q held, W summed
-    # element-wise and both forms: the form H100 run 3 timed); 8 channels over 32 keys in two stages
-    # (q read again: nothing spilled in the key loop). Then the float32 default and its "both
-    # forms"; 4 channels and 4 warps over 32 keys (two stages, 89 KiB of shared memory; at most 255
-    # registers a thread): two programs an SM, so that one computes while the other's value product
-    # runs or it waits at a barrier (a program's own wgmma never overlaps its arithmetic,
-    # sm90a-qk-kernel-resources.md), on bfloat16 values and on float32 ones (one stage, 56 KiB);
-    # "tile checks" (no program bound: every key tile finds its own largest change of logit, as
-    # before `CHANGE_BOUND`), 32 bfloat16 keys in three stages, and the float32 "as run 3" (43.6 ms
-    # there). Under a time limit the first rows matter most. At the detection's lengths (T ≤ 64:
-    # sentences of 20–60 tokens, `--sweep-t 40 --sweep-batch 8`) the plain tiles of 64 rows and 32
-    # keys are mostly padding (H100 run 3's scan profile): smaller ones beside them, on bfloat16
-    # values as a bfloat16 model's detection has them.
+    # element-wise and both forms: the form H100 run 3 timed, but for the program bound's
+    # Cauchy–Schwarz form, which sends more programs to the soft-cap's series); 8 channels over 32
+    # keys in two stages (q read again: nothing spilled in the key loop). Then the float32 default
+    # and its "both forms"; 4 channels and 4 warps over 32 keys (two stages, 89 KiB of shared
+    # memory; at most 255 registers a thread): two programs an SM, so that one computes while the
+    # other's value product runs or it waits at a barrier (a program's own wgmma never overlaps its
+    # arithmetic, sm90a-qk-kernel-resources.md), on bfloat16 values and on float32 ones (one stage,
+    # 56 KiB); "tile checks" (no program bound: every key tile finds its own largest change of
+    # logit, as before `CHANGE_BOUND`), 32 bfloat16 keys in three stages, and the float32 "as run
+    # 3" (43.6 ms there). Under a time limit the first rows matter most. At the detection's lengths
+    # (T ≤ 64: sentences of 20–60 tokens, `--sweep-t 40 --sweep-batch 8`) the plain tiles of 64 rows
+    # and 32 keys are mostly padding (H100 run 3's scan profile): smaller ones beside them, on
+    # bfloat16 values as a bfloat16 model's detection has them.
     if t <= 64 and x["spec"].head_dim <= 128 and x["spec"].softcap is None:
         configs = [("pair", "fp16x3", "bfloat16", None, None, None, None, None),
                    ("pair", "fp16x3", "bfloat16", 32, 32, None, 4, 2),

@@ -1742,7 +1742,8 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     Extra memory: float32 copies of q and k (before and after RoPE) and of v (except under fp16x3),
     the float16 halves (fp16x3), cos, sin, the q/k-norm factors, the base output and
     log-sum-exp (all O(B·heads·T·D)), per-tile partial sums and the stacked kernels' column
-    norms (`_column_norms`, from a k-sized product); never channels × T × T.
+    norms (`_column_norms`, from a k-sized product) and a byte a program (`NEAR_LIMIT`); never
+    channels × T × T.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
