@@ -57,15 +57,13 @@ def ptxas_path(arch: int) -> str:
 def resources(kernel, arch: int, precision: str, block_m: int, block_n: int, block_c: int, warps: int, stages: int | None,
               head_dim: int = 128, **flags) -> dict:
     """Registers, spill bytes and shared memory of one specialisation (`flags`: IS_KEY, HAS_NORM,
-    HAS_CAP, HAS_WINDOW, PROBS, MASK_KEYS, PAIR, V_EXACT, absent ones False; Q_SLICE, W_BY_DOT,
-    BOUNDED and NEAR, absent as the launch sets them, NEAR as for the programs within `NEAR_LIMIT`;
-    block_c is ignored by the one-channel kernels)."""
+    HAS_CAP, HAS_WINDOW, PROBS, MASK_KEYS, PAIR, V_EXACT, absent ones False; Q_SLICE, W_BY_DOT
+    and BOUNDED, absent as the launch sets them; block_c is ignored by the one-channel kernels)."""
     params = list(inspect.signature(kernel.fn).parameters)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    bounded = not flags.get("HAS_NORM", False)
     constants = dict(IS_KEY=False, HAS_NORM=False, HAS_CAP=False, HAS_WINDOW=False, PROBS=False, MASK_KEYS=False,
                      PAIR=False, V_EXACT=False, Q_SLICE=default_q_slice(block_d, block_n, precision),
-                     W_BY_DOT=default_w_by_dot(precision), BOUNDED=bounded, NEAR=bounded) | flags | dict(
+                     W_BY_DOT=default_w_by_dot(precision), BOUNDED=not flags.get("HAS_NORM", False)) | flags | dict(
         PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_D=block_d)
     constants = {name: value for name, value in constants.items() if name in params}
@@ -116,8 +114,7 @@ def longest_loop(sass: str) -> int:
 
 def every_variant(arch: int, head_dim: int, precision: str, v_exact: bool) -> None:
     """Compile both stacked kernels in all 32 specialisations (query/key channel, q/k norm, soft-cap,
-    window, metric) at the stacked layout's defaults for this head_dim, the main kernel without a
-    norm in both its launches (NEAR); report the worst."""
+    window, metric) at the stacked layout's defaults for this head_dim; report the worst."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     warps, block_n = default_warps(block_d, precision), default_key_block(block_d, precision, v_exact)
     stages, block_c = default_stages(block_d, block_n, precision, v_exact), default_channel_block(16, head_dim, warps, precision)
@@ -127,17 +124,14 @@ def every_variant(arch: int, head_dim: int, precision: str, v_exact: bool) -> No
     for kernel in (_qk_kernel, _qk_rough_kernel):
         for bits in itertools.product((False, True), repeat=len(names)):
             flags = dict(zip(names, bits))
-            launches = [flags] if kernel is _qk_rough_kernel or flags["HAS_NORM"] else [flags | dict(NEAR=near)
-                                                                                           for near in (True, False)]
-            for launch in launches:
-                label = f"{kernel.fn.__name__} " + " ".join(n for n, on in launch.items() if on)
-                r = resources(kernel, arch, precision, 16, block_n, block_c, warps, stages, head_dim, V_EXACT=v_exact,
-                              **launch)
-                count += 1
-                serialised += r["serialised"]
-                for key in worst:
-                    if r[key] > worst[key][0]:
-                        worst[key] = (r[key], label)
+            label = f"{kernel.fn.__name__} " + " ".join(n for n, on in flags.items() if on)
+            r = resources(kernel, arch, precision, 16, block_n, block_c, warps, stages, head_dim, V_EXACT=v_exact,
+                          **flags)
+            count += 1
+            serialised += r["serialised"]
+            for key in worst:
+                if r[key] > worst[key][0]:
+                    worst[key] = (r[key], label)
     print(f"head_dim {head_dim} ({precision}{', v exact' if v_exact else ''}, 16 × {block_n}, BLOCK_C {block_c}, "
           f"{warps} warps, {stages} stages): {count} "
           f"specialisations compiled; most registers {worst['registers'][0]} ({worst['registers'][1]}), most spills "

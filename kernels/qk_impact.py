@@ -24,7 +24,6 @@ Two metrics: `output`, ‖(A − A')V‖_F (the paper's, the default), and `prob
 the authors' released code computes). Both are summed over the query heads a neuron reaches.
 """
 import contextlib
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -467,9 +466,7 @@ if triton is not None:
         """exp(x) − 1 for |x| ≤ 1 (`NEAR_LIMIT`) to float32 rounding, by one polynomial: x·P(x), P of
         degree 7 fitted to (eˣ − 1)/x for the least largest relative error (2.4e-8; in float32
         with FMAs, 1.6e-7 at worst, numpy emulation), FMAs. Twice `_expm1_small`'s reach for one
-        FMA more, and no exp and no select: in the stacked key loop 6.6 SASS instructions per
-        (channel, row, key) fewer than `_weighted_expm1_2`'s two forms at gemma2-9b's tiles, 6.9
-        at llama's (sm_90a, `NEAR_LIMIT`)."""
+        FMA more, and no exp and no select (`NEAR_LIMIT`)."""
         poly = 2.4760299437023273e-05
         poly = poly * x + 0.0002037028357947945
         poly = poly * x + 0.001389550753790144
@@ -781,8 +778,7 @@ if triton is not None:
         IS_KEY: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         PROBS: tl.constexpr, PRECISION: tl.constexpr, V_EXACT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-        Q_SLICE: tl.constexpr, W_BY_DOT: tl.constexpr, COLNORM, FAR, near_limit, BOUNDED: tl.constexpr,
-        NEAR: tl.constexpr,
+        Q_SLICE: tl.constexpr, W_BY_DOT: tl.constexpr, COLNORM, near_limit, BOUNDED: tl.constexpr,
     ):
         """The common case, rows that move gently: W_i = Σ_j A_ij·e_ij and ‖ΔO_i‖ (or ‖ΔA_i‖²) by
         the expm1 form. Rows that move a lot are flagged in ROUGH for `_qk_rough_kernel`.
@@ -790,11 +786,12 @@ if triton is not None:
         BOUNDED (no q/k norm, whose factors `_change_bound` leaves out): each program first bounds
         its changes of logit. Within a quarter cap (`TANH_SERIES_LIMIT`) its tiles take the
         soft-cap's Taylor form unchecked; within `near_limit` (`NEAR_LIMIT`) A·(e^Δ − 1) needs
-        only `_expm1_near`. The launch with NEAR runs the programs within `near_limit` and flags
-        the others in FAR (an int8 a program), which the launch without runs, with both forms of
-        `_weighted_expm1_2`. Two launches, as one kernel with both loops would hold both loops'
-        shared memory (282 KiB at gemma2-9b's tiles, past sm_90's 227); a program of the second
-        that the first ran reads its flag and ends.
+        only `_expm1_near`: a branch each tile on a value the whole program shares, so that each
+        program runs its own form's instructions only (sm_90a counts at `NEAR_LIMIT`). (Two
+        launches, one for the programs within the limit and one for the others, ran 4 % fewer
+        instructions a tile within it but more beyond, for a launch more, and each program's
+        set-up twice where most programs are beyond, as in a real model; one kernel with two
+        copies of the key loop held both loops' shared memory, 282 KiB at gemma2-9b's tiles.)
 
         The value product's accumulator goes through `_opaque` each key tile, which makes Triton
         wait for the tile's products before the next tile's instead of carrying them across the
@@ -802,96 +799,88 @@ if triton is not None:
         tile, 3 with it; sm_90a, triton 3.6.0; `benchmarks/kernel_resources.py`). A multiplication
         by a 1.0 the compiler could not see did the same for 4 instructions per (channel, row, key)
         at gemma's tiles, 2 at head_dim 128."""
-        program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-        run = True
-        if BOUNDED and not NEAR:
-            run = tl.load(FAR + program) != 0
-        if run:
-            (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
-             value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
-                QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, softcap, window,
-                IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
-            series_all = False
-            near = False
-            if BOUNDED:
-                bound = _change_bound(COLNORM, row_c, row_p, chans, chan_ok, b, n_heads, group, D)
-                if HAS_CAP:  # |cap·(tanh(a + d) − tanh a)| ≤ cap·|d|
-                    series_all = bound <= series_limit
-                    near = bound * softcap <= near_limit
-                else:
-                    near = bound <= near_limit
-                if NEAR:
-                    tl.store(FAR + program, (~near).to(tl.int8))
-            if near == NEAR:
-                dims = tl.arange(0, BLOCK_D)
-                # W_i = Σ_j A_ij·e_ij. W_BY_DOT (output metric): as the product of A·e's parts with a tile of
-                # ones beside the value product, [channels·rows, 16] identical columns; else element-wise,
-                # reduced over keys once after the loop (per tile, the reductions cost 160 shuffles a thread
-                # in sm_90a SASS), in [channels, rows, keys] registers (`W_BY_DOT`).
-                if W_BY_DOT and not PROBS:
-                    w_acc = tl.zeros([BLOCK_C * BLOCK_M, 16], dtype=tl.float32)
-                else:
-                    w_acc = tl.zeros([BLOCK_C, BLOCK_M, BLOCK_N], dtype=tl.float32)
-                u_acc = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
-                shift, scale = _value_scale(PRECISION, PROBS)
-                for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-                    _, logp, dl = _tile_change(
-                        q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base,
-                        chans, chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R,
-                        RM1, TOKENS, T, D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM,
-                        HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
-                    # However large the logit change, A·e is exact to rounding; where A' overflows, W
-                    # becomes infinite (or NaN), so the row fails the gentle test and the rough kernel
-                    # redoes it. A·e comes out times 2^s, as the value product's split wants it
-                    # (`_value_scale`): from A·2^s (exact) and, for the far form, log2 A + s.
-                    logp2 = logp * LOG2_E
-                    if NEAR:
-                        pe = _exp2(logp2) * scale * _expm1_near(dl)
-                    else:
-                        pe = _weighted_expm1_2(_exp2(logp2) * scale, logp2 + shift, dl)
-                    if PROBS or not W_BY_DOT:
-                        w_acc += pe
-                    if not PROBS:
-                        cols = n0 + tl.arange(0, BLOCK_N)
-                        # Unmasked (`KEY_SLACK`): keys past T meet A·e = 0; dims past D are dropped below.
-                        v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :], None,
-                                                       PRECISION, V_EXACT)
-                        pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION, True)
-                        u_acc = _dot(pe_big, pe_small, v_big, v_small, _opaque(u_acc), PRECISION, V_EXACT)
-                        if W_BY_DOT:
-                            # `_opaque` on the result: the loop carries no product still running (see above)
-                            ones = tl.full([BLOCK_N, 16], 1.0, dtype=pe_big.dtype)
-                            w_acc = _opaque(_dot(pe_big, pe_small, ones, ones, w_acc, PRECISION, True))
-                if W_BY_DOT and not PROBS:
-                    w_sum = tl.reshape(tl.sum(w_acc, axis=1), [BLOCK_C, BLOCK_M]) * (1.0 / (16.0 * scale))
-                else:
-                    w_sum = tl.sum(w_acc, axis=2) * (1.0 / scale)
-                counted_row = counted[None, :]  # `_counted_rows`
-                gentle = tl.abs(w_sum) <= 0.5  # False for NaN
-                flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
-                tl.store(flags, (counted_row & ~gentle).to(tl.int8), mask=chan_ok[:, None] & row_ok[None, :])
-                if PROBS:
-                    # Σ_j (A'_ij − A_ij)² = Σ_j ((A_ij·e_ij − A_ij·W_i) / (1 + W_i))², now that W is known.
-                    per_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
-                    for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-                        allowed, logp, dl = _tile_change(
-                            q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base,
-                            chans, chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R,
-                            RM1, TOKENS, T, D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM,
-                            HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
-                        p = _exp(logp)
-                        change = (_weighted_expm1(p, logp, dl) - p * w_sum[:, :, None]) / (1.0 + w_sum[:, :, None])
-                        per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=2)
-                else:
-                    out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
-                                  mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
-                    u = tl.reshape(u_acc, [BLOCK_C, BLOCK_M, BLOCK_D]) * value_unscale
-                    u = tl.where((dims < D)[None, None, :], u, 0.0)  # the unmasked V tiles' dims past D
-                    change = (u - w_sum[:, :, None] * out[None, :, :]) / (1.0 + w_sum[:, :, None])
-                    per_row = tl.sum(change * change, axis=2)  # columns past D are 0 in u and out
-                total = tl.sum(tl.where(counted_row & gentle, per_row, 0.0), axis=1)
-                tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + chans, total,
-                         mask=chan_ok)
+        (b, chans, chan_ok, partners, sign, rows, row_ok, q_base, k_base, cs_base, q_big, q_small, logit_scale,
+         value_unscale, lse, counted, row_c, row_p, r_row, rm1_row, lo, hi) = _block(
+            QN, QR, QB, QS, COS, SIN, R, RM1, LSE, UNSCALE, COUNTED, T, D, n_heads, group, scaling, softcap, window,
+            IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_M, BLOCK_C, BLOCK_D)
+        series_all = False
+        near = False
+        if BOUNDED:
+            bound = _change_bound(COLNORM, row_c, row_p, chans, chan_ok, b, n_heads, group, D)
+            if HAS_CAP:  # |cap·(tanh(a + d) − tanh a)| ≤ cap·|d|
+                series_all = bound <= series_limit
+                near = bound * softcap <= near_limit
+            else:
+                near = bound <= near_limit
+        dims = tl.arange(0, BLOCK_D)
+        # W_i = Σ_j A_ij·e_ij. W_BY_DOT (output metric): as the product of A·e's parts with a tile of
+        # ones beside the value product, [channels·rows, 16] identical columns; else element-wise,
+        # reduced over keys once after the loop (per tile, the reductions cost 160 shuffles a thread
+        # in sm_90a SASS), in [channels, rows, keys] registers (`W_BY_DOT`).
+        if W_BY_DOT and not PROBS:
+            w_acc = tl.zeros([BLOCK_C * BLOCK_M, 16], dtype=tl.float32)
+        else:
+            w_acc = tl.zeros([BLOCK_C, BLOCK_M, BLOCK_N], dtype=tl.float32)
+        u_acc = tl.zeros([BLOCK_C * BLOCK_M, BLOCK_D], dtype=tl.float32)
+        shift, scale = _value_scale(PRECISION, PROBS)
+        for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+            _, logp, dl = _tile_change(
+                q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base,
+                chans, chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R,
+                RM1, TOKENS, T, D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM,
+                HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
+            # However large the logit change, A·e is exact to rounding; where A' overflows, W
+            # becomes infinite (or NaN), so the row fails the gentle test and the rough kernel
+            # redoes it. A·e comes out times 2^s, as the value product's split wants it
+            # (`_value_scale`): from A·2^s (exact) and, for the far form, log2 A + s.
+            logp2 = logp * LOG2_E
+            if near:
+                pe = _exp2(logp2) * scale * _expm1_near(dl)
+            else:
+                pe = _weighted_expm1_2(_exp2(logp2) * scale, logp2 + shift, dl)
+            if PROBS or not W_BY_DOT:
+                w_acc += pe
+            if not PROBS:
+                cols = n0 + tl.arange(0, BLOCK_N)
+                # Unmasked (`KEY_SLACK`): keys past T meet A·e = 0; dims past D are dropped below.
+                v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :], None,
+                                               PRECISION, V_EXACT)
+                pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION, True)
+                u_acc = _dot(pe_big, pe_small, v_big, v_small, _opaque(u_acc), PRECISION, V_EXACT)
+                if W_BY_DOT:
+                    # `_opaque` on the result: the loop carries no product still running (see above)
+                    ones = tl.full([BLOCK_N, 16], 1.0, dtype=pe_big.dtype)
+                    w_acc = _opaque(_dot(pe_big, pe_small, ones, ones, w_acc, PRECISION, True))
+        if W_BY_DOT and not PROBS:
+            w_sum = tl.reshape(tl.sum(w_acc, axis=1), [BLOCK_C, BLOCK_M]) * (1.0 / (16.0 * scale))
+        else:
+            w_sum = tl.sum(w_acc, axis=2) * (1.0 / scale)
+        counted = counted[None, :]  # `_counted_rows`
+        gentle = tl.abs(w_sum) <= 0.5  # False for NaN
+        flags = ROUGH + (tl.program_id(0) * D + chans[:, None]) * T + rows[None, :]
+        tl.store(flags, (counted & ~gentle).to(tl.int8), mask=chan_ok[:, None] & row_ok[None, :])
+        if PROBS:
+            # Σ_j (A'_ij − A_ij)² = Σ_j ((A_ij·e_ij − A_ij·W_i) / (1 + W_i))², now that W is known.
+            per_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
+            for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+                allowed, logp, dl = _tile_change(
+                    q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base,
+                    chans, chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R,
+                    RM1, TOKENS, T, D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM,
+                    HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
+                p = _exp(logp)
+                change = (_weighted_expm1(p, logp, dl) - p * w_sum[:, :, None]) / (1.0 + w_sum[:, :, None])
+                per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=2)
+        else:
+            out = tl.load(OUT + q_base + rows[:, None] * D + dims[None, :],
+                          mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
+            u = tl.reshape(u_acc, [BLOCK_C, BLOCK_M, BLOCK_D]) * value_unscale
+            u = tl.where((dims < D)[None, None, :], u, 0.0)  # the unmasked V tiles' dims past D
+            change = (u - w_sum[:, :, None] * out[None, :, :]) / (1.0 + w_sum[:, :, None])
+            per_row = tl.sum(change * change, axis=2)  # columns past D are 0 in u and out
+        total = tl.sum(tl.where(counted & gentle, per_row, 0.0), axis=1)
+        tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + chans, total,
+                 mask=chan_ok)
 
     @triton.jit
     def _qk_rough_kernel(
@@ -1646,15 +1635,15 @@ CHANGE_BOUND = True
 
 
 # The stacked programs whose changes of logit are all at most this in size (`_change_bound`) compute
-# A·(e^Δ − 1) as A times `_expm1_near`'s polynomial alone, in a launch of their own; the others
-# take `_weighted_expm1_2`'s two forms, the polynomial up to ½ and A·e^Δ − A beyond, both computed
-# for every element. At most 1, the polynomial's reach (0: never). Compiled for sm_90a (triton
-# 3.6), SASS instructions a thread runs per key tile in the programs within it, against before
-# (the same as the others now, within 1 %): gemma2-9b 1554 against 1764 (bfloat16 v, 64 keys), 949
-# against 1016 (float32 v, 32 keys); gemma2-27b 1435 against 1670; llama's shape (stacked) 932
-# against 1154 (`sm90a-qk-kernel-resources.md`). Untimed on a GPU so far. With randn q and k, the
-# benchmarks' inputs, 98.9 % of gemma2-9b's programs are within 1 at T = 1024, 61 % at llama's
-# shape (its scaling, 128^-½ against 256^-½, makes the changes larger).
+# A·(e^Δ − 1) as A times `_expm1_near`'s polynomial alone; the others take `_weighted_expm1_2`'s
+# two forms, the polynomial up to ½ and A·e^Δ − A beyond, both computed for every element. At most
+# 1, the polynomial's reach (0: never). Compiled for sm_90a (triton 3.6), SASS instructions a thread
+# runs per key tile, within the limit and beyond, against before: gemma2-9b 1611 and 1709 against
+# 1764 (bfloat16 v, 64 keys), 981 and 1029 against 1016 (float32 v, 32 keys); gemma2-27b 1491 and
+# 1589 against 1670; llama's shape (stacked) 972 and 1071 against 1154
+# (`sm90a-qk-kernel-resources.md`). Untimed on a GPU so far. With randn q and k (the benchmarks'
+# inputs) 98.9 % of gemma2-9b's programs are within 1 at T = 1024 and 61 % at llama's shape; in
+# SmolLM2-135M on FLORES sentences, 20 %.
 NEAR_LIMIT = 1.0
 
 
@@ -1742,8 +1731,7 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     Extra memory: float32 copies of q and k (before and after RoPE) and of v (except under fp16x3),
     the float16 halves (fp16x3), cos, sin, the q/k-norm factors, the base output and
     log-sum-exp (all O(B·heads·T·D)), per-tile partial sums and the stacked kernels' column
-    norms (`_column_norms`, from a k-sized product) and a byte a program (`NEAR_LIMIT`); never
-    channels × T × T.
+    norms (`_column_norms`, from a k-sized product); never channels × T × T.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -1807,7 +1795,6 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         main = dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, Q_SLICE=q_slice,
                     W_BY_DOT=default_w_by_dot(precision), near_limit=NEAR_LIMIT)
         rough = dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, Q_SLICE=q_slice)
-        far = torch.empty(math.prod(stacked_grid), dtype=torch.int8, device=q.device)  # `_qk_kernel`'s FAR
     else:  # plain tiles
         if layout == "pair" and d % 2:
             raise ValueError(f"layout='pair' needs an even head_dim, not {d}")
@@ -1824,12 +1811,10 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         rough_rows = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
         dummy = qn  # never read when the norm is absent
         if layout == "stacked":
-            # With the programs' bound (no q/k norm): those within `NEAR_LIMIT`, then the others.
-            bounded = not has_norm and CHANGE_BOUND
+            bounded = not has_norm and CHANGE_BOUND  # the programs' bound (`_change_bound`)
             norms = _column_norms(kn, kr, cos, sin, spec.scaling, is_key) if bounded else dummy
-            launches = [(_qk_kernel, stacked_grid, main | dict(COLNORM=norms, FAR=far, BOUNDED=bounded, NEAR=near),
-                         gentle_part) for near in ((True, False) if bounded else (False,))]
-            launches.append((_qk_rough_kernel, stacked_grid, rough, rough_part))
+            launches = [(_qk_kernel, stacked_grid, main | dict(COLNORM=norms, BOUNDED=bounded), gentle_part),
+                        (_qk_rough_kernel, stacked_grid, rough, rough_part)]
         else:
             launches = [(_qk_channel_kernel, (b * hq, n_tiles, d // 2 if layout == "pair" else d), plain, gentle_part),
                         (_qk_channel_rough_kernel, (b * hq, n_tiles, d), plain, rough_part)]

@@ -137,12 +137,12 @@ def test_qk_stacked_kernel_reads_past_the_keys_only_what_is_masked(metric, preci
 def test_qk_stacked_kernel_change_bound_sees_an_outlier(softcap, outlier, bound, launches, monkeypatch):
     """A stacked program first bounds its changes of logit over all its key tiles
     (`_change_bound`): within a quarter cap no tile checks its own for the soft-cap's Taylor form,
-    and within `NEAR_LIMIT` A·(e^Δ − 1) is one polynomial, in the first of two launches. Small
-    logits everywhere but one outlier, whose changes reach a cap and more in a few tiles: channel
-    4 of the first token's k (which channel 0's rotary partner term meets: programs of 2
-    channels, so channel 0's has only its column norms to see it), or channel 1 of one query row.
-    The bound must see it, or those tiles take a form out of its reach. Against float64, with the
-    bound (CHANGE_BOUND: two launches of the main kernel) and without (one, every tile checking)."""
+    and within `NEAR_LIMIT` A·(e^Δ − 1) is one polynomial. Small logits everywhere but one
+    outlier, whose changes reach a cap and more in a few tiles: channel 4 of the first token's k
+    (which channel 0's rotary partner term meets: programs of 2 channels, so channel 0's has only
+    its column norms to see it), or channel 1 of one query row. The bound must see it, or those
+    tiles take a form out of its reach. Against float64, with the bound (CHANGE_BOUND) and
+    without (every tile checking, both forms everywhere)."""
     import kernels.qk_impact as qk
 
     monkeypatch.setattr(qk, "CHANGE_BOUND", bound)
@@ -159,8 +159,7 @@ def test_qk_stacked_kernel_change_bound_sees_an_outlier(softcap, outlier, bound,
     tri = qk_impact_triton(*on_device(q, k, v, cos, sin), mask.to(DEVICE), spec, block_c=2, layout="stacked")
     for a, r in zip((x.cpu() for x in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
-    main = [kw["NEAR"] for _, kw in launches if "NEAR" in kw]
-    assert main == ([True, False] * 2 if bound else [False, False])
+    assert [kw["BOUNDED"] for _, kw in launches[::2]] == [bound] * 2  # the main kernels
 
 
 @pytest.fixture
@@ -205,8 +204,8 @@ def test_qk_stacked_kernel_q_read_in_slices_and_w_on_the_matrix_units(metric, q_
                            layout="stacked")
     for a, r in zip((x.cpu() for x in tri), ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
-    assert [kw["Q_SLICE"] for _, kw in launches] == [q_slice] * 6  # two main launches and the rough one, twice
-    assert [kw["W_BY_DOT"] for _, kw in launches if "NEAR" in kw] == [w_by_dot] * 4
+    assert [kw["Q_SLICE"] for _, kw in launches] == [q_slice] * 4
+    assert [kw["W_BY_DOT"] for _, kw in launches[::2]] == [w_by_dot] * 2  # the main kernels
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -447,9 +446,7 @@ def test_qk_kernel_defaults(precision, d, kernel, tiles, inputs_kind, launches):
     for a, r in zip((x.cpu() for x in tri), qk_impact_reference(q, k, v, cos, sin, mask, spec)):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
     main = [kw for launched, kw in launches if launched is getattr(qk, kernel).kernel]
-    # Query and key channels, each with its rough kernel; the stacked one in two launches (the
-    # programs within `NEAR_LIMIT`, then the others).
-    assert len(main) == (4 if kernel == "_qk_kernel" else 2) and len(launches) == len(main) + 2
+    assert len(main) == 2 and len(launches) == 4  # query and key channels, each with its rough kernel
     assert all(kw[name] == value for kw in main for name, value in tiles.items())
 
 
