@@ -825,10 +825,10 @@ if triton is not None:
         shift, scale = _value_scale(PRECISION, PROBS)
         for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             _, logp, dl = _tile_change(
-                q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base,
-                chans, chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R,
-                RM1, TOKENS, T, D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM,
-                HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
+                q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans,
+                chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T,
+                D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW,
+                PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
             # However large the logit change, A·e is exact to rounding; where A' overflows, W
             # becomes infinite (or NaN), so the row fails the gentle test and the rough kernel
             # redoes it. A·e comes out times 2^s, as the value product's split wants it
@@ -843,8 +843,8 @@ if triton is not None:
             if not PROBS:
                 cols = n0 + tl.arange(0, BLOCK_N)
                 # Unmasked (`KEY_SLACK`): keys past T meet A·e = 0; dims past D are dropped below.
-                v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :], None,
-                                               PRECISION, V_EXACT)
+                v_big, v_small = _load_operand(VB, VS, k_base + cols[:, None] * D + dims[None, :], None, PRECISION,
+                                               V_EXACT)
                 pe_big, pe_small = _split(tl.reshape(pe, [BLOCK_C * BLOCK_M, BLOCK_N]), PRECISION, True)
                 u_acc = _dot(pe_big, pe_small, v_big, v_small, _opaque(u_acc), PRECISION, V_EXACT)
                 if W_BY_DOT:
@@ -864,10 +864,10 @@ if triton is not None:
             per_row = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
             for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
                 allowed, logp, dl = _tile_change(
-                    q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base,
-                    chans, chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R,
-                    RM1, TOKENS, T, D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM,
-                    HAS_CAP, HAS_WINDOW, PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
+                    q_big, q_small, QB, QS, q_base, logit_scale, lse, rows, row_ok, n0, b, k_base, cs_base, chans,
+                    chan_ok, partners, sign, row_c, row_p, r_row, rm1_row, KN, KR, KB, KS, COS, SIN, R, RM1, TOKENS, T,
+                    D, scaling, softcap, window, series_limit, series_all, IS_KEY, HAS_NORM, HAS_CAP, HAS_WINDOW,
+                    PRECISION, BLOCK_N, BLOCK_D, Q_SLICE)
                 p = _exp(logp)
                 change = (_weighted_expm1(p, logp, dl) - p * w_sum[:, :, None]) / (1.0 + w_sum[:, :, None])
                 per_row += tl.sum(tl.where(allowed, change * change, 0.0), axis=2)
@@ -879,8 +879,7 @@ if triton is not None:
             change = (u - w_sum[:, :, None] * out[None, :, :]) / (1.0 + w_sum[:, :, None])
             per_row = tl.sum(change * change, axis=2)  # columns past D are 0 in u and out
         total = tl.sum(tl.where(counted & gentle, per_row, 0.0), axis=1)
-        tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + chans, total,
-                 mask=chan_ok)
+        tl.store(PARTIAL + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * D + chans, total, mask=chan_ok)
 
     @triton.jit
     def _qk_rough_kernel(
@@ -1790,40 +1789,38 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
         raise ValueError(f"block_c must be a power of two with block_c·block_m ≥ 16, not {block_c}")
     has_norm_q, has_norm_k = rq is not None, rk is not None
     if layout == "stacked":
-        stacked_grid = (b * hq, n_tiles, triton.cdiv(d, block_c))
+        kernels = (_qk_kernel, _qk_rough_kernel)
+        grids = [(b * hq, n_tiles, triton.cdiv(d, block_c))] * 2
         q_slice = default_q_slice(block_d, block_n, precision)
-        main = dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, Q_SLICE=q_slice,
-                    W_BY_DOT=default_w_by_dot(precision), near_limit=NEAR_LIMIT)
-        rough = dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, Q_SLICE=q_slice)
+        specialise = [dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, near_limit=NEAR_LIMIT, Q_SLICE=q_slice,
+                           W_BY_DOT=default_w_by_dot(precision)),
+                      dict(BLOCK_C=block_c, series_limit=TANH_SERIES_LIMIT, Q_SLICE=q_slice)]
     else:  # plain tiles
         if layout == "pair" and d % 2:
             raise ValueError(f"layout='pair' needs an even head_dim, not {d}")
+        kernels = (_qk_channel_kernel, _qk_channel_rough_kernel)
+        grids = [(b * hq, n_tiles, d // 2 if layout == "pair" else d), (b * hq, n_tiles, d)]
         # Keys need the token mask only where padding comes before a real token (the pipeline pads on the
         # right, `right_padded`); with it, ptxas serialises the kernel's wgmma (sm_90a, triton 3.6), so it is
         # kept off otherwise. Unless the caller vouches, that is read from the device: one wait for the GPU.
         padding_first = bool((tokens[:, 1:] > tokens[:, :-1]).any()) if right_padded is None else not right_padded
-        plain = dict(MASK_KEYS=padding_first, PAIR=layout == "pair")
+        specialise = [dict(MASK_KEYS=padding_first, PAIR=layout == "pair")] * 2
     results = []
     for is_key, r, r_m1, has_norm in ((False, rq, rq_m1, has_norm_q), (True, rk, rk_m1, has_norm_k)):
         # Gentle rows, rough rows: every entry written (a rough program without such rows writes 0).
         partial = torch.empty(2, b * hq, n_tiles, d, dtype=acc, device=q.device)
-        gentle_part, rough_part = partial
-        rough_rows = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
+        rough = torch.empty(b * hq, d, t, dtype=torch.int8, device=q.device)  # rows that change a lot
         dummy = qn  # never read when the norm is absent
-        if layout == "stacked":
-            bounded = not has_norm and CHANGE_BOUND  # the programs' bound (`_change_bound`)
-            norms = _column_norms(kn, kr, cos, sin, spec.scaling, is_key) if bounded else dummy
-            launches = [(_qk_kernel, stacked_grid, main | dict(COLNORM=norms, BOUNDED=bounded), gentle_part),
-                        (_qk_rough_kernel, stacked_grid, rough, rough_part)]
-        else:
-            launches = [(_qk_channel_kernel, (b * hq, n_tiles, d // 2 if layout == "pair" else d), plain, gentle_part),
-                        (_qk_channel_rough_kernel, (b * hq, n_tiles, d), plain, rough_part)]
-        for kernel, grid, own, part in launches:
+        if layout == "stacked":  # the main kernel's column norms, read without a norm (`_change_bound`)
+            bounded = not has_norm and CHANGE_BOUND
+            specialise[0]["COLNORM"] = _column_norms(kn, kr, cos, sin, spec.scaling, is_key) if bounded else dummy
+            specialise[0]["BOUNDED"] = bounded
+        for kernel, grid, own, part in zip(kernels, grids, specialise, partial):
             with _expected_overflow():
                 kernel[grid](
                     qn, qr, kn, kr, *parts, cos, sin,
                     r.contiguous() if has_norm else dummy, r_m1.contiguous() if has_norm else dummy,
-                    lse, out, unscale, tokens, counted, part, rough_rows,
+                    lse, out, unscale, tokens, counted, part, rough,
                     t, d, hq, spec.group_size, float(spec.scaling), float(spec.softcap or 1.0),
                     int(spec.sliding_window or 0),
                     IS_KEY=is_key, HAS_NORM=has_norm, HAS_CAP=spec.softcap is not None,
