@@ -466,7 +466,7 @@ if triton is not None:
         """exp(x) − 1 for |x| ≤ 1 (`NEAR_LIMIT`) to float32 rounding, by one polynomial: x·P(x), P of
         degree 7 fitted to (eˣ − 1)/x for the least largest relative error (2.4e-8; in float32
         with FMAs, 1.6e-7 at worst, numpy emulation), FMAs. Twice `_expm1_small`'s reach for one
-        FMA more, and no exp and no select (`NEAR_LIMIT`)."""
+        FMA more, and no exp and no select."""
         poly = 2.4760299437023273e-05
         poly = poly * x + 0.0002037028357947945
         poly = poly * x + 0.001389550753790144
@@ -787,11 +787,8 @@ if triton is not None:
         its changes of logit. Within a quarter cap (`TANH_SERIES_LIMIT`) its tiles take the
         soft-cap's Taylor form unchecked; within `near_limit` (`NEAR_LIMIT`) A·(e^Δ − 1) needs
         only `_expm1_near`: a branch each tile on a value the whole program shares, so that each
-        program runs its own form's instructions only (sm_90a counts at `NEAR_LIMIT`). (Two
-        launches, one for the programs within the limit and one for the others, ran 4 % fewer
-        instructions a tile within it but more beyond, for a launch more, and each program's
-        set-up twice where most programs are beyond, as in a real model; one kernel with two
-        copies of the key loop held both loops' shared memory, 282 KiB at gemma2-9b's tiles.)
+        program runs its own form's instructions only (sm_90a counts at `NEAR_LIMIT`; the forms
+        tried and dropped are in sm90a-qk-kernel-resources.md).
 
         The value product's accumulator goes through `_opaque` each key tile, which makes Triton
         wait for the tile's products before the next tile's instead of carrying them across the
@@ -834,10 +831,11 @@ if triton is not None:
             # redoes it. A·e comes out times 2^s, as the value product's split wants it
             # (`_value_scale`): from A·2^s (exact) and, for the far form, log2 A + s.
             logp2 = logp * LOG2_E
+            p = _exp2(logp2) * scale
             if near:
-                pe = _exp2(logp2) * scale * _expm1_near(dl)
+                pe = p * _expm1_near(dl)
             else:
-                pe = _weighted_expm1_2(_exp2(logp2) * scale, logp2 + shift, dl)
+                pe = _weighted_expm1_2(p, logp2 + shift, dl)
             if PROBS or not W_BY_DOT:
                 w_acc += pe
             if not PROBS:
