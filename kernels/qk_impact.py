@@ -24,6 +24,7 @@ Two metrics: `output`, ‖(A − A')V‖_F (the paper's, the default), and `prob
 the authors' released code computes). Both are summed over the query heads a neuron reaches.
 """
 import contextlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -107,6 +108,19 @@ def _allowed(token_mask: torch.Tensor, rows: slice, keys: slice, window: int | N
     return (ok[None] & token_mask[:, None, keys]) | (i == j)[None]
 
 
+def _expm1_(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) − 1 to float32 rounding, in place where eager (x is the caller's temporary).
+    Under torch.compile not torch.expm1, which PyTorch 2.13's vectorised CPU code computes as
+    exp(x) − 1 (pytorch/pytorch#189803), every digit lost as x nears 0: there the Taylor
+    polynomial Σ_{n ≤ 9} xⁿ/n! (under 1e-9 relative) for |x| ≤ ½, exp(x) − 1 beyond."""
+    if not torch.compiler.is_compiling():
+        return x.expm1_()
+    poly = torch.full_like(x, 1 / math.factorial(9))
+    for n in range(8, 0, -1):
+        poly = poly * x + 1 / math.factorial(n)
+    return torch.where(x.abs() <= 0.5, x * poly, torch.exp(x) - 1)
+
+
 def _tanh_change(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """tanh(a + d) − tanh(a) to float32 rounding for any a and d: sinh(d) / (cosh a · cosh(a + d))
     in exponentials of non-positive arguments, 2·sign(d)·E·(1 − e^-2|d|) / ((1 + e^-2|a|)(1 + e^-2|s|)),
@@ -117,7 +131,7 @@ def _tanh_change(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     u = torch.exp(-2 * a.abs())  # a: [B, K, I, 1], shared by the channels
     v = s.abs_().mul_(-2).exp_()  # e^-2|s|; in place from here on (the eager twin's time and memory)
     out = torch.maximum(u, v).masked_fill_(~same_sign, 1.0)  # E: the larger of e^-2|a|, e^-2|s|
-    out.mul_(d.abs().mul_(-2).expm1_()).mul_(torch.sign(d)).mul_(-2)
+    out.mul_(_expm1_(d.abs().mul_(-2))).mul_(torch.sign(d)).mul_(-2)
     return out.div_(v.add_(1).mul_(1 + u))
 
 
@@ -139,7 +153,7 @@ def _probability_change(logp: torch.Tensor, p: torch.Tensor, dl: torch.Tensor) -
     maximum, which is accurate when the change is large (no 1 + W ≈ 0 cancellation, no overflow).
     `p` is exp(logp), which the caller already has.
     """
-    e = torch.expm1(dl.clamp_max(20))
+    e = _expm1_(dl.clamp_max(20))
     w_sum = (p * e).sum(1, keepdim=True)
     gentle = (w_sum.abs() <= 0.5) & (dl.amax(1, keepdim=True) <= 20)
     small = p * (e - w_sum) / (1 + w_sum)
@@ -171,7 +185,7 @@ def _chunk_sq(x, logp, p, masked, out, v, valid_rows, row_c, row_p, col_c, col_p
     dl = dl.masked_fill_(masked, 0.0)
     if metric == "output":
         # ΔO_i = (Σ_j p_ij·e_ij·V_j − W_i·O_i) / (1 + W_i): the expm1 form without forming A' − A.
-        pe = torch.expm1(dl.clamp_max(20)).mul_(p)
+        pe = _expm1_(dl.clamp_max(20)).mul_(p)
         b, k, i, c = pe.shape
         w_sum = pe.sum(1)[..., None]  # [B, I, C, 1]
         gentle = (w_sum.abs() <= 0.5) & (dl.amax(1)[..., None] <= 20)
