@@ -6,7 +6,7 @@
 # h100-kernels.md (`bench_kernels.py --sweep qk --shapes llama3.1-8b` reruns them). (The FFN sweep,
 # its target met on the H200: `bench_kernels.py --sweep ffn`.)
 # Usage (on a CUDA machine, from the repository root): bash benchmarks/run_gpu.sh OUT_DIR [STEPS]
-# STEPS is a comma list of target, tests, sweep, table, profile, scan, short, run in that order (default:
+# STEPS is a comma list of target, tests, sweep, table, profile, scan, short, fuzz, run in that order (default:
 # the first three; on an H100 on 2026-11-27 they took 7.3 minutes, and table + scan 4.1, where the
 # table's 150 s ran out before gemma2-9b's kernel rows and the tests' 180 s (8 workers) before the
 # last 4 of 189 tests; the default limits, 150 + 240 + 240 + 200 + 120 + 120 + 90 + 90 s: one
@@ -24,9 +24,12 @@
 # the same detection in batches of 32 (SCAN32_S, 90 s): run 3's profile found the GPU idle 57 % of a
 # layer call at batch 8, waiting for the host, whose work per call hardly grows with the batch.
 # short: the Q/K tiles at the detection's lengths, 8 sentences of 40 tokens, llama3.1-8b (SHORT_S, 90 s).
-# Each step has its own time limit (TARGET_S, TEST_S, SWEEP_S, TABLE_S, PROFILE_S, SCAN_S, SCAN32_S, SHORT_S) and writes its log to OUT_DIR as it goes.
+# fuzz: the compiled Triton Q/K kernels on fresh random configurations against float64
+# (tests/fuzz_qk_impact.py; FUZZ_S, 120 s).
+# Each step has its own time limit (TARGET_S, TEST_S, SWEEP_S, TABLE_S, PROFILE_S, SCAN_S, SCAN32_S, SHORT_S,
+# FUZZ_S) and writes its log to OUT_DIR as it goes.
 set -u
-out=${1:?usage: run_gpu.sh OUT_DIR [target,tests,sweep,table,profile,scan,short]}
+out=${1:?usage: run_gpu.sh OUT_DIR [target,tests,sweep,table,profile,scan,short,fuzz]}
 steps=",${2:-target,tests,sweep},"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -74,4 +77,9 @@ fi
 if [[ $steps == *,short,* ]]; then
   timeout "${SHORT_S:-90}" python3 benchmarks/bench_kernels.py --sweep qk --sweep-t 40 --sweep-batch 8 --ops "" \
     --shapes llama3.1-8b --out "$out/short.md" 2>"$out/short.log"; tail -8 "$out/short.log"
+fi
+if [[ $steps == *,fuzz,* ]]; then
+  fuzz_s=${FUZZ_S:-120}
+  timeout "$fuzz_s" python3 tests/fuzz_qk_impact.py --paths triton --minutes "$(awk "BEGIN { print ($fuzz_s - 30) / 60 }")" \
+    >"$out/fuzz.log" 2>&1; tail -8 "$out/fuzz.log"
 fi

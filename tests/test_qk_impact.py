@@ -129,3 +129,15 @@ def test_soft_cap_far_below_the_logits(metric):
     twin = qk_impact_torch(*(x.float() for x in (q, k, v, cos, sin)), mask, spec, metric)
     for a, r in zip(twin, ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
+
+
+def test_fuzz_tool_passes_the_twin_and_flags_a_wrong_one(monkeypatch):
+    """tests/fuzz_qk_impact.py, the random-configuration check, on a few cases: the eager twin
+    passes, and a twin 1e-4 off fails every case."""
+    import fuzz_qk_impact as fuzz
+
+    seeds = range(3)
+    assert [line for seed in seeds for line in fuzz.check(seed, ["eager"])] == []
+    right = fuzz.impacts
+    monkeypatch.setattr(fuzz, "impacts", lambda *args: [x * (1 + 1e-4) for x in right(*args)])
+    assert all(fuzz.check(seed, ["eager"]) for seed in seeds)
