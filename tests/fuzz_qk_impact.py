@@ -13,8 +13,9 @@ relative or 1e-7 of the largest impact, widened to three times the float32 floor
 which no float32 pipeline can beat: the larger of the float64 twin's error when given the base
 logits, log-probabilities, probabilities and output as the float32 twin computes them, and the
 float64 impacts' change when q and k move by a dot product's rounding. A failure prints
-its seed; rows that move from probabilities near 1 (the `probs` metric, near one-hot rows) may
-still exceed that floor, so check one with --repro before calling it a bug. Exit status 1 on any
+its seed; near one-hot rows (the `probs` metric; logits near a soft-cap with a key at e^-30,
+seed 702794, where the twin and the kernels alike come within 1e-3) may still exceed that floor,
+so check one with --repro before calling it a bug. Exit status 1 on any
 failure.
 """
 import argparse
@@ -52,7 +53,7 @@ def draw(rng: random.Random) -> dict:
     return dict(hq=hk * group, hk=hk, d=d, t=t, b=rng.choice([1, 2, 3]),
                 softcap=rng.choice([None, None, 1.0, 3.0, 20.0, 50.0]),
                 window=rng.choice([None, None, 1, 2, 5, t, t + 3]),
-                norm=rng.random() < 0.3 and d >= 8,  # a norm over 2 to 6 dims can blow one channel up
+                norm=rng.random() < 0.3 and d >= 8,  # a norm over 4 or 6 dims can blow one channel up
                 metric=rng.choice(["output", "probs"]), scale=rng.choice([0.01, 0.3, 1.0, 1.0, 2.0, 4.0, 8.0]),
                 padding=rng.choice(["none", "right", "left", "holes"]),
                 v_dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16]),
