@@ -34,6 +34,7 @@ if not torch.cuda.is_available():
 
 import kernels.qk_impact as qk  # noqa: E402
 from kernels.qk_impact import AttentionSpec, HeadNorm, qk_impact_reference, qk_impact_torch  # noqa: E402
+from test_qk_impact import rope  # noqa: E402
 
 PATHS = ("eager", "compiled", "triton")
 # The fused twin compiles a graph per soft-cap value, metric and norm: up to 32 here, past the
@@ -79,11 +80,8 @@ def build(case: dict, seed: int):
         elif case["padding"] == "holes":
             mask[i] = torch.rand(t, generator=gen) < 0.7
     norm = HeadNorm(torch.rand(d, generator=gen, dtype=torch.float64) + 0.5, 1e-6) if case["norm"] else None
-    pos = torch.arange(t, dtype=torch.float64)
-    angles = pos[:, None] / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    angles = torch.cat([angles, angles], -1)[None]
     spec = AttentionSpec(hq, hk, d, d ** -0.5, case["softcap"], case["window"], norm, norm)
-    return q, k, v, mask, angles.cos(), angles.sin(), spec
+    return q, k, v, mask, *rope(t, d, torch.float64), spec
 
 
 @contextlib.contextmanager
