@@ -223,6 +223,17 @@ def _layer_stages(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _check_backend(args) -> None:
+    """A bad --backend, or one the --device cannot run, fails before any model loads."""
+    from kernels.dispatch import resolve_backend
+    from neurolang.models import resolve_device
+
+    try:
+        resolve_backend(args.backend, resolve_device(args.device))
+    except ValueError as err:
+        raise NeurolangError(str(err)) from None
+
+
 def cmd_detect(args) -> int:
     from neurolang.classify import classify, format_table
     from neurolang.detect import check_options, detect
@@ -230,6 +241,7 @@ def cmd_detect(args) -> int:
 
     check_options(ratio=args.ratio, sigma=args.sigma, tau=args.tau, max_sentences=args.max_sentences,
                   eval_sentences=args.eval_sentences, max_length=args.max_length, batch_size=args.batch_size)
+    _check_backend(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     sets = detect(model, tokenizer, args.corpus, args.langs, ratio=args.ratio, sigma=args.sigma, tau=args.tau,
                   max_sentences=args.max_sentences, eval_sentences=args.eval_sentences, max_length=args.max_length,
@@ -376,6 +388,8 @@ def cmd_scan(args) -> int:
 
     if args.workers < 1:
         raise NeurolangError("--workers must be positive")
+    if args.ray_address is None:  # a Ray cluster's workers may have the GPUs this machine lacks
+        _check_backend(args)
     entries = read_models(default_model_path() if args.models is None else args.models)
     options = ScanOptions(langs=tuple(args.langs), corpus=args.corpus, dtype=args.dtype, device=args.device,
                           max_sentences=args.max_sentences, eval_sentences=args.eval_sentences,
@@ -411,6 +425,7 @@ def cmd_verify(args) -> int:
     from neurolang.oracle import verify
 
     sentences = read_lines(args.text) if args.text else list(SAMPLE_SENTENCES.values())
+    _check_backend(args)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     adapter = ModelAdapter(model)

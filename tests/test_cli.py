@@ -198,6 +198,21 @@ def test_bad_dtype_device_and_layers(capsys):
         one_line_error(["verify", "--device", "cuda"], capsys, "no CUDA GPU")
 
 
+@pytest.mark.parametrize("command", [["verify"], ["detect", "--out", "{tmp}/d"], ["scan", "--out", "{tmp}/s"]])
+def test_bad_backend_fails_before_any_model_loads(command, tmp_path, capsys, monkeypatch):
+    import neurolang.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the backend was checked")
+
+    monkeypatch.setattr(neurolang.models, "load_model", no_loading)
+    argv = [part.format(tmp=tmp_path) for part in command]
+    one_line_error(argv + ["--backend", "cuda"], capsys, "unknown backend 'cuda'")
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        one_line_error(argv + ["--backend", "triton", "--device", "cpu"], capsys, "needs CUDA tensors")
+
+
 @pytest.mark.parametrize("command", [["detect"], ["scan", "--models", "tiny:llama"], ["eval", "--task", "mgsm"],
                                      ["train", "--neurons", "."]])
 def test_an_output_path_that_is_a_file_is_refused_at_once(tmp_path, capsys, command):
