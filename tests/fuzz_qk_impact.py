@@ -15,10 +15,11 @@ logits, log-probabilities, probabilities and output as the float32 twin computes
 float64 impacts' change when q and k move by a dot product's rounding. A failure prints
 its seed; near one-hot rows may still exceed that floor, so check one with --repro (all paths)
 before calling it a bug. Two such float32 limits, the twin and the kernels alike within about
-1e-3 of the largest impact: logits near a soft-cap with a key at e^-30 (seed 702794), and rows
-whose logits all fall by about the same amount, which leaves A nearly as it was (seed 810159,
-t = 2, a key at e^-25 rising to e^-11 while all logits drop by 9): the expm1 form's test
-|W| ≤ ½ is not shift-invariant, so such a row takes the direct softmax, where A'V − O cancels.
+1e-3 of the largest impact: logits near a soft-cap with a key at e^-30 (seed 702794), and a
+dominant key whose logit moves a lot while it stays dominant, which leaves A nearly as it was
+(seed 810159, t = 2: it falls by 8.7, the other key goes from e^-25 to e^-11): the expm1 form's
+test |W| ≤ ½ is not shift-invariant (W = e^-8.7 − 1 here), so such a row takes the direct
+softmax, where A'V − O cancels.
 Exit status 1 on any failure.
 """
 import argparse
