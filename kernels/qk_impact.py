@@ -16,7 +16,11 @@ subtracting two softmaxes: with e_ij = expm1(δ_ij) and W_i = Σ_j A_ij·e_ij,
     (A' − A)_ij = A_ij·(e_ij − W_i) / (1 + W_i),
 
 which keeps full relative precision even when a neuron moves the attention very little (rows
-that change a lot fall back to a direct, max-shifted softmax, see `_probability_change`).
+that change a lot fall back to a direct, max-shifted softmax, see `_probability_change`). The
+PyTorch twin first takes out of δ_i its A-weighted mean Σ_j A_ij·δ_ij, which the softmax
+ignores, so that W is small exactly where A moves little (the Triton kernels do not yet: a
+dominant key whose logit moves a lot but stays dominant sends their row to the direct softmax,
+see tests/fuzz_qk_impact.py).
 Soft-capping is handled the same way, as a difference that never subtracts two tanh:
 tanh(a + d) − tanh(a) = sinh(d) / (cosh a · cosh(a + d)) (`_tanh_change`).
 
@@ -108,17 +112,17 @@ def _allowed(token_mask: torch.Tensor, rows: slice, keys: slice, window: int | N
     return (ok[None] & token_mask[:, None, keys]) | (i == j)[None]
 
 
-def _expm1_(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) − 1 to float32 rounding, in place where eager (x is the caller's temporary).
-    Under torch.compile not torch.expm1, which PyTorch 2.13's vectorised CPU code computes as
-    exp(x) − 1 (pytorch/pytorch#189803), every digit lost as x nears 0: there the Taylor
-    polynomial Σ_{n ≤ 9} xⁿ/n! (under 1e-9 relative) for |x| ≤ ½, exp(x) − 1 beyond."""
+def _expm1_(x: torch.Tensor, small: bool = False) -> torch.Tensor:
+    """exp(x) − 1 to float32 rounding, in place where eager (x is the caller's temporary); `small`:
+    the caller knows |x| ≤ ½. Under torch.compile not torch.expm1, which PyTorch 2.13's vectorised
+    CPU code computes as exp(x) − 1 (pytorch/pytorch#189803), every digit lost as x nears 0: there
+    the Taylor polynomial Σ_{n ≤ 9} xⁿ/n! (under 1e-9 relative) for |x| ≤ ½, exp(x) − 1 beyond."""
     if not torch.compiler.is_compiling():
         return x.expm1_()
     poly = torch.full_like(x, 1 / math.factorial(9))
     for n in range(8, 0, -1):
         poly = poly * x + 1 / math.factorial(n)
-    return torch.where(x.abs() <= 0.5, x * poly, torch.exp(x) - 1)
+    return x * poly if small else torch.where(x.abs() <= 0.5, x * poly, torch.exp(x) - 1)
 
 
 def _tanh_change(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -144,19 +148,33 @@ def _base_logits(x: torch.Tensor, token_mask: torch.Tensor, rows: slice, keys: s
     return _capped(x, spec.softcap).masked_fill(~_allowed(token_mask, rows, keys, spec.sliding_window), float("-inf"))
 
 
+def _times_expm1(p: torch.Tensor, logp: torch.Tensor, dl: torch.Tensor) -> torch.Tensor:
+    """A·(e^Δ − 1) for A = p = exp(logp) and logit changes Δ = dl, as the kernels' `_weighted_expm1`:
+    p·expm1(Δ) for |Δ| ≤ ½; exp(logp + Δ) − p beyond, exact where A is tiny (or subnormal) but
+    A' = A·e^Δ is not; 0 at masked keys (logp = −inf), inf where A' overflows, which fails the
+    caller's gentle test."""
+    near = _expm1_(dl.clamp(-0.5, 0.5), small=True).mul_(p)
+    return torch.where(dl.abs() <= 0.5, near, torch.exp(logp + dl).sub_(p))
+
+
+def _gentle(w_sum: torch.Tensor) -> torch.Tensor:
+    """Rows whose expm1 form is exact to rounding: |W| ≤ ½ (False for inf and NaN)."""
+    return w_sum.abs() <= 0.5
+
+
 def _probability_change(logp: torch.Tensor, p: torch.Tensor, dl: torch.Tensor) -> torch.Tensor:
     """A' − A for rows of log-probabilities `logp` (−inf where masked) whose logits move by `dl`,
     keys along dim 1 (`_chunk_sq`'s [B, K, I, C]).
 
-    A row that moves gently (|W| ≤ ½ and no logit up by more than 20) uses the expm1 form, exact
-    to rounding however small the change; any other row recomputes its softmax, shifted by its own
+    A row that moves gently (`_gentle`) uses the expm1 form (A·e − A·W) / (1 + W), exact to
+    rounding however small the change; any other row recomputes its softmax, shifted by its own
     maximum, which is accurate when the change is large (no 1 + W ≈ 0 cancellation, no overflow).
     `p` is exp(logp), which the caller already has.
     """
-    e = _expm1_(dl.clamp_max(20))
-    w_sum = (p * e).sum(1, keepdim=True)
-    gentle = (w_sum.abs() <= 0.5) & (dl.amax(1, keepdim=True) <= 20)
-    small = p * (e - w_sum) / (1 + w_sum)
+    pe = _times_expm1(p, logp, dl)
+    w_sum = pe.sum(1, keepdim=True)
+    gentle = _gentle(w_sum)
+    small = (pe - p * w_sum) / (1 + w_sum)
     if not torch.compiler.is_compiling() and bool(gentle.all()):
         return small
     shifted = logp + dl
@@ -182,13 +200,17 @@ def _chunk_sq(x, logp, p, masked, out, v, valid_rows, row_c, row_p, col_c, col_p
         dl = softcap * _tanh_change(x / softcap, dx / softcap)
     else:
         dl = dx
+    # Less the row's A-weighted mean change, which the softmax ignores: W then stays small wherever
+    # A moves little, also where a dominant key's logit moves a lot and it stays dominant (W would
+    # be e^Δ − 1, and the row would take the direct softmax, whose A'V − O loses every digit).
     dl = dl.masked_fill_(masked, 0.0)
+    dl = dl.sub_((p * dl).sum(1, keepdim=True))
     if metric == "output":
         # ΔO_i = (Σ_j p_ij·e_ij·V_j − W_i·O_i) / (1 + W_i): the expm1 form without forming A' − A.
-        pe = _expm1_(dl.clamp_max(20)).mul_(p)
+        pe = _times_expm1(p, logp, dl)
         b, k, i, c = pe.shape
         w_sum = pe.sum(1)[..., None]  # [B, I, C, 1]
-        gentle = (w_sum.abs() <= 0.5) & (dl.amax(1)[..., None] <= 20)
+        gentle = _gentle(w_sum)
 
         def times_v(a):  # Σ_j a_j·V_j: [B, K, I, C] → [B, I, C, D]
             return torch.bmm(a.reshape(b, k, i * c).transpose(1, 2), v).view(b, i, c, -1)

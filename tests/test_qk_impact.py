@@ -131,6 +131,25 @@ def test_soft_cap_far_below_the_logits(metric):
         torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_a_dominant_key_that_stays_dominant(metric):
+    """Query 1's logits are 40 and 0; zeroing q channel 0 (or k channel 0) takes the first to 10,
+    channel 1 to 30: the key stays dominant, so A moves by e^-10 or e^-30 while W = e^Δ − 1 is
+    about −1. Without taking out the row's A-weighted mean change first, the twin sent such rows
+    to the direct softmax, where A'V − O kept no digit of e^-30 and three of e^-10."""
+    q = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [6.0, 2.0, 0.5, 0.5]]], dtype=torch.float64)
+    k = torch.tensor([[[10.0, 10.0, 0.0, 0.0], [0.0, 0.0, 1.0, -1.0]]], dtype=torch.float64)
+    v = torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64).float().double()
+    cos, sin = torch.ones(1, 2, 4, dtype=torch.float64), torch.zeros(1, 2, 4, dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    spec = AttentionSpec(1, 1, 4, 0.5)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
+    twin = qk_impact_torch(*(x.float() for x in (q, k, v, cos, sin)), mask, spec, metric)
+    for a, r in zip(twin, ref):
+        assert int(r.argmax()) == 0 and float(r[0, 1]) > 0  # channel 0 moves A by e^-10, channel 1 by e^-30
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
+
+
 def test_fuzz_tool_passes_the_twin_and_flags_a_wrong_one(monkeypatch):
     """tests/fuzz_qk_impact.py, the random-configuration check, on a few cases: the eager twin
     passes, and a twin 1e-4 off fails every case."""
