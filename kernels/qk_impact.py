@@ -200,10 +200,11 @@ def _chunk_sq(x, logp, p, masked, out, v, valid_rows, row_c, row_p, col_c, col_p
         dl = softcap * _tanh_change(x / softcap, dx / softcap)
     else:
         dl = dx
+    dl = dl.masked_fill_(masked, 0.0)
     # Less the row's A-weighted mean change, which the softmax ignores: W then stays small wherever
     # A moves little, also where a dominant key's logit moves a lot and it stays dominant (W would
     # be e^Δ − 1, and the row would take the direct softmax, whose A'V − O loses every digit).
-    dl = dl.masked_fill_(masked, 0.0)
+    # Masked keys (A = 0) then change by −mean; `_times_expm1` gives them 0 all the same.
     dl = dl.sub_((p * dl).sum(1, keepdim=True))
     if metric == "output":
         # ΔO_i = (Σ_j p_ij·e_ij·V_j − W_i·O_i) / (1 + W_i): the expm1 form without forming A' − A.
