@@ -4,6 +4,7 @@
 single GGUF file (converted once into a cached Hugging Face directory, then reused), or
 `tiny:<family>` for a built-in random model.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -73,6 +74,23 @@ def _check_directory(path: Path) -> None:
     check_supported(SimpleNamespace(**config))
 
 
+@contextlib.contextmanager
+def quiet_bars_off_a_terminal():
+    """transformers' own progress bars (`Loading weights`, `Writing model shards`) only where
+    stderr is a terminal: in a scan's or a training run's log file each is a stream of
+    carriage-return updates."""
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def gguf_to_directory(gguf_file: Path) -> Path:
     """Convert a GGUF file once into a cached, dequantized Hugging Face directory; reuse it after."""
     stat = gguf_file.stat()
@@ -89,18 +107,19 @@ def gguf_to_directory(gguf_file: Path) -> Path:
     print(f"neurolang: converting {gguf_file.name} once into {target} (this can take many minutes)",
           file=sys.stderr, flush=True)
     kwargs = dict(gguf_file=gguf_file.name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
-    config = quantized.config
-    check_supported(config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    with quiet_bars_off_a_terminal():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
+        config = quantized.config
+        check_supported(config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     os.replace(partial, target)
     return target
 
@@ -179,7 +198,8 @@ def load_model(model_name_or_path: str, torch_dtype: str = "float32", device: st
     _check_sentencepiece(path)
     try:  # the tokenizer first: it fails in seconds where a model takes minutes to load
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        with quiet_bars_off_a_terminal():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, ImportError) as err:  # ImportError: a tokenizer library not installed
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NeurolangError(f"cannot load {path}: {first_line}") from None

@@ -23,6 +23,7 @@ from neurolang.adapters import GROUPS, ModelAdapter
 from neurolang.classify import classify
 from neurolang.detect import SCORES_FILE, NeuronSets, atomic_write_text, check_corpus_unchanged
 from neurolang.errors import NeurolangError
+from neurolang.models import quiet_bars_off_a_terminal
 
 STRATEGIES = ("auto", "all", "shared", "exclusive", "random")
 METHODS = ("neurons", "lora")
@@ -353,7 +354,8 @@ def train(model, tokenizer, run_dir, out, *, strategy="auto", langs=None, data="
             trained.save_pretrained(out / "adapter")
         merged = trained.merge_and_unload()
     if args.should_save:
-        merged.save_pretrained(out)
+        with quiet_bars_off_a_terminal():
+            merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
     summary = {
         "model": model_name, "neurons": str(run_dir), "method": method, "strategy": resolved, "langs": langs,

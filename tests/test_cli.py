@@ -62,6 +62,19 @@ def test_verify_on_a_model_directory(tmp_path):
     assert "PASS" in result.stdout
 
 
+def test_transformers_loading_bars_only_on_a_terminal(tmp_path, capsys, monkeypatch):
+    """transformers' `Loading weights` bar: off where stderr is not a terminal (a scan's log
+    file), shown on one, and transformers' own setting as it was after either."""
+    from transformers.utils import logging as hf_logging
+
+    path = save_tiny(tmp_path / "model")
+    load_model(str(path), device="cpu")
+    assert "Loading weights" not in capsys.readouterr().err and hf_logging.is_progress_bar_enabled()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    load_model(str(path), device="cpu")
+    assert "Loading weights" in capsys.readouterr().err and hf_logging.is_progress_bar_enabled()
+
+
 def save_tiny_gemma3_image_text(path: Path) -> Path:
     """A Gemma3 image-text checkpoint (as Gemma3 4B-27B are) around the tiny gemma3_text model."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
