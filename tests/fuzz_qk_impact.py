@@ -16,11 +16,12 @@ float64 impacts' change when q and k move by a dot product's rounding. A failure
 its seed; near one-hot rows may still exceed that floor (seed 829801: the `probs` metric, a
 soft-cap of 1, 2e-4 of the largest impact), so check one with --repro (all paths) before calling
 it a bug. A known limit of the Triton kernels, not of the twin: a dominant key
-whose logit moves a lot while it stays dominant leaves A nearly as it was, but W = e^Δ − 1 is
-large, so the kernels send the row to the direct softmax, whose A'V − O cancels (seeds 702794,
-810159, 835195: from 1e-3 of the largest impact to thousands of times it where every row is
-like that and the impacts are under 1e-10). The twin first takes out each row's A-weighted mean
-change, which the softmax ignores (`_chunk_sq`).
+whose logit moves while it stays dominant leaves A nearly as it was, but W = e^Δ − 1 is not
+small, so the kernels' (U − W·O) / (1 + W) cancels to float32's noise, as does the direct
+softmax's A'V − O for the rows past |W| = ½ (seeds 702794, 810159, 831306, 835195: from 1e-3 of
+the largest impact to thousands of times it where every row is like that and the impacts are
+under 1e-10; the worst entries of 831306 and 835195 are rows with W = −0.3 and −0.15). The twin
+first takes out each row's A-weighted mean change, which the softmax ignores (`_chunk_sq`).
 Exit status 1 on any failure.
 """
 import argparse
