@@ -45,7 +45,7 @@ from test_qk_impact import rope  # noqa: E402
 PATHS = ("eager", "compiled", "triton")
 # The fused twin compiles a graph per soft-cap value, metric and norm (up to 32 here), and again
 # for each dimension of size 1 (t = 1, one sentence, one query row or channel in a chunk): past
-# its limit (8 by default; 64 was reached after about 150 cases) torch.compile would quietly run
+# its limit (8 by default; 64 was reached in five minutes of a run) torch.compile would quietly run
 # the rest eager. 256 is also the default limit over all of a process's graphs.
 torch._dynamo.config.recompile_limit = 256
 
