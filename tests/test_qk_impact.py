@@ -110,6 +110,34 @@ def test_large_logit_changes_stay_finite():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_rows_that_change_a_lot(metric, monkeypatch):
+    """q and k at 4 × randn: many (row, channel) pairs move too much for the expm1 form and take
+    `_rough_sq`'s direct softmax, gathered one pair at a time (budget 1) or all at once; in
+    float64 and float32 both match the reference."""
+    import kernels.qk_impact as qk
+
+    hq, hk, d, t = 4, 2, 8, 11
+    q, k, v, mask = inputs(hq, hk, d, t, 8)
+    q, k = 4 * q, 4 * k
+    cos, sin = rope(t, d, torch.float64)
+    spec = spec_for(hq, hk, d, None, None, False, 8)
+    ref = qk_impact_reference(q, k, v, cos, sin, mask, spec, metric)
+    real, rough_pairs = qk._rough_sq, []
+    for budget in (1, 1 << 21):
+        def counted(logp, out, v, rough, dl, metric):
+            rough_pairs.append(int(rough.sum()))
+            return real(logp, out, v, rough, dl, metric, budget=budget)
+
+        monkeypatch.setattr(qk, "_rough_sq", counted)
+        for a, r in zip(qk_impact_torch(q, k, v, cos, sin, mask, spec, metric), ref):
+            torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12 * float(r.max()))
+        f32 = qk_impact_torch(*(x.float() for x in (q, k, v, cos, sin)), mask, spec, metric)
+        for a, r in zip(f32, ref):
+            torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-7 * float(r.max()))
+    assert len(rough_pairs) == 8 and min(rough_pairs) > 100  # q and k sides, float64 and float32, each budget
+
+
 def saturated_soft_cap_case():
     """(q, k, v, cos, sin, mask, spec) with every logit around ten times the soft-cap."""
     hq, hk, d, t = 4, 2, 8, 13
