@@ -1624,8 +1624,9 @@ def default_stages(block_d: int, block_n: int, precision: str, v_exact: bool = F
     in three stages need more shared memory than an H100 has (about 228 KiB), 2 with 32-key tiles,
     and with 64 1, but 2 under fp16x3 where v is its own big part (`_exact_in_big_part`, a bfloat16
     model: no small part of V to hold; 180 KiB, against 244 KiB with it; sm_90a compile, triton
-    3.6). H100, gemma2-9b T = 1024: bfloat16 q, k, v with 64 keys in two stages 39.5 ms; float32
-    ones with 64 in one 47.1 and 32 in two 43.6 (`default_key_block`)."""
+    3.6). H100, gemma2-9b T = 1024: bfloat16 q, k, v with 64 keys in two stages 31.2 ms, with 32 in
+    two 34.6 and in three 32.6 (run 4); float32 ones with 64 in one 47.1 and 32 in two 43.6 (run 3,
+    `default_key_block`)."""
     if block_d <= 128:
         return 3
     return 2 if block_n < 64 or (precision == "fp16x3" and v_exact) else 1
@@ -1674,9 +1675,10 @@ CHANGE_BOUND = True
 # runs per key tile, within the limit and beyond, against before: gemma2-9b 1611 and 1709 against
 # 1764 (bfloat16 v, 64 keys), 981 and 1029 against 1016 (float32 v, 32 keys); gemma2-27b 1491 and
 # 1589 against 1670; llama's shape (stacked) 972 and 1071 against 1154
-# (`sm90a-qk-kernel-resources.md`). Untimed on a GPU so far. With randn q and k (the benchmarks'
-# inputs) 98.9 % of gemma2-9b's programs are within 1 at T = 1024 and 61 % at llama's shape; in
-# SmolLM2-135M on FLORES sentences, 20 %.
+# (`sm90a-qk-kernel-resources.md`). H100 run 4, gemma2-9b T = 1024: 37.0 ms against 38.2 with both
+# forms everywhere (float32 q, k, v), 31.2 against 31.8 (bfloat16). With randn q and k (the
+# benchmarks' inputs) 98.9 % of gemma2-9b's programs are within 1 at T = 1024 and 61 % at llama's
+# shape; in SmolLM2-135M on FLORES sentences, 20 %: a real model gains less.
 NEAR_LIMIT = 1.0
 
 
@@ -1687,7 +1689,10 @@ NEAR_LIMIT = 1.0
 # carries the same rounding of A·e as the value product, so ΔO_i = (u_i − W_i·O_i) / (1 + W_i)
 # subtracts what that rounding added to both. Compiled for sm_90a (triton 3.6), spills a thread at
 # gemma2-9b's shape: 812 → 436 B (bfloat16 v, 64 keys), 412 → 276 B (float32 v, 32 keys);
-# gemma2-27b's 248 → 120 B (`sm90a-qk-kernel-resources.md`). Untimed on a GPU so far. (tf32x3 at
+# gemma2-27b's 248 → 120 B (`sm90a-qk-kernel-resources.md`). Timed with `Q_SLICE` and `NEAR_LIMIT`
+# (H100 run 4, gemma2-9b T = 1024): the three took it from 41.9 to 37.0 ms on float32 q, k, v and
+# from 34.8 to 31.2 on bfloat16 ones; W's extra rounding, 8.7e-7 → 1.5e-6 of the largest impact
+# (float32 values, against the ieee kernel). (tf32x3 at
 # head_dim 256, 2 channels and 4 warps, 32 rows a product: 516 → 23204 B, so the other precisions
 # sum element-wise.)
 W_BY_DOT = True
@@ -1702,7 +1707,7 @@ W_BY_DOT = True
 # instructions. Not with 64-key tiles (436 → 428 B, 4 % more instructions run a tile), nor at
 # head_dim 128 (64 registers; little or nothing for about 3 % more instructions), nor under tf32x3,
 # which splits q in the kernel and would redo that each tile (21 % more instructions at head_dim
-# 256). Untimed on a GPU so far.
+# 256). Timed with `W_BY_DOT` above.
 Q_SLICE = 64
 
 
