@@ -37,7 +37,7 @@ import torch
 from kernels import (AttentionSpec, masked_column_sumsq_torch, qk_impact_reference, qk_impact_torch,
                      select_count_torch, top_k_size)
 from kernels import qk_impact
-from kernels.qk_impact import PRECISIONS, default_layout
+from kernels.qk_impact import PRECISIONS, SHORT_SENTENCE, default_layout
 
 FFN_BATCH = 8  # sentences per FFN-impact call
 SHAPES = {
@@ -210,7 +210,7 @@ def run_cuda(args, progress) -> tuple[list, dict]:
                 if name.startswith("qk/reference") and t > args.max_reference_t:
                     continue
                 spec = inputs["spec"]
-                if name == "qk/triton-stacked" and default_layout(spec.head_dim, "fp16x3", spec.softcap) == "stacked":
+                if name == "qk/triton-stacked" and default_layout(spec.head_dim, "fp16x3", spec.softcap, t) == "stacked":
                     continue  # the same as qk/triton
                 try:
                     seconds, peak = time_cuda(implementations("cuda")[name], inputs)
@@ -324,16 +324,17 @@ def sweep(shape: str, t: int, batch: int = 1) -> str:
     # 56 KiB); "tile checks" (no program bound: every key tile finds its own largest change of
     # logit, as before `CHANGE_BOUND`), 32 bfloat16 keys in three stages, and the float32 "as run
     # 3" (43.6 ms there). Under a time limit the first rows matter most. At the detection's lengths
-    # (T ≤ 64: sentences of 20–60 tokens, `--sweep-t 40 --sweep-batch 8`) the plain tiles of 64 rows
-    # and 32 keys are mostly padding (H100 run 3's scan profile): smaller ones beside them, on
-    # bfloat16 values as a bfloat16 model's detection has them.
-    if t <= 64 and x["spec"].head_dim <= 128 and x["spec"].softcap is None:
-        configs = [("pair", "fp16x3", "bfloat16", None, None, None, None, None),
-                   ("pair", "fp16x3", "bfloat16", 32, 32, None, 4, 2),
-                   ("pair", "fp16x3", "bfloat16", 32, 16, None, 4, 2),
-                   ("pair", "fp16x3", "bfloat16", 16, 16, None, 4, 2),
-                   ("stacked", "fp16x3", "bfloat16", None, None, None, None, None),
-                   ("stacked", "fp16x3", "bfloat16", None, 32, None, None, None)]
+    # (T ≤ `SHORT_SENTENCE`: sentences of 20–60 tokens, `--sweep-t 40 --sweep-batch 8`) the plain
+    # tiles of 64 rows are mostly padding: the default there is stacked with 32-key tiles (H100 run
+    # 4: 1.5 ms against pair's 2.1), beside 64 and 16 keys, 32 rows, and the plain tiles, on bfloat16
+    # values as a bfloat16 model's detection has them.
+    if t <= SHORT_SENTENCE and x["spec"].head_dim <= 128 and x["spec"].softcap is None:
+        configs = [("stacked", "fp16x3", "bfloat16", None, None, None, None, None),
+                   ("stacked", "fp16x3", "bfloat16", None, 64, None, None, None),
+                   ("stacked", "fp16x3", "bfloat16", None, 16, None, None, None),
+                   ("stacked", "fp16x3", "bfloat16", 32, 32, None, None, None),
+                   ("pair", "fp16x3", "bfloat16", None, None, None, None, None),
+                   ("pair", "fp16x3", "bfloat16", 16, 16, None, 4, 2)]
     elif x["spec"].head_dim <= 128 and x["spec"].softcap is not None:  # the stacked default, pair beside it
         configs = [("stacked", "fp16x3", "float32", None, None, None, None, None),
                    ("stacked, tile checks", "fp16x3", "float32", None, None, None, None, None),

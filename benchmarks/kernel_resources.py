@@ -32,8 +32,8 @@ from triton.compiler import ASTSource  # noqa: E402
 import torch  # noqa: E402
 from bench_kernels import FFN_SWEEP  # noqa: E402
 from kernels.column_norms import _column_sumsq_kernel, default_column_block  # noqa: E402
-from kernels.qk_impact import (OPERAND_TILE, OPERAND_WARPS, PRECISIONS, _base_attention_kernel,  # noqa: E402
-                               _operand_kernel, _qk_channel_kernel, _qk_kernel, _qk_rough_kernel,
+from kernels.qk_impact import (OPERAND_TILE, OPERAND_WARPS, PRECISIONS, SHORT_SENTENCE,  # noqa: E402
+                               _base_attention_kernel, _operand_kernel, _qk_channel_kernel, _qk_kernel, _qk_rough_kernel,
                                base_attention_tiles, default_channel_block, default_key_block, default_q_slice,
                                default_stages, default_w_by_dot, default_warps)
 
@@ -114,9 +114,10 @@ def longest_loop(sass: str) -> int:
 
 def every_variant(arch: int, head_dim: int, precision: str, v_exact: bool) -> None:
     """Compile both stacked kernels in all 32 specialisations (query/key channel, q/k norm, soft-cap,
-    window, metric) at the stacked layout's defaults for this head_dim; report the worst."""
+    window, metric) at the stacked layout's defaults for this head_dim and sentences past
+    `SHORT_SENTENCE`; report the worst."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    warps, block_n = default_warps(block_d, precision), default_key_block(block_d, precision, v_exact)
+    warps, block_n = default_warps(block_d, precision), default_key_block(block_d, precision, SHORT_SENTENCE + 1, v_exact)
     stages, block_c = default_stages(block_d, block_n, precision, v_exact), default_channel_block(16, head_dim, warps, precision)
     names = ("IS_KEY", "HAS_NORM", "HAS_CAP", "HAS_WINDOW", "PROBS")
     worst = {"registers": (0, ""), "spill_bytes": (0, ""), "shared_bytes": (0, "")}

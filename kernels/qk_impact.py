@@ -1607,16 +1607,20 @@ def default_channel_block(block_m: int, head_dim: int, num_warps: int, precision
     return min(1 << (fit.bit_length() - 1), channels)
 
 
-def default_key_block(block_d: int, precision: str, v_exact: bool = False) -> int:
+def default_key_block(block_d: int, precision: str, seq_len: int, v_exact: bool = False) -> int:
     """Keys per tile: 64 under fp16x3 up to head_dim 128 (H200, llama3.1-8b T = 1024: 23.8 ms, 32
-    keys 27.3 ms; 128 keys overflow shared memory), and above it only for v that is its own big part
-    (`_exact_in_big_part`), whose 64-key tiles fit in two stages (`default_stages`); else 32. H100,
-    gemma2-9b T = 1024, float32 q, k, v (fp16x3, 8 channels, 8 warps): 32 keys in two stages 43.6
-    ms against 64 keys in one 47.1, in one run (sm_90a compile: 472 against 896 B spilled a thread;
-    `h100-kernels.md`, run 3). tf32x3's float32 K and V tiles need about 280 KiB of shared memory at
-    64 keys and head_dim 128 (an H100 allows 227 KiB: the launch failed there; `kernel_resources.py`
-    compiles each precision)."""
-    return 64 if precision == "fp16x3" and (block_d <= 128 or (block_d <= 256 and v_exact)) else 32
+    keys 27.3 ms; 128 keys overflow shared memory) but for short sentences (`SHORT_SENTENCE`: 32),
+    and above it only for v that is its own big part (`_exact_in_big_part`), whose 64-key tiles fit
+    in two stages (`default_stages`); else 32. H100, gemma2-9b T = 1024, float32 q, k, v (fp16x3, 8
+    channels, 8 warps): 32 keys in two stages 43.6 ms against 64 keys in one 47.1, in one run
+    (sm_90a compile: 472 against 896 B spilled a thread; `h100-kernels.md`, run 3). tf32x3's float32
+    K and V tiles need about 280 KiB of shared memory at 64 keys and head_dim 128 (an H100 allows 227
+    KiB: the launch failed there; `kernel_resources.py` compiles each precision)."""
+    if precision != "fp16x3":
+        return 32
+    if block_d <= 128:
+        return 64 if seq_len > SHORT_SENTENCE else 32
+    return 64 if block_d <= 256 and v_exact else 32
 
 
 def default_stages(block_d: int, block_n: int, precision: str, v_exact: bool = False) -> int:
@@ -1632,19 +1636,28 @@ def default_stages(block_d: int, block_n: int, precision: str, v_exact: bool = F
     return 2 if block_n < 64 or (precision == "fp16x3" and v_exact) else 1
 
 
-def default_layout(head_dim: int, precision: str, softcap: float | None = None) -> str:
+# Sentences of at most this many tokens (a detection's are mostly 20–60) leave most of the plain
+# tiles' 64 query rows as padding: the stacked kernel takes them, with 32-key tiles
+# (`default_layout`, `default_key_block`). H100 run 4, llama3.1-8b, 8 sentences of 40 tokens,
+# bfloat16 q, k, v: a Q/K call 1.5 ms against pair's 2.1 (stacked with 64-key tiles 1.7;
+# `h100-kernels.md`). Longer ones were not timed between 64 and 256 tokens.
+SHORT_SENTENCE = 64
+
+
+def default_layout(head_dim: int, precision: str, softcap: float | None, seq_len: int) -> str:
     """"pair" (plain tiles, a channel and its rotary partner a program) under fp16x3 for an even
-    head_dim up to 128 without a soft-cap, "stacked" otherwise. H100, T = 1024, float32 q, k, v:
-    llama3.1-8b 17.5 ms against stacked's 19.7, qwen2.5-7b 15.4 against 17.5, and faster at T = 256
-    and 2048 too; at head_dim 256 the plain tiles were slower (gemma2-9b, one channel a program:
-    88.8 ms against 64.7; `benchmarks/results/h100-kernels.md`). The other precisions were timed
-    stacked only. With a soft-cap (Gemma-2-27B: head_dim 128), where only the stacked kernel has
-    the Taylor form (`_capped_change`), its key loop is 49.9 SASS instructions per (channel, row,
-    key) against pair's 82.1 (sm_90a compile, soft-cap + window; without the cap, in the version the
-    H100 timed, 41.0 against 35, and it took 19.7 against 17.5 ms: times in about the instructions'
-    ratio). With a soft-cap, on an H100 (gemma2-27b, T = 1024): stacked 26.9 ms against pair's 28.4."""
+    head_dim up to 128 without a soft-cap, past `SHORT_SENTENCE` tokens; "stacked" otherwise. H100,
+    T = 1024, float32 q, k, v: llama3.1-8b 17.5 ms against stacked's 19.7, qwen2.5-7b 15.4 against
+    17.5, and faster at T = 256 and 2048 too; at head_dim 256 the plain tiles were slower (gemma2-9b,
+    one channel a program: 88.8 ms against 64.7; `benchmarks/results/h100-kernels.md`). The other
+    precisions were timed stacked only. With a soft-cap (Gemma-2-27B: head_dim 128), where only the
+    stacked kernel has the Taylor form (`_capped_change`), its key loop is 49.9 SASS instructions
+    per (channel, row, key) against pair's 82.1 (sm_90a compile, soft-cap + window; without the cap,
+    in the version the H100 timed, 41.0 against 35, and it took 19.7 against 17.5 ms: times in about
+    the instructions' ratio). With a soft-cap, on an H100 (gemma2-27b, T = 1024): stacked 26.9 ms
+    against pair's 28.4 (run 4: 22.9 against 28.6)."""
     plain = precision == "fp16x3" and head_dim % 2 == 0 and head_dim <= 128 and softcap is None
-    return "pair" if plain else "stacked"
+    return "pair" if plain and seq_len > SHORT_SENTENCE else "stacked"
 
 
 # The plain-tile layouts' tiles: 64 query rows, 32-key tiles, 4 warps, 2 stages (the fastest of the
@@ -1783,10 +1796,10 @@ def qk_impact_triton(q, k, v, cos, sin, token_mask, spec: AttentionSpec, metric:
     b, t, _ = q.shape
     d, hq, hk = spec.head_dim, spec.n_heads, spec.n_kv_heads
     block_d = max(16, triton.next_power_of_2(d))
-    layout = default_layout(d, precision, spec.softcap) if layout is None else layout
+    layout = default_layout(d, precision, spec.softcap, t) if layout is None else layout
     if layout == "stacked":
         v_exact = _exact_in_big_part(v.dtype, precision)
-        block_n = default_key_block(block_d, precision, v_exact) if block_n is None else block_n
+        block_n = default_key_block(block_d, precision, t, v_exact) if block_n is None else block_n
         defaults = dict(block_m=16, block_n=block_n, num_warps=default_warps(block_d, precision),
                         num_stages=default_stages(block_d, block_n, precision, v_exact))
     else:

@@ -418,28 +418,33 @@ def test_qk_kernel_runs_a_batch_past_its_offsets_a_few_sentences_at_a_time(monke
         qk_impact_triton(*args)
 
 
-@pytest.mark.parametrize("precision, d, kernel, tiles, inputs_kind", [
-    ("fp16x3", 8, "_qk_channel_kernel", dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PAIR=True), "float32"),
-    ("fp16x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=64, num_stages=3, HAS_CAP=True, Q_SLICE=0),
+@pytest.mark.parametrize("precision, d, t, kernel, tiles, inputs_kind", [
+    ("fp16x3", 8, 65, "_qk_channel_kernel", dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PAIR=True),
+     "float32"),  # past SHORT_SENTENCE
+    ("fp16x3", 8, 64, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=3, HAS_CAP=False),
+     "float32"),  # a short sentence: stacked, 32 keys
+    ("fp16x3", 8, 65, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=64, num_stages=3, HAS_CAP=True, Q_SLICE=0),
      "soft-cap"),  # its Taylor form
-    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=2, Q_SLICE=64,
-                                       W_BY_DOT=True), "float32"),  # past 128
-    ("fp16x3", 136, "_qk_kernel", dict(BLOCK_N=64, num_stages=2, Q_SLICE=0, W_BY_DOT=True),
+    ("fp16x3", 136, 5, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=2, Q_SLICE=64,
+                                          W_BY_DOT=True), "float32"),  # past 128
+    ("fp16x3", 136, 5, "_qk_kernel", dict(BLOCK_N=64, num_stages=2, Q_SLICE=0, W_BY_DOT=True),
      "bfloat16 v"),  # no small part of v to hold: 64 keys, and q held
-    ("tf32x3", 136, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=2, num_warps=4, num_stages=2, Q_SLICE=0,
-                                       W_BY_DOT=False), "float32"),  # both fp16x3's alone
-    ("tf32x3", 8, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=3), "float32")])  # 64 keys: no shared memory
-def test_qk_kernel_defaults(precision, d, kernel, tiles, inputs_kind, launches):
+    ("tf32x3", 136, 5, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=2, num_warps=4, num_stages=2, Q_SLICE=0,
+                                          W_BY_DOT=False), "float32"),  # both fp16x3's alone
+    ("tf32x3", 8, 5, "_qk_kernel", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=8, num_warps=8, num_stages=3),
+     "float32")])  # 64 keys: no shared memory
+def test_qk_kernel_defaults(precision, d, t, kernel, tiles, inputs_kind, launches):
     """With no layout or tiles given, the launch `default_layout` and its tiles choose, and the
-    impacts match float64 (head_dim 136: the tiles of head_dim 256, with q read again in slices
-    of 64; v of a bfloat16 model doubles the key tiles there, with q held; a soft-cap takes the
-    stacked kernel at any head_dim)."""
+    impacts match float64 (up to head_dim 128 plain tiles past `SHORT_SENTENCE` tokens, the stacked
+    kernel with 32-key tiles within; head_dim 136: the tiles of head_dim 256, with q read again in
+    slices of 64; v of a bfloat16 model doubles the key tiles there, with q held; a soft-cap takes
+    the stacked kernel at any head_dim)."""
     import kernels.qk_impact as qk
 
-    q, k, v, mask = inputs(2, 1, d, 5, 0)
+    q, k, v, mask = inputs(2, 1, d, t, 0)
     v_in = v.to(torch.bfloat16).to(DEVICE) if inputs_kind == "bfloat16 v" else v.float().to(DEVICE)
     v = v_in.cpu().double()
-    cos, sin = rope(5, d, torch.float64)
+    cos, sin = rope(t, d, torch.float64)
     spec = spec_for(2, 1, d, 3.0 if inputs_kind == "soft-cap" else None, None, False, 0)
     q32, k32, cos32, sin32 = on_device(q, k, cos, sin)
     tri = qk.qk_impact_triton(q32, k32, v_in, cos32, sin32, mask.to(DEVICE), spec, precision=precision)
