@@ -18,7 +18,8 @@ subtracting two softmaxes: with e_ij = expm1(δ_ij) and W_i = Σ_j A_ij·e_ij,
 which keeps full relative precision even when a neuron moves the attention very little (rows
 that change a lot fall back to a direct, max-shifted softmax, see `_rough_sq`). The
 PyTorch twin first takes out of δ_i its A-weighted mean Σ_j A_ij·δ_ij, which the softmax
-ignores, so that W is small exactly where A moves little (the Triton kernels do not yet: where a
+ignores, so that W is small exactly where A moves little and never below 0, and only W past 2^20
+needs the direct softmax (`_gentle`; the Triton kernels do not take the mean out yet: where a
 dominant key's logit moves while it stays dominant, their U − W·O of the expm1 form, or past
 |W| = ½ the direct softmax's A'V − O, cancels to float32's noise; see tests/fuzz_qk_impact.py).
 Soft-capping is handled the same way, as a difference that never subtracts two tanh:
