@@ -33,9 +33,9 @@ import torch  # noqa: E402
 from bench_kernels import FFN_SWEEP  # noqa: E402
 from kernels.column_norms import _column_sumsq_kernel, default_column_block  # noqa: E402
 from kernels.qk_impact import (OPERAND_TILE, OPERAND_WARPS, PRECISIONS, SHORT_SENTENCE,  # noqa: E402
-                               _base_attention_kernel, _operand_kernel, _qk_channel_kernel, _qk_kernel, _qk_rough_kernel,
-                               base_attention_tiles, default_channel_block, default_key_block, default_q_slice,
-                               default_stages, default_w_by_dot, default_warps)
+                               _base_attention_kernel, _operand_kernel, _qk_channel_kernel, _qk_kernel,
+                               _qk_rough_kernel, base_attention_tiles, default_channel_block, default_key_block,
+                               default_q_slice, default_stages, default_w_by_dot, default_warps)
 
 OPERANDS = ("QB", "QS", "KB", "KS", "VB", "VS")  # float16 halves under fp16x3, else the float32 values
 TYPES = dict(TOKENS="*i32", COUNTED="*i8", ROUGH="*i8", T="i32", D="i32", n_heads="i32", group="i32", scaling="fp32", softcap="fp32", series_limit="fp32",
@@ -117,7 +117,8 @@ def every_variant(arch: int, head_dim: int, precision: str, v_exact: bool) -> No
     window, metric) at the stacked layout's defaults for this head_dim and sentences past
     `SHORT_SENTENCE`; report the worst."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    warps, block_n = default_warps(block_d, precision), default_key_block(block_d, precision, SHORT_SENTENCE + 1, v_exact)
+    warps = default_warps(block_d, precision)
+    block_n = default_key_block(block_d, precision, SHORT_SENTENCE + 1, v_exact)
     stages, block_c = default_stages(block_d, block_n, precision, v_exact), default_channel_block(16, head_dim, warps, precision)
     names = ("IS_KEY", "HAS_NORM", "HAS_CAP", "HAS_WINDOW", "PROBS")
     worst = {"registers": (0, ""), "spill_bytes": (0, ""), "shared_bytes": (0, "")}

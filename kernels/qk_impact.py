@@ -194,7 +194,7 @@ def _chunk_sq(x, logp, p, masked, out, v, valid_rows, row_c, row_p, col_c, col_p
     dl = dl.masked_fill_(masked, 0.0)
     # Less the row's A-weighted mean change, which the softmax ignores: W then stays small wherever
     # A moves little, also where a dominant key's logit moves a lot and it stays dominant (W would
-    # be e^Δ − 1, and the row would take the direct softmax, whose A'V − O loses every digit).
+    # be e^Δ − 1, and U − W·O, like the direct softmax's A'V − O, would lose every digit).
     # Masked keys (A = 0) then change by −mean; `_times_expm1` gives them 0 all the same.
     dl = dl.sub_((p * dl).sum(1, keepdim=True))
     pe = _times_expm1(p, logp, dl)
